@@ -1,0 +1,254 @@
+"""common.py distributed and training utilities: gather_with_grad, NT-Xent, schedule, optimizer groups, LARS,
+checkpoints with exact resume, argument parsing, logging, data order."""
+
+import dataclasses
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import run_distributed
+
+
+# ---------------------------------------------------------------- distributed gather and NT-Xent
+def _gather_worker(rank, world, data):
+    x = torch.tensor(data[rank], requires_grad=True)
+    y = common.gather_with_grad(x)
+    weights = torch.arange(1.0, y.numel() + 1).view_as(y) * (rank + 1)  # a rank-dependent loss
+    (y * weights).sum().backward()
+    return [y.tolist(), x.grad.tolist()]
+
+
+def test_gather_with_grad_two_processes(tmp_path):
+    data = [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]
+    out = run_distributed(_gather_worker, 2, tmp_path, data)
+    full = torch.tensor(data).view(4, 2)
+    weights = torch.arange(1.0, 9.0).view(4, 2)
+    for rank, (gathered, grad) in enumerate(out):
+        assert torch.equal(torch.tensor(gathered), full)
+        # d/dx_r of sum_r' (rank'+1) * <w, gather(x)> = (1 + 2) * w[slice r]
+        assert torch.equal(torch.tensor(grad), 3 * weights[2 * rank : 2 * rank + 2])
+
+
+def nt_xent_loop(z1, z2, t):
+    """Independent NT-Xent: explicit loop over the 2N anchors."""
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n2 = len(z)
+    total = 0.0
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(n2) if k != i)
+        total += -(float(z[i] @ z[pos]) / t - math.log(denom))
+    return total / n2
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 1.0])
+def test_nt_xent_equals_explicit_loop(t):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert common.nt_xent(z1, z2, t).item() == pytest.approx(nt_xent_loop(z1, z2, t), rel=1e-5)
+
+
+def _nt_xent_worker(rank, world, z1, z2, t):
+    n = len(z1) // world
+    a = torch.tensor(z1[rank * n : (rank + 1) * n], requires_grad=True)
+    b = torch.tensor(z2[rank * n : (rank + 1) * n], requires_grad=True)
+    loss = common.nt_xent(a, b, t)
+    loss.backward()
+    return [loss.item(), a.grad.tolist(), b.grad.tolist()]
+
+
+def test_nt_xent_distributed_equals_single_process(tmp_path):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(8, 6), torch.randn(8, 6)
+    out = run_distributed(_nt_xent_worker, 2, tmp_path, z1.tolist(), z2.tolist(), 0.2)
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss = common.nt_xent(a, b, 0.2)
+    loss.backward()
+    # the mean over ranks of the local losses is the global loss; each rank's gradient is world x the global
+    # gradient of its slice (DDP then averages gradients over ranks, which gives exactly the global gradient)
+    assert np.mean([o[0] for o in out]) == pytest.approx(loss.item(), rel=1e-6)
+    for rank, (_, ga, gb) in enumerate(out):
+        torch.testing.assert_close(torch.tensor(ga) / 2, a.grad[4 * rank : 4 * rank + 4], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(gb) / 2, b.grad[4 * rank : 4 * rank + 4], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- schedule and optimizers
+def test_cosine_schedule_values():
+    peak, lo = 2.0, 0.1
+    assert common.cosine_lr(0, 100, 10, peak, lo) == 0.0
+    assert common.cosine_lr(5, 100, 10, peak, lo) == pytest.approx(1.0)  # half-way through warmup
+    assert common.cosine_lr(10, 100, 10, peak, lo) == pytest.approx(peak)  # warmup end
+    assert common.cosine_lr(55, 100, 10, peak, lo) == pytest.approx((peak + lo) / 2)  # middle of the cosine
+    assert common.cosine_lr(100, 100, 10, peak, lo) == pytest.approx(lo)  # end
+    assert common.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+
+
+def test_param_groups_skip_one_dimensional_and_named():
+    m = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    m.register_parameter("frozen", torch.nn.Parameter(torch.zeros(3, 3), requires_grad=False))
+    groups = common.param_groups(m, 0.05, no_decay=("0.weight",))
+    no_decay, decay = groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]  # only the Linear weight
+    assert len(no_decay["params"]) == 4  # embedding (by name), Linear bias, LayerNorm weight and bias
+
+
+def test_lars_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = common.LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust=0.001)
+    w.grad, b.grad = torch.tensor([[1.0, 0.0]]), torch.tensor([2.0])
+    opt.step()
+    d = torch.tensor([[1.0, 0.0]]) + 0.1 * torch.tensor([[3.0, 4.0]])
+    d = d * (0.001 * 5.0 / d.norm())
+    torch.testing.assert_close(w.data, torch.tensor([[3.0, 4.0]]) - 0.5 * d)
+    torch.testing.assert_close(b.data, torch.tensor([1.0 - 0.5 * 2.0]))  # bias: no decay, no adaptation
+    b.grad = torch.tensor([2.0])
+    w.grad = torch.zeros(1, 2)
+    opt.step()
+    torch.testing.assert_close(b.data, torch.tensor([0.0 - 0.5 * (0.9 * 2.0 + 2.0)]))  # momentum
+
+
+def test_knn_predict_weighted_votes():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    scores = common.knn_predict(train, labels, torch.tensor([[1.0, 0.05], [0.1, 1.0]]), 2, k=2, temperature=0.1)
+    assert scores.argmax(1).tolist() == [0, 1]
+    q = torch.nn.functional.normalize(torch.tensor([[0.1, 1.0]]), dim=1)
+    tn = torch.nn.functional.normalize(train, dim=1)
+    sims = (q @ tn.T)[0]
+    top = sims.topk(2)
+    expect = torch.zeros(2)
+    for s, i in zip(top.values, top.indices):
+        expect[labels[i]] += torch.exp(s / 0.1)
+    torch.testing.assert_close(scores[1], expect)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+@dataclasses.dataclass
+class TinyArgs:
+    lr: float = 0.1
+
+
+def _train(model, opt, steps):
+    for _ in range(steps):
+        x = torch.randn(4, 3)  # draws from the global RNG, so RNG restore matters
+        loss = (model(x) ** 2).mean() + random.random() * 0 + float(np.random.rand()) * 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_checkpoint_resume_is_bitwise_exact(tmp_path):
+    info = common.DistInfo()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    _train(model, opt, 3)
+    common.save_training_state(str(tmp_path), "tiny", TinyArgs(), model, opt, step=3, epoch=0, info=info)
+    _train(model, opt, 2)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    after = (torch.rand(1).item(), random.random(), float(np.random.rand()))
+
+    torch.manual_seed(123)  # a different process state: other init, other RNG
+    model2 = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.01)
+    path = common.resolve_resume("auto", str(tmp_path))
+    ckpt = common.load_training_state(path, "tiny", model2, opt2, info)
+    assert ckpt["step"] == 3 and ckpt["args"] == {"lr": 0.1}
+    _train(model2, opt2, 2)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert (torch.rand(1).item(), random.random(), float(np.random.rand())) == after
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp files left
+
+
+def test_checkpoint_errors(tmp_path):
+    info = common.DistInfo()
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    common.save_training_state(str(tmp_path), "mae", TinyArgs(), model, opt, 1, 0, info)
+    good = open(tmp_path / "checkpoint.pt", "rb").read()
+    with pytest.raises(ValueError, match="is a 'mae' checkpoint, not 'simclr'"):
+        common.load_checkpoint(str(tmp_path / "checkpoint.pt"), "simclr")
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        common.save_training_state(str(tmp_path), "mae", TinyArgs(), model, opt, 2, 0, info)
+    assert open(tmp_path / "checkpoint.pt", "rb").read() == good  # the good checkpoint survived
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        common.resolve_resume(str(tmp_path / "nope.pt"), str(tmp_path))
+    assert common.resolve_resume("auto", str(tmp_path / "empty")) is None
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this repository"):
+        common.load_checkpoint(str(tmp_path / "foreign.pt"))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 7: loss/total=nan"):
+        common.check_finite(7, {"loss/total": torch.tensor(float("nan")), "loss/rec": 1.0})
+
+
+# ---------------------------------------------------------------- arguments and logging
+@dataclasses.dataclass
+class DemoArgs:
+    """Demo script."""
+
+    arch: str = common.arg("vit_small", "backbone preset")
+    lr: float = common.arg(1e-3, "peak learning rate")
+    warmup: int = common.arg(10, "warmup epochs")
+    amp: bool = common.arg(True, "bf16 autocast")
+    betas: tuple[float, float] = common.arg((0.9, 0.95), "AdamW betas")
+    palette: str | None = common.arg(None, "palette file")
+
+
+PRESETS = {"arch": {"vit_large": {"lr": 5e-4, "warmup": 40}}}
+
+
+def test_parse_args_types_presets_and_explicit_values():
+    a = common.parse_args(DemoArgs, [], PRESETS)
+    assert a == DemoArgs()
+    a = common.parse_args(DemoArgs, ["--arch", "vit_large", "--warmup", "5", "--no-amp", "--betas", "0.8", "0.9"], PRESETS)
+    assert (a.lr, a.warmup, a.amp, a.betas) == (5e-4, 5, False, (0.8, 0.9))  # explicit beats preset
+    assert common.parse_args(DemoArgs, ["--palette", "p.npy"]).palette == "p.npy"
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(DemoArgs, ["--help"], PRESETS)
+    out = capsys.readouterr().out
+    for text in ["--arch", "backbone preset", "presets: vit_large", "--lr", "--no-amp", "--betas", "--palette"]:
+        assert text in out
+
+
+def test_run_logger_writes_args_and_metrics(tmp_path):
+    log = common.RunLogger(str(tmp_path / "run"), DemoArgs())
+    log.log(1, {"loss/total": torch.tensor(2.5), "lr": 0.1})
+    log.log(2, {"loss/total": 2.0})
+    log.close()
+    assert json.load(open(tmp_path / "run" / "args.json"))["arch"] == "vit_small"
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows == [{"step": 1, "loss/total": 2.5, "lr": 0.1}, {"step": 2, "loss/total": 2.0}]
+
+
+def test_epoch_indices_partition_and_determinism():
+    parts = [common.epoch_indices(103, 4, 7, r, 2, 10) for r in range(2)]
+    assert all(len(p) == 50 for p in parts)  # 5 whole global batches of 20; the last 3 images dropped
+    allidx = torch.cat(parts)
+    assert len(set(allidx.tolist())) == 100
+    assert torch.equal(common.epoch_indices(103, 4, 7, 0, 2, 10), parts[0])
+    assert not torch.equal(common.epoch_indices(103, 5, 7, 0, 2, 10), parts[0])
+    # global batch b is [rank0 slice, rank1 slice] of one permutation
+    single = common.epoch_indices(103, 4, 7, 0, 1, 20)
+    assert torch.equal(single[:20], torch.cat([parts[0][:10], parts[1][:10]]))
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        common.epoch_indices(10, 0, 0, 0, 1, 16)
+
+
+def test_flop_count_of_a_linear_layer():
+    lin = torch.nn.Linear(16, 8, bias=False)
+    assert common.count_flops(lin, torch.randn(4, 16)) == 2 * 4 * 16 * 8
+    assert common.mfu(1e9, 100.0, "cpu") is None
