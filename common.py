@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gzip
 import json
 import math
 import os
 import pickle
 import random
-import sys
+import struct
 import time
 import typing
 from dataclasses import dataclass, field
@@ -53,7 +54,13 @@ VIT_ARCHS = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
-VIT_ALIASES = {"vit_t": "vit_tiny", "vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
+VIT_ALIASES = {
+    "vit_t": "vit_tiny",
+    "vit_s": "vit_small",
+    "vit_b": "vit_base",
+    "vit_l": "vit_large",
+    "vit_h": "vit_huge",
+}
 
 
 def vit_arch(name: str) -> tuple[int, int, int]:
@@ -178,7 +185,12 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(drop)
+        self.fc1, self.act, self.fc2, self.drop = (
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, dim),
+            nn.Dropout(drop),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -561,7 +573,9 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     d = d.add(p, alpha=group["weight_decay"])
                     p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    q = torch.where((p_norm > 0) & (d_norm > 0), group["trust"] * p_norm / d_norm, torch.ones_like(p_norm))
+                    q = torch.where(
+                        (p_norm > 0) & (d_norm > 0), group["trust"] * p_norm / d_norm, torch.ones_like(p_norm)
+                    )
                     d = d.mul(q)
                 state = self.state[p]
                 if "mu" not in state:
@@ -591,6 +605,1035 @@ def knn_predict(
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
         scores.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))
     return torch.cat(scores)
+
+
+# ======================================================================================
+# 5. Augmentations (SPEC 1.5)
+# ======================================================================================
+#
+# Three view distributions, each in two implementations that draw from the same distribution:
+#   * `per_image_transform(kind, size)`: a torchvision.transforms.v2 pipeline for one image (DataLoader workers);
+#   * `BatchedAugment(kind, size)`: the same distribution for a whole (B, C, H, W) batch on its device, with
+#     independent parameters per image and no Python loop over images (datasets kept on the GPU as uint8).
+# kinds: "simclr" (strong view), "weak" (iGPT/GCRL pad-and-crop), "mae" (crop + flip), "eval" (deterministic).
+# Every output is float32 in [0, 1] with 3 channels; normalization (mean/std) is left to the method files.
+
+AUGMENT_KINDS = ("simclr", "weak", "mae", "eval")
+
+# Luma weights of torchvision's rgb_to_grayscale (ITU-R 601 with 0.299 written as 0.2989); the batched version uses
+# the very same numbers so that grayscale, contrast and saturation agree with the per-image pipeline to float error.
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+# The keyword arguments each kind accepts (anything else is a TypeError, so a typo cannot silently do nothing).
+_AUGMENT_KEYS = {
+    "simclr": {
+        "scale",
+        "ratio",
+        "interpolation",
+        "flip_p",
+        "jitter_strength",
+        "jitter",
+        "jitter_p",
+        "gray_p",
+        "blur",
+        "blur_p",
+        "blur_sigma",
+        "blur_kernel",
+    },
+    "mae": {"scale", "ratio", "interpolation", "flip_p"},
+    "weak": {"pad", "flip_p"},
+    "eval": {"interpolation"},
+}
+
+
+def augment_config(kind: str, size: int, **kw) -> dict:
+    """Resolve the parameters of one view distribution: the defaults of `kind` at `size` overridden by `kw`.
+
+    Keyword arguments (all optional; which ones a kind accepts is listed in `_AUGMENT_KEYS`):
+      scale (min, max): crop area fraction; default simclr (0.2, 1) at size <= 32 else (0.08, 1), mae (0.2, 1)
+      ratio (min, max): crop aspect ratio w/h, sampled log-uniformly; default (3/4, 4/3)
+      interpolation: "bilinear" | "bicubic"; default bilinear for simclr and eval, bicubic for mae
+      flip_p: horizontal flip probability; default 0.5
+      jitter_strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); default 0.5
+      jitter (brightness, contrast, saturation, hue): explicit ColorJitter strengths, overrides jitter_strength
+      jitter_p, gray_p: probabilities of color jitter (0.8) and grayscale (0.2)
+      blur: Gaussian blur on/off; None (default) = on for size >= 96 only
+      blur_p, blur_sigma, blur_kernel: blur probability (0.5), sigma range (0.1, 2.0), odd kernel size (size//10 | 1)
+      pad: reflect padding of the weak view; default 4
+    """
+    if kind not in AUGMENT_KINDS:
+        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {AUGMENT_KINDS}")
+    unknown = set(kw) - _AUGMENT_KEYS[kind]
+    if unknown:
+        raise TypeError(
+            f"augmentation {kind!r} does not take {sorted(unknown)}; it takes {sorted(_AUGMENT_KEYS[kind])}"
+        )
+    cfg = {"kind": kind, "size": int(size)}
+    if kind == "simclr":
+        # GCRL Table 2 crops 32x32 CIFAR views with scale (0.2, 1); SimCLR (tf2/data_util.py area_range) uses
+        # (0.08, 1) at 224 px, where an 8% crop still holds enough pixels to recognise the object.
+        cfg["scale"] = (0.2, 1.0) if size <= 32 else (0.08, 1.0)
+        cfg["ratio"] = (3 / 4, 4 / 3)  # SimCLR tf2/data_util.py aspect_ratio_range, torchvision default
+        # torchvision's (and CAN's official code's) default; SimCLR's TF code resizes bicubically.
+        cfg["interpolation"] = "bilinear"
+        cfg["flip_p"] = 0.5  # GCRL Table 2, SimCLR tf2/data_util.py
+        # s = 0.5: SimCLR README CIFAR-10 color_jitter_strength 0.5 = GCRL Table 2 / CAN official ColorJitter(0.4, 0.4,
+        # 0.4, 0.1). CAN Table 6 states strength 1.0 at 224 px: method files pass jitter_strength=1.0 for that.
+        cfg["jitter_strength"] = 0.5
+        cfg["jitter"] = None
+        cfg["jitter_p"] = 0.8  # SimCLR tf2/data_util.py random_color_jitter, GCRL Table 2
+        cfg["gray_p"] = 0.2  # SimCLR tf2/data_util.py random_color_jitter, GCRL Table 2
+        cfg["blur"] = None
+        cfg["blur_p"] = 0.5  # SimCLR tf2/data_util.py random_blur, CAN official code
+        cfg["blur_sigma"] = (0.1, 2.0)  # SimCLR tf2/data_util.py random_blur
+        cfg["blur_kernel"] = None
+    elif kind == "mae":
+        cfg["scale"] = (0.2, 1.0)  # MAE main_pretrain.py RandomResizedCrop(scale=(0.2, 1.0))
+        cfg["ratio"] = (3 / 4, 4 / 3)  # torchvision default, kept by MAE main_pretrain.py
+        cfg["interpolation"] = "bicubic"  # MAE main_pretrain.py interpolation=3
+        cfg["flip_p"] = 0.5  # MAE main_pretrain.py RandomHorizontalFlip()
+    elif kind == "weak":
+        cfg["pad"] = 4  # GCRL 4.1 "iGPT": crop from a 4-pixel reflect-padded image, flip 0.5
+        cfg["flip_p"] = 0.5
+    else:
+        cfg["interpolation"] = "bilinear"
+    cfg.update(kw)
+    if kind == "simclr":
+        if cfg["jitter"] is None:
+            s = float(cfg["jitter_strength"])
+            cfg["jitter"] = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)  # SimCLR tf2/data_util.py color_jitter
+        cfg["jitter"] = tuple(float(v) for v in cfg["jitter"])
+        if len(cfg["jitter"]) != 4 or min(cfg["jitter"]) < 0 or cfg["jitter"][3] > 0.5:
+            raise ValueError(f"jitter must be 4 non-negative strengths with hue <= 0.5, got {cfg['jitter']}")
+        if cfg["blur"] is None:
+            cfg["blur"] = size >= 96  # SPEC 1.5; SimCLR README: use_blur False for 32x32 CIFAR
+        if cfg["blur_kernel"] is None:
+            # SimCLR tf2/data_util.py: kernel_size = image_size // 10, then radius = kernel_size // 2 and the kernel
+            # has 2 * radius + 1 taps (odd): 23 taps at 224 px, 9 at 96 px.
+            cfg["blur_kernel"] = 2 * ((size // 10) // 2) + 1
+        if cfg["blur_kernel"] % 2 != 1:
+            raise ValueError(f"blur_kernel must be odd, got {cfg['blur_kernel']}")
+    if "interpolation" in cfg and cfg["interpolation"] not in ("bilinear", "bicubic"):
+        raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {cfg['interpolation']!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-image pipeline (torchvision.transforms.v2)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _to_rgb_tensor(img) -> torch.Tensor:
+    """PIL image (any mode), HWC ndarray or (C, H, W) tensor with C in {1, 3} -> (3, H, W) tensor, dtype kept."""
+    if hasattr(img, "mode") and hasattr(img, "convert") and img.mode != "RGB":  # a PIL image: L, P, RGBA, ...
+        img = img.convert("RGB")
+    img = v2.functional.to_image(img).as_subclass(torch.Tensor)
+    if img.shape[-3] == 1:
+        img = img.expand(*img.shape[:-3], 3, *img.shape[-2:]).contiguous()
+    elif img.shape[-3] != 3:
+        raise ValueError(f"expected an image with 1 or 3 channels, got shape {tuple(img.shape)}")
+    return img
+
+
+def _clamp_unit(img: torch.Tensor) -> torch.Tensor:
+    return img.clamp(0.0, 1.0)
+
+
+def per_image_transform(kind: str, size: int, **kw) -> v2.Compose:
+    """The torchvision.transforms.v2 pipeline of one view distribution (see `augment_config` for `kw`).
+
+    input: uint8 or float (C, H, W) tensor (C in {1, 3}; float assumed in [0, 1]), HWC uint8 ndarray or PIL image.
+    output: float32 (3, size, size) in [0, 1], not normalized. "eval" is deterministic: resize the shorter side to
+    `size` (no-op when it already is) and center-crop. Geometry runs before the float conversion so that uint8
+    inputs use torchvision's fast uint8 resampling; crops that shrink the image are antialiased (torchvision default).
+    """
+    cfg = augment_config(kind, size, **kw)
+    ops = [_to_rgb_tensor]
+    if kind in ("simclr", "mae"):
+        ops.append(
+            v2.RandomResizedCrop(size, scale=cfg["scale"], ratio=cfg["ratio"], interpolation=cfg["interpolation"])
+        )
+        ops.append(v2.RandomHorizontalFlip(cfg["flip_p"]))
+    elif kind == "weak":
+        ops.append(v2.RandomCrop(size, padding=cfg["pad"], padding_mode="reflect"))
+        ops.append(v2.RandomHorizontalFlip(cfg["flip_p"]))
+    else:
+        ops.append(v2.Resize(size, interpolation=cfg["interpolation"]))
+        ops.append(v2.CenterCrop(size))
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    if kind == "simclr":
+        b, c, s, h = cfg["jitter"]
+        # SimCLR tf2/data_util.py order: crop, flip, color distortion (jitter p=0.8 then grayscale p=0.2), blur.
+        # GCRL Table 2 lists the flip last; a flip commutes with every color op and with the symmetric blur.
+        ops.append(v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=cfg["jitter_p"]))
+        ops.append(v2.RandomGrayscale(cfg["gray_p"]))
+        if cfg["blur"]:
+            ops.append(v2.RandomApply([v2.GaussianBlur(cfg["blur_kernel"], cfg["blur_sigma"])], p=cfg["blur_p"]))
+    if cfg.get("interpolation") == "bicubic":
+        ops.append(_clamp_unit)  # bicubic overshoots; torchvision clamps uint8 results but not float ones
+    ops.append(v2.ToPureTensor())
+    return v2.Compose(ops)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batched, on-device building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _uniform(shape, low, high, device, generator=None) -> torch.Tensor:
+    """U[low, high) float32 samples on `device`, drawn from `generator` (on its own device) when given."""
+    if generator is None:
+        u = torch.rand(shape, device=device)
+    else:
+        u = torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return low + (high - low) * u
+
+
+def sample_resized_crops(batch, height, width, scale, ratio, device, generator=None, attempts=10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box sampling, for `batch` images at once.
+
+    Per image and attempt: area ~ U(scale) * H * W, log(aspect) ~ U(log ratio), w = round(sqrt(area * aspect)),
+    h = round(sqrt(area / aspect)); the first attempt with 0 < w <= W and 0 < h <= H wins and its top-left corner is
+    uniform over the integer positions that fit. If all 10 attempts fail (torchvision's count), the crop is the
+    centered largest box whose aspect is clamped into `ratio`.
+    returns: (batch, 4) int64 [top, left, h, w] in pixels.
+    """
+    area = _uniform((batch, attempts), scale[0], scale[1], device, generator) * (height * width)
+    log_aspect = _uniform((batch, attempts), math.log(ratio[0]), math.log(ratio[1]), device, generator)
+    aspect = torch.exp(log_aspect)
+    # torch.round rounds half to even like Python's round() in torchvision.
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximal index
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    u = _uniform((batch, 2), 0.0, 1.0, device, generator)
+    # floor(u * n) is uniform on {0, ..., n-1}; the clamp guards against u * n rounding up to n in float32.
+    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
+    # torchvision's fallback after 10 failed attempts (rare: needs 10 boxes in a row that overflow the image).
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32, device=device)
+    boxes = torch.stack([top, left, h, w], dim=1)
+    boxes = torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+    return boxes.to(torch.int64)
+
+
+def resized_crop_batch(images, boxes, size, flip=None, interpolation="bilinear") -> torch.Tensor:
+    """Crop each image to its own box and resize it to size x size, optionally mirrored, with one grid_sample.
+
+    images: float (B, C, H, W); boxes: (B, 4) [top, left, h, w] pixels; flip: (B,) bool or None.
+    returns: float (B, C, size, size). Bilinear: equal to torchvision's resized_crop (+ horizontal_flip) without
+    antialiasing. Bicubic: grid_sample's cubic convolution (a = -0.75, as F.interpolate), whose outer taps may read
+    one pixel beyond the box next to its edges, where torchvision clamps them to the box.
+    Output pixel d (0-based) samples the box at source coordinate left + (d + 0.5) * w / size - 0.5 (pixel centers,
+    half-pixel convention = align_corners=False), clamped to the box's first and last pixel centers so that no
+    pixel outside the box leaks in (torchvision crops first, then resizes with edge clamping).
+    """
+    B, _, H, W = images.shape
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    top, left, h, w = boxes.unbind(1)
+    centers = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixels in (0, 1)
+    across = centers.expand(B, size)
+    if flip is not None:  # a mirrored view reads its box from right to left
+        across = torch.where(flip.to(images.device)[:, None], 1.0 - centers, centers)
+    x = left[:, None] + across * w[:, None] - 0.5  # (B, size) source column of each output column, in pixels
+    y = top[:, None] + centers * h[:, None] - 0.5  # (B, size) source row of each output row
+    x = torch.minimum(torch.maximum(x, left[:, None]), (left + w - 1)[:, None])
+    y = torch.minimum(torch.maximum(y, top[:, None]), (top + h - 1)[:, None])
+    # pixel -> normalized grid coordinate for align_corners=False: -1 is the left edge of pixel 0, +1 the right edge
+    # of pixel W-1.
+    gx = (2 * x + 1) / W - 1
+    gy = (2 * y + 1) / H - 1
+    grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], dim=-1)
+    out = F.grid_sample(images, grid.to(images.dtype), mode=interpolation, padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1) if interpolation == "bicubic" else out  # bicubic overshoots at edges
+
+
+def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 1, H, W) luma with torchvision's weights."""
+    r, g, b = images.unbind(-3)
+    return (r * _GRAY_WEIGHTS[0] + g * _GRAY_WEIGHTS[1] + b * _GRAY_WEIGHTS[2]).unsqueeze(-3)
+
+
+def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> (B, 3, H, W) HSV, each channel in [0, 1] (hue in turns; 0 for grays).
+
+    With the largest channel n (ties: red, then green, as in colorsys) the hue in sixths of a turn is
+    2n + (next - after_next) / chroma, where next/after_next are the channels that follow n cyclically.
+    """
+    r, g, b = images.unbind(1)
+    value = torch.maximum(torch.maximum(r, g), b)  # elementwise ops: faster than reductions over dim 1 on CPU
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    inv_chroma = 1.0 / torch.where(chroma > 0, chroma, 1.0)  # grays have zero differences and get hue 0
+    sixths = torch.where(
+        value == r,
+        (g - b) * inv_chroma,
+        torch.where(value == g, 2.0 + (b - r) * inv_chroma, 4.0 + (r - g) * inv_chroma),
+    )  # in [-1, 5]
+    hue = torch.where(sixths < 0, sixths + 6.0, sixths) / 6.0
+    sat = chroma / torch.where(value > 0, value, 1.0)
+    return torch.stack([hue, sat, value], dim=1)
+
+
+def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) HSV in [0, 1] -> RGB in [0, 1]: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1) with
+    k = (o_n + 6h) mod 6 and offsets o = (5, 3, 1) for (r, g, b): the six-sector formula written as one ramp."""
+    hue, sat, value = images[:, 0:1], images[:, 1:2], images[:, 2:3]
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(offsets + 6.0 * hue, 6.0)  # (B, 3, H, W)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value - (value * sat) * ramp
+
+
+def adjust_hue_batch(images: torch.Tensor, hue_shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image (torchvision's adjust_hue): images (B, 3, H, W) in [0, 1], hue_shift (B,) turns."""
+    hsv = rgb_to_hsv(images)
+    hue = torch.remainder(hsv[:, 0:1] + hue_shift.view(-1, 1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+
+
+def _blend(images, target, factor) -> torch.Tensor:
+    """torchvision's blend: clamp(factor * images + (1 - factor) * target, 0, 1), factor (B,) per image."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (images * factor + target * (1.0 - factor)).clamp_(0, 1)
+
+
+def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True, True)) -> torch.Tensor:
+    """Per-image ColorJitter with a per-image random order of its ops, as torchvision.transforms.v2.ColorJitter.
+
+    images: float (B, 3, H, W) in [0, 1]; factors: (B, 4) brightness, contrast, saturation (multiplicative, 1 = no
+    change) and hue shift (turns, 0 = no change); order: (B, 4) int, order[b, k] = the op applied k-th to image b
+    (0 brightness, 1 contrast, 2 saturation, 3 hue); apply: (B,) bool, images left untouched where False;
+    enabled: which ops exist at all (torchvision drops an op whose strength is 0).
+    At each of the 4 positions every op runs on the whole batch with the identity factor for the images that do not
+    take it there: a blend with factor 1 returns its input exactly, and hue is selected with torch.where. The batch
+    stays whole (no boolean indexing, hence no host synchronisation on the GPU) at the price of 4x the op count.
+    """
+    for k in range(4):
+        op = torch.where(apply, order[:, k], -1)  # (B,): the op image b takes at position k, -1 for none
+        if enabled[0]:  # brightness: blend with black
+            f = torch.where(op == 0, factors[:, 0], 1.0)
+            images = (images * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+        if enabled[1]:  # contrast: blend with the image's mean luma
+            f = torch.where(op == 1, factors[:, 1], 1.0)
+            images = _blend(images, rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), f)
+        if enabled[2]:  # saturation: blend with the luma image
+            f = torch.where(op == 2, factors[:, 2], 1.0)
+            images = _blend(images, rgb_to_grayscale(images), f)
+        if enabled[3]:
+            images = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue_batch(images, factors[:, 3]), images)
+    return images
+
+
+def gaussian_blur_batch(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each image with its own sigma: separable Gaussian of `kernel_size` taps, weights exp(-t^2 / (2 sigma^2))
+    normalized to sum 1, reflect padding (torchvision's GaussianBlur). images (B, C, H, W), sigma (B,)."""
+    B, C, H, W = images.shape
+    t = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - (kernel_size - 1) / 2
+    kernel = torch.softmax(-(t**2) / (2 * sigma.to(images).view(-1, 1) ** 2), dim=1)  # (B, k)
+    kernel = kernel.repeat_interleave(C, dim=0)  # (B*C, k): one kernel per (image, channel) group
+    r = kernel_size // 2
+    x = F.pad(images, (r, r, r, r), mode="reflect").reshape(1, B * C, H + 2 * r, W + 2 * r)
+    x = F.conv2d(x, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)  # along the width
+    x = F.conv2d(x, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)  # along the height
+    return x.view(B, C, H, W)
+
+
+def to_float_rgb(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or float (B, C, H, W), C in {1, 3} -> float32 (B, 3, H, W) in [0, 1] (uint8 / 255; floats kept)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected a (B, C, H, W) batch with C in {{1, 3}}, got shape {tuple(images.shape)}")
+    images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class BatchedAugment:
+    """One view distribution applied to a whole batch on its device (SPEC 1.5), same kinds and keyword arguments as
+    `per_image_transform`, and the same distribution of parameters (tests/test_augment.py compares them).
+
+    aug = BatchedAugment("simclr", 32); views = aug(images_uint8)  # (B, C, H, W) -> float32 (B, 3, 32, 32) in [0, 1]
+    `sample_params` draws every random choice, independently per image; `apply` is deterministic given them.
+    Differences from the per-image pipeline, in resampling only (parameters have the same distribution): crops are
+    resampled without antialiasing (meant for datasets stored at or near the view size, <= 64 px, where crops are
+    enlarged); the mae view's bicubic is grid_sample's (a = -0.75, outer taps may cross the box edge) while
+    torchvision's antialiased bicubic, like PIL's that MAE used, has a = -0.5; uint8 inputs are converted to float
+    before resampling, the per-image pipeline resamples uint8 and rounds.
+    """
+
+    def __init__(self, kind: str, size: int, **kw):
+        self.cfg = augment_config(kind, size, **kw)
+        self.kind, self.size = kind, int(size)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.cfg.items() if k not in ("kind", "size"))
+        return f"BatchedAugment({self.kind!r}, {self.size}{', ' if args else ''}{args})"
+
+    def sample_params(self, batch: int, height: int, width: int, device, generator=None) -> dict[str, torch.Tensor]:
+        """Independent random parameters for `batch` images of height x width; tensors on `device`:
+        crop (B, 4) int64 [top, left, h, w] (simclr, mae); offset (B, 2) int64 [top, left] into the padded image
+        (weak); flip (B,) bool; jitter (B,) bool, factors (B, 4) [brightness, contrast, saturation, hue],
+        order (B, 4) int64 (op applied at each position), gray (B,) bool, blur (B,) bool, sigma (B,) (simclr)."""
+        cfg, B = self.cfg, batch
+        device = torch.device(device)
+
+        def coin(p):
+            return _uniform((B,), 0.0, 1.0, device, generator) < p
+
+        params = {}
+        if self.kind in ("simclr", "mae"):
+            params["crop"] = sample_resized_crops(B, height, width, cfg["scale"], cfg["ratio"], device, generator)
+        elif self.kind == "weak":
+            pad = cfg["pad"]
+            span_y, span_x = height + 2 * pad - self.size + 1, width + 2 * pad - self.size + 1
+            if span_y < 1 or span_x < 1:
+                raise ValueError(f"a {self.size}px weak view does not fit a {height}x{width} image padded by {pad}")
+            u = _uniform((B, 2), 0.0, 1.0, device, generator)
+            # torchvision RandomCrop: top, left uniform integers over the positions that fit in the padded image
+            top = torch.floor(u[:, 0] * span_y).clamp_(max=span_y - 1)
+            left = torch.floor(u[:, 1] * span_x).clamp_(max=span_x - 1)
+            params["offset"] = torch.stack([top, left], dim=1).to(torch.int64)
+        if self.kind != "eval":
+            params["flip"] = coin(cfg["flip_p"])
+        if self.kind == "simclr":
+            b, c, s, h = cfg["jitter"]
+            params["jitter"] = coin(cfg["jitter_p"])
+            # torchvision ColorJitter: brightness/contrast/saturation ~ U[max(0, 1 - x), 1 + x], hue ~ U[-h, h].
+            params["factors"] = torch.stack(
+                [
+                    _uniform((B,), max(0.0, 1 - b), 1 + b, device, generator),
+                    _uniform((B,), max(0.0, 1 - c), 1 + c, device, generator),
+                    _uniform((B,), max(0.0, 1 - s), 1 + s, device, generator),
+                    _uniform((B,), -h, h, device, generator),
+                ],
+                dim=1,
+            )
+            # argsort of i.i.d. uniforms is a uniform random permutation (torchvision: torch.randperm(4)).
+            params["order"] = torch.argsort(_uniform((B, 4), 0.0, 1.0, device, generator), dim=1)
+            params["gray"] = coin(cfg["gray_p"])
+            if cfg["blur"]:
+                params["blur"] = coin(cfg["blur_p"])
+                params["sigma"] = _uniform((B,), cfg["blur_sigma"][0], cfg["blur_sigma"][1], device, generator)
+        return params
+
+    @torch.no_grad()
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Deterministic part: images uint8 or float (B, C, H, W), C in {1, 3} -> float32 (B, 3, size, size)."""
+        cfg, S = self.cfg, self.size
+        x = to_float_rgb(images)
+        B, _, H, W = x.shape
+        if self.kind in ("simclr", "mae"):
+            x = resized_crop_batch(x, params["crop"], S, params["flip"], cfg["interpolation"])
+        elif self.kind == "weak":
+            pad = cfg["pad"]
+            x = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
+            Wp = x.shape[-1]
+            steps = torch.arange(S, device=x.device)
+            offset = params["offset"].to(x.device)
+            rows = offset[:, 0:1] + steps  # (B, S)
+            cols = offset[:, 1:2] + torch.where(params["flip"].to(x.device)[:, None], S - 1 - steps, steps)
+            index = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, S * S).expand(B, 3, S * S)
+            x = x.reshape(B, 3, -1).gather(2, index).view(B, 3, S, S)
+        else:  # eval: resize the shorter side to S (torchvision Resize(int)), then center-crop S x S
+            if min(H, W) != S:
+                new_h, new_w = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
+                x = F.interpolate(x, (new_h, new_w), mode=cfg["interpolation"], align_corners=False, antialias=True)
+                x = x.clamp(0, 1)
+                H, W = new_h, new_w
+            top, left = int(round((H - S) / 2.0)), int(round((W - S) / 2.0))  # torchvision center_crop anchor
+            x = x[:, :, top : top + S, left : left + S]
+        if self.kind == "simclr":
+            if cfg["jitter_p"] > 0 and max(cfg["jitter"]) > 0:
+                enabled = tuple(v > 0 for v in cfg["jitter"])
+                x = color_jitter_batch(x, params["factors"], params["order"], params["jitter"], enabled)
+            if cfg["gray_p"] > 0:
+                x = torch.where(params["gray"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand(-1, 3, -1, -1), x)
+            if cfg["blur"] and cfg["blur_p"] > 0:
+                blurred = gaussian_blur_batch(x, params["sigma"], cfg["blur_kernel"])
+                x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
+        return x.contiguous()
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images: uint8 or float (B, C, H, W) on any device -> float32 (B, 3, size, size) in [0, 1], same device.
+        generator: optional torch.Generator (on any device) that makes the draw reproducible."""
+        B, _, H, W = images.shape
+        return self.apply(images, self.sample_params(B, H, W, images.device, generator))
+
+
+# ======================================================================================
+# 6. Datasets
+# ======================================================================================
+#
+# build_dataset() reads every dataset's own on-disk format with the small readers below instead of torchvision's
+# dataset classes: those insist on md5 sums of the original archives, which fails on re-packed copies (Debian ships
+# Fashion-MNIST gzipped at /usr/share/datasets) and costs minutes on ImageNet-sized files. torchvision is still what
+# downloads (download=True). Everything that fits in host memory comes back as an ImageArray (uint8 images + int64
+# labels), which TrainBatches keeps whole on the GPU when it is small (fits_on_device, SPEC 1.5); ImageNet-style
+# folders come back as an ImageFolderDataset decoded image by image in DataLoader workers.
+
+DATASET_NAMES = (
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "stl10",
+    "mnist",
+    "fashion_mnist",
+    "imagenet32",
+    "imagenet64",
+    "imagefolder",
+    "synthetic",
+)
+
+# Splits each in-memory dataset has ("train+unlabeled" is STL-10's pretraining set: 5k labeled + 100k unlabeled).
+# imagefolder accepts any sub-folder name of root.
+DATASET_SPLITS = {
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "svhn": ("train", "test", "extra"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+    "mnist": ("train", "test"),
+    "fashion_mnist": ("train", "test"),
+    "imagenet32": ("train", "val"),
+    "imagenet64": ("train", "val"),
+    "synthetic": ("train", "test"),
+}
+
+# The synthetic classes, in label order.
+SYNTHETIC_SHAPES = ("disk", "square", "triangle", "plus")
+
+# Where Debian's `dataset-fashion-mnist` package puts the four gzipped IDX files; the last place looked at, so a copy
+# under root always wins. A module attribute so tests can point it elsewhere.
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+
+# ITU-R BT.601 luma weights, for the rare request of a 1-channel version of an RGB dataset.
+_LUMA_601 = (0.299, 0.587, 0.114)
+
+# Whole-dataset conversions (resize, luma) work on chunks of at most this many float32 values (64 MiB), so turning
+# the 100k STL-10 unlabeled images into 64 px, say, never holds a float copy of the whole set.
+_CHUNK_VALUES = 1 << 24
+
+_DOWNLOADABLE = ("cifar10", "cifar100", "svhn", "stl10", "mnist", "fashion_mnist")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where build_dataset looks; the message names the paths and how to get them."""
+
+
+class ImageArray(torch.utils.data.Dataset):
+    """A whole labeled (or unlabeled) image dataset held in memory.
+
+    images: uint8 (N, C, H, W) CPU tensor, C = 1 or 3; labels: int64 (N,), -1 for unlabeled images (STL-10's
+    `unlabeled` split); name: the dataset name given to build_dataset; num_classes: number of label values.
+    Indexing gives (uint8 (C, H, W), int label), the input the per-image pipelines of common.py expect.
+    """
+
+    def __init__(self, images, labels, name: str, num_classes: int):
+        images = torch.as_tensor(images)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"ImageArray wants uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"ImageArray: labels {tuple(labels.shape)} do not match {images.shape[0]} images")
+        self.images, self.labels, self.name, self.num_classes = images, labels, name, int(num_classes)
+
+    @property
+    def image_size(self) -> int:
+        """H, the image side (every dataset here is square)."""
+        return self.images.shape[-2]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+    def __repr__(self) -> str:
+        return f"ImageArray({self.name}: {len(self)} x {tuple(self.images.shape[1:])}, {self.num_classes} classes)"
+
+
+def _load_image_file(path: str, channels: int = 3) -> torch.Tensor:
+    """One image file -> uint8 (C, H, W) with C = channels (3: RGB, 1: luma), whatever the file's own mode."""
+    # PIL rather than torchvision.io: its decoders are deprecated from torchvision 0.29 (a warning per image), and
+    # PIL reads every format ImageFolder accepts (bmp, tiff, ppm, ...).
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB" if channels == 3 else "L")
+        return torchvision.transforms.functional.pil_to_tensor(img)
+
+
+class ImageFolderDataset(torchvision.datasets.ImageFolder):
+    """`folder/<class>/<image>` decoded on demand (ImageNet is far too big for memory): item = (uint8 (C, H, W) at
+    the file's own size, class index). Classes are the sorted sub-folder names; .num_classes and .name as in
+    ImageArray. Resizing to the model's input is left to the per-image pipelines."""
+
+    def __init__(self, folder: str, name: str = "imagefolder", channels: int = 3):
+        # functools.partial of a module-level function (not a lambda) so DataLoader workers can pickle the loader.
+        super().__init__(folder, loader=functools.partial(_load_image_file, channels=channels))
+        self.name, self.num_classes = name, len(self.classes)
+
+
+def fits_on_device(dataset) -> bool:
+    """True for an ImageArray of side <= 64 px: such datasets are kept whole on the device as uint8 and augmented
+    there in batches (SPEC 1.5); anything else goes through DataLoader workers."""
+    return isinstance(dataset, ImageArray) and dataset.image_size <= 64
+
+
+# ---------------------------------------------------------------------------------------------- on-disk readers
+# Each reader returns (images uint8 (N, C, H, W), labels int64 (N,), num_classes) at the dataset's native size.
+
+
+def _unpickle(path: str) -> dict:
+    """A python pickle of a dict (CIFAR batches, Downsampled-ImageNet batches) with str keys."""
+    with open(path, "rb") as f:
+        # latin1 lets Python 2 pickles (CIFAR's) load their numpy arrays and turns their str keys into str; keys that
+        # were pickled as bytes stay bytes, hence the decoding below.
+        batch = pickle.load(f, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _load_batch(path: str) -> dict:
+    """A Downsampled-ImageNet batch, .npz or pickle: {"data": (N, 3*S*S) uint8, "labels": (N,)}."""
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            return {"data": f["data"], "labels": f["labels"]}
+    return _unpickle(path)
+
+
+def _planes_to_images(data, size: int) -> np.ndarray:
+    """CIFAR / Downsampled-ImageNet rows (N, 3*S*S) = [S*S red | S*S green | S*S blue], each plane row-major,
+    -> (N, 3, S, S) (a view, no copy)."""
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * size * size:
+        raise ValueError(f"expected image rows of 3*{size}*{size} bytes, got an array of shape {data.shape}")
+    return data.reshape(-1, 3, size, size)
+
+
+def _concat(parts: list[np.ndarray]) -> torch.Tensor:
+    """Concatenate uint8 arrays (views of any strides, memory maps included) along dim 0 into one contiguous tensor,
+    emptying `parts` as it goes. torch.empty only commits memory pages as they are written, so dropping each part
+    once copied keeps the peak near one copy of the data (ImageNet64's train set is 15.7 GB) instead of two."""
+    if len(parts) == 1 and parts[0].flags.c_contiguous and parts[0].flags.writeable:
+        return torch.from_numpy(parts.pop())  # already in place: no copy
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=torch.uint8)
+    out_np, start = out.numpy(), 0  # numpy assignment copies from strided and read-only views alike
+    while parts:
+        part = parts.pop(0)
+        out_np[start : start + len(part)] = part
+        start += len(part)
+        del part
+    return out
+
+
+def _locate_cifar(name: str, root: str, split: str):
+    if name == "cifar10":
+        folder = os.path.join(root, "cifar-10-batches-py")
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    else:
+        folder, files = os.path.join(root, "cifar-100-python"), [split]
+    paths = [os.path.join(folder, f) for f in files]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    return (None, missing) if missing else (paths, paths)
+
+
+def _read_cifar(name: str, paths: list[str]):
+    key = "labels" if name == "cifar10" else "fine_labels"  # CIFAR-100: the 100 fine classes, not the 20 coarse
+    batches = [_unpickle(p) for p in paths]
+    images = _concat([_planes_to_images(b["data"], 32) for b in batches])
+    labels = torch.as_tensor(np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches]))
+    return images, labels, 10 if name == "cifar10" else 100
+
+
+def _locate_svhn(root: str, split: str):
+    candidates = [os.path.join(root, "svhn", f"{split}_32x32.mat"), os.path.join(root, f"{split}_32x32.mat")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return [path], candidates
+    return None, candidates
+
+
+def _read_svhn(path: str):
+    try:
+        from scipy.io import loadmat  # only SVHN needs scipy, so it is not a requirement of the repository
+    except ImportError as e:
+        raise ImportError("reading SVHN's .mat files needs scipy: pip install scipy") from e
+    mat = loadmat(path, variable_names=("X", "y"))
+    # X is (H, W, C, N) (MATLAB's layout) -> (N, C, H, W)
+    images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
+    labels = mat["y"].reshape(-1).astype(np.int64)
+    labels[labels == 10] = 0  # SVHN files write the digit 0 as class 10
+    return images, torch.from_numpy(labels), 10
+
+
+def _locate_stl10(root: str, split: str):
+    folder = os.path.join(root, "stl10_binary")
+    paths = []
+    for part in split.split("+"):
+        paths.append(os.path.join(folder, f"{part}_X.bin"))
+        if part != "unlabeled":
+            paths.append(os.path.join(folder, f"{part}_y.bin"))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    return (None, missing) if missing else (paths, paths)
+
+
+def _read_stl10(paths: list[str]):
+    images, labels = [], []
+    for path in paths:
+        if path.endswith("_y.bin"):
+            continue
+        # Each image is stored as 3 x 96 x 96 in column-major (MATLAB) order: the last two axes come out swapped.
+        # A transposed view of a memory map, copied once by _concat: the unlabeled split alone is 2.8 GB.
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        if raw.size % (3 * 96 * 96):
+            raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 3x96x96 images")
+        images.append(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+        del raw
+        y_path = path[: -len("_X.bin")] + "_y.bin"
+        if y_path in paths:
+            y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
+            if len(y) != len(images[-1]) or y.min() < 1 or y.max() > 10:
+                raise ValueError(f"{y_path}: expected {len(images[-1])} labels in 1..10")
+            labels.append(y - 1)  # files count classes 1..10
+        else:
+            labels.append(np.full(len(images[-1]), -1, dtype=np.int64))  # unlabeled
+    labels = torch.from_numpy(np.concatenate(labels))
+    return _concat(images), labels, 10
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An IDX file (MNIST's format), plain or gzipped, -> numpy array of its dims and dtype (native byte order).
+    Layout: 2 zero bytes, a dtype code, the number of dims; one big-endian uint32 per dim; the values, big-endian."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":  # the gzip magic number: decompress whatever the file is called
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != math.prod(dims) * dtype.itemsize:
+        raise ValueError(f"{path}: {len(raw) - offset} bytes of data for dims {dims} of {dtype} (truncated file?)")
+    values = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
+    return values.astype(dtype.newbyteorder("="))  # a writable copy in native byte order
+
+
+def _mnist_folders(name: str, root: str) -> list[str]:
+    if name == "mnist":
+        return [os.path.join(root, "MNIST", "raw"), os.path.join(root, "mnist"), root]
+    return [
+        os.path.join(root, "FashionMNIST", "raw"),
+        os.path.join(root, "fashion_mnist"),
+        os.path.join(root, "fashion-mnist"),
+        FASHION_MNIST_SYSTEM_DIR,
+    ]
+
+
+def _locate_mnist(name: str, root: str, split: str):
+    prefix = "train" if split == "train" else "t10k"
+    files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    expected = []
+    for folder in _mnist_folders(name, root):
+        found = []
+        for f in files:
+            plain = os.path.join(folder, f)
+            # torchvision keeps both the .gz and the extracted file; the plain one skips a decompression
+            found += [p for p in (plain, plain + ".gz") if os.path.isfile(p)][:1]
+        if len(found) == 2:
+            return found, found
+        expected.append(os.path.join(folder, "{" + ",".join(files) + "}[.gz]"))
+    return None, expected
+
+
+def _read_mnist(paths: list[str]):
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+    if images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise ValueError(f"{paths}: images {images.shape} and labels {labels.shape} do not match")
+    return torch.from_numpy(images.astype(np.uint8)[:, None]), torch.from_numpy(labels.astype(np.int64)), 10
+
+
+def _locate_imagenet(name: str, root: str, split: str):
+    folder = os.path.join(root, name)
+    stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
+    found, missing = [], []
+    for stem in stems:
+        options = [os.path.join(folder, stem + ".npz"), os.path.join(folder, stem)]
+        hits = [p for p in options if os.path.isfile(p)]
+        if hits:
+            found.append(hits[0])
+        else:
+            missing.append(os.path.join(folder, stem + "[.npz]"))
+    return (None, missing) if missing else (found, found)
+
+
+def _read_imagenet(name: str, paths: list[str]):
+    size = int(name[len("imagenet") :])
+    parts, labels = [], []
+    for path in paths:
+        batch = _load_batch(path)
+        parts.append(_planes_to_images(batch["data"], size))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64).reshape(-1))
+        del batch
+        if len(labels[-1]) != len(parts[-1]) or labels[-1].min() < 1 or labels[-1].max() > 1000:
+            raise ValueError(f"{path}: expected one label in 1..1000 per image")
+    labels = torch.from_numpy(np.concatenate(labels) - 1)  # files count classes 1..1000
+    return _concat(parts), labels, 1000
+
+
+def _how_to_get(name: str, download: bool) -> str:
+    if name in _DOWNLOADABLE:
+        how = "pass download=True (--download) to fetch it with torchvision, or put the files there"
+        if download:
+            how = "the torchvision download did not produce them; put the files there by hand"
+        if name == "fashion_mnist":
+            how += f"; or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) for {FASHION_MNIST_SYSTEM_DIR}"
+        return how
+    size = name[len("imagenet") :]
+    return (
+        f"it cannot be downloaded automatically: get the Imagenet{size}_train and Imagenet{size}_val archives (npz or "
+        "pickle batches) from the Downsampled ImageNet page of image-net.org (https://image-net.org/download-images, "
+        f"login required) and unpack their files into {name}/ under the data root"
+    )
+
+
+def _download(name: str, root: str, split: str) -> None:
+    """Fetch with torchvision's downloader into the folder the locator looks at first. The dataset object it builds
+    is thrown away: only the files matter, and they are read by our own readers."""
+    sets = torchvision.datasets
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            sets.CIFAR10(root, train=train, download=True)
+        elif name == "cifar100":
+            sets.CIFAR100(root, train=train, download=True)
+        elif name == "svhn":
+            for part in split.split("+"):
+                sets.SVHN(os.path.join(root, "svhn"), split=part, download=True)
+        elif name == "stl10":
+            sets.STL10(root, split="test", download=True)  # one archive holds every split; "test" is quick to load
+        elif name == "mnist":
+            sets.MNIST(root, train=train, download=True)
+        elif name == "fashion_mnist":
+            sets.FashionMNIST(root, train=train, download=True)
+    except Exception as e:  # no network, a moved URL, a bad checksum: all end in the one clear error below
+        raise DatasetNotFoundError(f"downloading {name} into {root} failed: {e}") from e
+
+
+def _find_files(name: str, root: str, split: str, download: bool) -> list[str]:
+    locate = {
+        "cifar10": functools.partial(_locate_cifar, name),
+        "cifar100": functools.partial(_locate_cifar, name),
+        "svhn": _locate_svhn,
+        "stl10": _locate_stl10,
+        "mnist": functools.partial(_locate_mnist, name),
+        "fashion_mnist": functools.partial(_locate_mnist, name),
+        "imagenet32": functools.partial(_locate_imagenet, name),
+        "imagenet64": functools.partial(_locate_imagenet, name),
+    }[name]
+    found, expected = locate(root, split)
+    if found is None and download and name in _DOWNLOADABLE:
+        _download(name, root, split)
+        found, expected = locate(root, split)
+    if found is None:
+        listing = "\n  ".join(expected)
+        raise DatasetNotFoundError(
+            f"dataset {name!r} (split {split!r}) not found; expected:\n  {listing}\n{_how_to_get(name, download)}"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+
+
+def _map_chunks(images: torch.Tensor, fn, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """out[i] = fn(images[i]) computed on float32 chunks of images (B, C, H, W) uint8 -> out (N, *out_shape) uint8,
+    rounded and clamped to 0..255."""
+    out = torch.empty((images.shape[0], *out_shape), dtype=torch.uint8)
+    step = max(1, _CHUNK_VALUES // max(math.prod(images.shape[1:]), math.prod(out_shape)))
+    for s in range(0, images.shape[0], step):
+        out[s : s + step] = fn(images[s : s + step].float()).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _to_luma(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) RGB -> uint8 (N, 1, H, W), Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601)."""
+    weights = torch.tensor(_LUMA_601).view(1, 3, 1, 1)
+
+    def luma(x):
+        return (x * weights).sum(1, keepdim=True)
+
+    return _map_chunks(images, luma, (1, *images.shape[2:]))
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear (a box-like filter when shrinking, so
+    96 -> 32 does not alias), rounded back to uint8."""
+
+    def resize(x):
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    return _map_chunks(images, resize, (images.shape[1], size, size))
+
+
+def _convert(images: torch.Tensor, channels: int, image_size: int | None) -> torch.Tensor:
+    """Bring uint8 (N, C, H, W) to `channels` channels and, if given, image_size x image_size (see build_dataset)."""
+    if channels == 1 and images.shape[1] == 3:
+        images = _to_luma(images)  # before resizing: a third of the work
+    if image_size and (images.shape[-2], images.shape[-1]) != (image_size, image_size):
+        if images.shape[-2:] == (28, 28) and image_size == 32:
+            # MNIST-style 28 px digits go to 32 px by a 2-pixel black border (the usual LeNet-5 input), not by
+            # stretching them
+            images = F.pad(images, (2, 2, 2, 2))
+        else:
+            images = _resize(images, image_size)
+    if channels == 3 and images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)  # gray -> RGB by repetition, after resizing: a third of the work
+    return images
+
+
+# ---------------------------------------------------------------------------------------------- synthetic shapes
+
+
+def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Inside-mask of SYNTHETIC_SHAPES[shape] at pixel offsets dx (B, 1, S), dy (B, S, 1) from the center, in units
+    of the half-width r (y points down) -> bool (B, S, S)."""
+    ax, ay = dx.abs(), dy.abs()
+    if shape == 0:  # disk of radius r
+        return dx * dx + dy * dy <= 1
+    if shape == 1:  # square of side 1.6 r (an area close to the disk's)
+        return torch.maximum(ax, ay) <= 0.8
+    if shape == 2:  # triangle, apex on top: height 1.6 r, base 2 r
+        return (ay <= 0.8) & (ax <= (dy + 0.8) / 1.6)
+    return ((ax <= 0.3) & (ay <= 1)) | ((ay <= 0.3) & (ax <= 1))  # plus: two crossed 2 r x 0.6 r bars
+
+
+def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n procedurally drawn images of one colored shape each -> (images uint8 (n, 3, size, size), labels int64 (n,)).
+
+    The label is the shape, SYNTHETIC_SHAPES[label] (disk, square, triangle, plus); classes are balanced (counts
+    differ by at most one) and shuffled. Nuisances drawn independently per image: background color, foreground color
+    (each RGB channel 0.25..0.75 away from the background's, modulo 1, so the shape is always visible), half-width r
+    in [0.18, 0.32] * size, a position keeping the whole shape inside, and Gaussian pixel noise (std 8/255, the same
+    on the three channels of a pixel). Deterministic for a given (n, size, seed); vectorized (5000 images of 32 px
+    in about 0.1 s on one CPU core).
+    """
+    if size < 8:
+        raise ValueError(f"synthetic images need size >= 8 to tell the shapes apart, got {size}")
+    gen = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % len(SYNTHETIC_SHAPES))[torch.randperm(n, generator=gen)]
+    radius = size * (0.18 + 0.14 * torch.rand(n, generator=gen))
+    center = radius[:, None] + (size - 2 * radius[:, None]) * torch.rand(n, 2, generator=gen)  # (n, 2) = (x, y)
+    background = torch.rand(n, 3, generator=gen)
+    foreground = (background + 0.25 + 0.5 * torch.rand(n, 3, generator=gen)) % 1.0
+    background, foreground = [(c * 255).round().to(torch.uint8)[:, :, None, None] for c in (background, foreground)]
+
+    # Each shape's test only runs on the images of that shape and the picture is composed in uint8, which keeps the
+    # generator fast enough to call in every test; chunks of about a million pixels bound its memory at any n.
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    pixel = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centers
+    step = max(1, (1 << 20) // (size * size))
+    for s in range(0, n, step):
+        chunk = slice(s, min(n, s + step))
+        mask = torch.empty(chunk.stop - s, size, size, dtype=torch.bool)
+        for shape in range(len(SYNTHETIC_SHAPES)):
+            idx = (labels[chunk] == shape).nonzero().squeeze(1)
+            r = radius[chunk][idx, None, None]
+            dx = (pixel[None, None, :] - center[chunk][idx, 0, None, None]) / r  # (B, 1, S)
+            dy = (pixel[None, :, None] - center[chunk][idx, 1, None, None]) / r  # (B, S, 1)
+            mask[idx] = _shape_mask(shape, dx, dy)
+        picture = torch.where(mask[:, None], foreground[chunk], background[chunk]).to(torch.int16)  # (B, 3, S, S)
+        noise = torch.randn(len(mask), 1, size, size, generator=gen).mul_(8).round_().to(torch.int16)
+        images[chunk] = picture.add_(noise).clamp_(0, 255).to(torch.uint8)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------- the builder
+
+
+def build_dataset(
+    name: str,
+    root: str = "data",
+    train: bool = True,
+    split: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    channels: int = 3,
+    synthetic_size: int | None = None,
+) -> ImageArray | torch.utils.data.Dataset:
+    """One split of a dataset: an ImageArray (uint8 (N, C, H, W) + int64 labels, in memory) for every name except
+    "imagefolder", which gives an ImageFolderDataset (decoded per item). Names: DATASET_NAMES.
+
+    Files looked up under root (download=True fetches the first five with torchvision when they are missing):
+      cifar10        root/cifar-10-batches-py/{data_batch_1..5, test_batch}             32 px, 10 classes
+      cifar100       root/cifar-100-python/{train, test} (fine labels)                  32 px, 100 classes
+      svhn           root/svhn/{split}_32x32.mat or root/{split}_32x32.mat (needs scipy) 32 px, 10 classes
+      stl10          root/stl10_binary/{split}_X.bin, {split}_y.bin                     96 px, 10 classes
+      mnist          {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] in root/MNIST/raw, root/mnist or root
+      fashion_mnist  the same names in root/FashionMNIST/raw, root/fashion_mnist, root/fashion-mnist, then
+                     /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)   28 px gray, 10 classes
+      imagenet32/64  root/imagenet32 (or 64)/{train_data_batch_1..10, val_data}[.npz]   1000 classes
+      imagefolder    root/{split}/<class>/<image>                                       any size
+      synthetic      nothing: drawn by synthetic_shapes (seed 0 for train, 1 for test)  4 classes
+    Missing files raise DatasetNotFoundError (a FileNotFoundError) naming the paths and how to get them.
+
+    split: default "train" if train else "test" ("val" for imagenet32/64 and imagefolder); svhn also has "extra";
+    stl10 has "unlabeled" (labels -1) and "train+unlabeled" (its pretraining set); imagefolder takes any sub-folder.
+    channels: 3 repeats the gray channel of mnist / fashion_mnist; 1 keeps it, and turns RGB datasets into
+    BT.601 luma. image_size (ImageArray datasets only; None or 0 = native size): 28 -> 32 pads 2 black pixels on
+    every side (the usual way to feed MNIST-like digits to 32 px models); any other change resizes the whole set with
+    antialiased bilinear interpolation, in chunks, rounded back to uint8. For "synthetic", image_size is the size the
+    shapes are drawn at (default 32) and synthetic_size the number of images (default 5000 train / 1000 test); other
+    datasets ignore synthetic_size. imagefolder ignores image_size (its per-image pipelines crop and resize).
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if split is None:
+        split = "train" if train else ("val" if name in ("imagenet32", "imagenet64", "imagefolder") else "test")
+
+    if name == "imagefolder":
+        folder = os.path.join(root, split)
+        try:
+            return ImageFolderDataset(folder, channels=channels)
+        except FileNotFoundError as e:  # no such folder, or no class folder with images inside
+            raise DatasetNotFoundError(
+                f"dataset 'imagefolder' (split {split!r}) not found: expected {folder}/<class name>/<image files> "
+                f"(the ImageNet train/val layout; {e})"
+            ) from e
+
+    if split not in DATASET_SPLITS[name]:
+        raise ValueError(f"{name} has the splits {', '.join(DATASET_SPLITS[name])}; got {split!r}")
+
+    if name == "synthetic":
+        count = synthetic_size or (5000 if split == "train" else 1000)
+        images, labels = synthetic_shapes(count, image_size or 32, seed=0 if split == "train" else 1)
+        return ImageArray(_convert(images, channels, None), labels, name, len(SYNTHETIC_SHAPES))
+
+    paths = _find_files(name, root, split, download)
+    if name in ("cifar10", "cifar100"):
+        images, labels, num_classes = _read_cifar(name, paths)
+    elif name == "svhn":
+        images, labels, num_classes = _read_svhn(paths[0])
+    elif name == "stl10":
+        images, labels, num_classes = _read_stl10(paths)
+    elif name in ("mnist", "fashion_mnist"):
+        images, labels, num_classes = _read_mnist(paths)
+    else:
+        images, labels, num_classes = _read_imagenet(name, paths)
+    return ImageArray(_convert(images, channels, image_size), labels, name, num_classes)
+
 
 # ======================================================================================
 # 7. Training batches and distributed helpers
@@ -807,7 +1850,9 @@ def eval_batches(dataset, image_size: int, batch_size: int, device, num_workers:
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             if x.shape[-1] != image_size or x.shape[-2] != image_size:
-                x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+                x = F.interpolate(
+                    x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+                )
             yield x.clamp(0, 1), dataset.labels[s : s + batch_size].to(device)
     else:
         views = _ViewsDataset(dataset, [per_image_transform("eval", image_size)])
