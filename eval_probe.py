@@ -1,0 +1,968 @@
+"""Evaluate any checkpoint of this repository: linear, kNN, best-layer, OOD and low-shot probes with calibration.
+
+SPEC section 8; protocols from GCRL (Kim, Kim, Lee 2021, arXiv:2106.06162) sections 4.2-4.4 and Tables 5, 6, 8,
+MAE (He et al. 2022, arXiv:2111.06377) main_linprobe.py, and iGPT (Chen et al. 2020) section 4.1.
+
+`python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn` rebuilds the model from the checkpoint
+alone (ckpt["method"] names the method file, ckpt["args"] its Args), freezes it (requires_grad False and eval mode,
+so BatchNorm statistics and dropout stay fixed), extracts features of the train and test split once, caches them next
+to the checkpoint, and runs the chosen protocols on the cached features:
+
+  linear   a linear classifier on frozen features, `--linear-protocol`:
+             gcrl  GCRL 4.2 (following iGPT / SimCLR): AdamW, lr 0.01 (CIFAR-size) or 0.1 (ImageNet), wd 1e-4,
+                   batch 512, 100 epochs, no augmentation.
+             mae   MAE main_linprobe.py (also CAN's protocol): BatchNorm1d(affine=False, eps 1e-6) + Linear with
+                   trunc-normal(std 0.01) weights, LARS with base lr 0.1 (x batch / 256), wd 0, 10 warmup epochs
+                   then half-cosine, 90 epochs.
+  knn      weighted kNN on cosine similarity (k 200, temperature 0.07; Wu et al. 2018), no training.
+  layers   the linear probe (or kNN, `--layers-probe knn`) on the output of every block; reports the best block.
+           iGPT 4.1: the representation of a generative model peaks near the middle of the network, and the last
+           block costs 2.4 points on CIFAR-10, so generative checkpoints (igpt, gcrl) are probed per block.
+  ood      supervised OOD score s(x) = max_c log N(z(x) | mu_c, Sigma_c) (class-conditional Gaussians fitted on the
+           training features; GCRL 4.3, Table 5) -> AUROC and AUPRC of the in-distribution test split vs the test
+           split of `--ood-dataset` (CIFAR-10 vs SVHN in GCRL). For methods with a likelihood (the optional
+           `log_likelihood` hook, below: igpt, gcrl) also the unsupervised score -||d log p(x) / d token embeddings||_2
+           (GCRL 4.3, Table 6).
+  lowshot  the linear probe trained on 1% / 5% / 10% of the training labels (class balanced, `--seeds`), evaluated
+           on the whole test split, mean +- std over seeds (GCRL Table 8).
+
+Every classifier reports its expected calibration error next to its accuracy (ECE with 15 equal-width confidence
+bins, Guo et al. 2017, as GCRL Tables 8-10); for kNN the normalized class votes are the probabilities. Results are
+appended to <ckpt dir>/eval_results.jsonl (one JSON object per protocol run: checkpoint, method, dataset, protocol,
+setting, metrics, date) and eval_results.csv (one row per metric), and printed as a table. `--untrained` evaluates
+the same architecture freshly initialized from the checkpoint's args: the "vs untrained" baseline.
+
+Interface of a method file (METHOD_TEMPLATE.md item 8) that this script consumes:
+  build_model(args) -> nn.Module                                 rebuilt from Args(**ckpt["args"]) alone
+  features(model, images, layer=None[, pool=...]) -> (B, D)      images float (B, 3, S, S) in [0, 1]; layer=None is
+                                                                 the method's standard representation, layer=i the
+                                                                 output of block i; `pool` is passed only when the
+                                                                 function accepts it
+  num_feature_layers(model) -> int
+  log_likelihood(model, images) -> (log_px (B,), token_embeddings (B, L, D))      optional (generative methods):
+        log_px = log p(x) of each image in nats (sum over its tokens), differentiable w.r.t. token_embeddings, the
+        output of the token-embedding lookup that the rest of the forward consumes. The model is frozen, so the hook
+        makes that tensor a leaf that requires grad (e.g. `emb = model.tok_embed(tokens).detach().requires_grad_()`).
+        Images must not interact within the batch (eval mode), so d sum(log_px) / d emb gives per-image gradients.
+
+Launch:
+  python eval_probe.py --ckpt runs/simclr_synthetic_vit_micro_s0/checkpoint.pt --protocols linear,knn
+  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear --linear-protocol mae
+  python eval_probe.py --ckpt runs/<igpt run>/checkpoint.pt --protocols layers,ood --ood-dataset svhn
+  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols lowshot --seeds 0,1,2,3,4
+  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn --untrained     # the baseline
+  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn --epochs 3     # a quick look
+
+Known deviations and choices:
+  * GCRL states no learning-rate schedule for its linear probe: the gcrl protocol keeps the lr constant.
+  * MAE's linear probe runs a global batch of 16384 (512 per GPU x 32); the default here is 512 (one GPU of MAE's
+    setup; GCRL's batch), with MAE's scaling rule lr = 0.1 x batch / 256. With `--epochs` set, the warmup keeps MAE's
+    ratio (10 of 90 epochs) unless `--warmup-epochs` is given.
+  * Probe batches drop the last incomplete batch (MAE's drop_last); a set smaller than one batch is one batch.
+  * The Gaussian covariance is the maximum-likelihood estimate plus ridge x (mean per-dimension variance of the
+    training features) x I, so it stays invertible when a class has fewer images than feature dimensions.
+  * AUPRC is average precision (sum over distinct thresholds of recall increase x precision), in-distribution as the
+    positive class (consistent with GCRL Table 6: with 10k CIFAR-10 vs 26k SVHN images, AUPRC < AUROC).
+  * `layers` reports the block with the best test accuracy, as iGPT Fig. 2 plots test accuracy per block; pick the
+    block on held-out data before quoting it as a result.
+  * `--untrained` re-initializes every parameter and BatchNorm statistic; other buffers (e.g. iGPT's color palette,
+    fitted data preprocessing rather than learned weights) are taken from the checkpoint.
+  * Low-shot: GCRL does not state its low-shot classifier; the chosen linear protocol is used. std is the sample
+    standard deviation over seeds (ddof 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+METHOD = "eval_probe"
+PROTOCOLS = ("linear", "knn", "layers", "ood", "lowshot")
+IMAGENET_LIKE = ("imagenet32", "imagenet64", "imagefolder")  # GCRL 4.2 uses lr 0.1 for ImageNet, 0.01 for CIFAR
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class ProbeError(ValueError):
+    """A clear, user-facing error (bad checkpoint, unknown method, bad arguments); printed without a traceback."""
+
+
+@dataclass
+class Args:
+    """Evaluate a checkpoint of any method of this repository (linear / kNN / best-layer / OOD / low-shot probes
+    with ECE). Results are appended to eval_results.jsonl / .csv next to the checkpoint."""
+
+    # experiment
+    ckpt: str = arg("", "checkpoint.pt written by a method script (required)")
+    protocols: str = arg("linear,knn", "comma-separated protocols to run: linear, knn, layers, ood, lowshot (or all)")
+    untrained: bool = arg(False, "evaluate the same architecture freshly initialized from the checkpoint's args")
+    seed: int = arg(0, "seed of the probe heads, their data order and of the --untrained initialization")
+    device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
+    output_dir: str = arg("", "folder of eval_results.jsonl / .csv ('' = the checkpoint's folder)")
+    # data
+    dataset: str = arg("", "labeled dataset for the probes ('' = the checkpoint's dataset)")
+    data_root: str = arg("", "dataset folder ('' = the checkpoint's data_root, else 'data')")
+    download: bool = arg(False, "download missing datasets (torchvision downloaders)")
+    image_size: int = arg(0, "input size of the model (0 = the checkpoint's image_size)")
+    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = the checkpoint's, else its default)")
+    extract_batch_size: int = arg(256, "batch of the frozen forward passes that extract features")
+    num_workers: int = arg(4, "DataLoader workers for datasets that are not kept in memory")
+    amp: bool = arg(True, "bf16 autocast for feature extraction on CUDA (CPU extraction stays fp32)")
+    cache: bool = arg(True, "cache features in <ckpt dir>/feature_cache (keyed by checkpoint mtime/size, data, layer)")
+    # features
+    layer: int = arg(-1, "block whose output is the feature (0-based); -1 = the method's standard representation")
+    pool: str = arg(
+        "auto",
+        "token pooling passed to the method's features() when it accepts `pool` (auto = its default)",
+        choices=["auto", "mean", "cls"],
+    )
+    # linear probe (also used by layers and lowshot)
+    linear_protocol: str = arg(
+        "gcrl", "gcrl: AdamW 100 epochs (GCRL 4.2); mae: BN + LARS 90 epochs (MAE linprobe)", choices=["gcrl", "mae"]
+    )
+    epochs: int = arg(0, "probe epochs (0 = protocol default: gcrl 100, mae 90)")
+    lr: float = arg(0.0, "probe learning rate (0 = protocol default: gcrl 0.01 / 0.1 ImageNet; mae 0.1 x batch/256)")
+    batch_size: int = arg(512, "probe batch (GCRL 4.2: 512; MAE linprobe: 512 per GPU)")
+    weight_decay: float = arg(-1.0, "probe weight decay (-1 = protocol default: gcrl 1e-4, mae 0)")
+    warmup_epochs: float = arg(-1.0, "mae protocol warmup epochs (-1 = 10/90 of the epochs, MAE's 10 of 90)")
+    # knn
+    knn_k: int = arg(200, "neighbours of the weighted kNN (Wu et al. 2018; DINO / SimCLR monitors)")
+    knn_temperature: float = arg(0.07, "temperature of the kNN vote weights exp(cos / t)")
+    # layers
+    layers_probe: str = arg(
+        "linear",
+        "classifier of the per-block sweep: linear (iGPT's protocol) or knn (cheap)",
+        choices=["linear", "knn"],
+    )
+    # ood
+    ood_dataset: str = arg("svhn", "out-of-distribution test set (GCRL 4.3: SVHN and STL-10)")
+    ood_ridge: float = arg(1e-3, "ridge added to each class covariance, relative to the mean feature variance")
+    ood_grad: bool = arg(
+        True, "also the unsupervised -||d log p / d embeddings|| score when the method has a likelihood"
+    )
+    ood_grad_batch_size: int = arg(32, "batch of the likelihood-gradient score (a forward + backward pass)")
+    ood_max_images: int = arg(0, "likelihood-gradient score on the first N images of each test set (0 = all)")
+    # lowshot
+    lowshot_fractions: str = arg(
+        "0.01,0.05,0.1", "label fractions, comma-separated (GCRL Table 8: 1, 5 and 10 percent)"
+    )
+    seeds: str = arg("0,1,2,3,4", "low-shot seeds, comma-separated (GCRL Table 8: five seeds 0-4)")
+    # calibration
+    ece_bins: int = arg(15, "equal-width confidence bins of the ECE (Guo et al. 2017)")
+
+
+# ======================================================================================
+# Metrics: accuracy, calibration, ranking (by hand, no sklearn)
+# ======================================================================================
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """probs (N, C), labels (N,) -> top-1 accuracy."""
+    return (probs.argmax(1) == labels.to(probs.device)).double().mean().item()
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): confidence = max_c p_c, bins B_m = ((m-1)/M, m/M], m = 1..M;
+    ECE = sum_m |B_m|/N * |acc(B_m) - conf(B_m)| = sum_m |sum_{B_m} correct - sum_{B_m} conf| / N.
+    probs (N, C) rows summing to 1, labels (N,)."""
+    probs = probs.double()
+    conf, pred = probs.max(1)
+    correct = (pred == labels.to(probs.device)).double()
+    bins = (torch.ceil(conf * num_bins).long() - 1).clamp(0, num_bins - 1)
+    acc_sum = torch.zeros(num_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, correct)
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, conf)
+    return ((acc_sum - conf_sum).abs().sum() / max(1, probs.shape[0])).item()
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_bins: int) -> dict:
+    return {"acc": accuracy(probs, labels), "ece": expected_calibration_error(probs, labels, num_bins)}
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of x (N,) in ascending order; tied values share the average of their ranks."""
+    order = torch.argsort(x)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # last rank of each group of equal values
+    group_rank = ends - (counts.double() - 1) / 2  # mean of ranks end-count+1 .. end
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = group_rank[inverse]
+    return ranks
+
+
+def auroc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
+    """Area under the ROC curve = P(s_pos > s_neg) + P(s_pos = s_neg) / 2 over all (pos, neg) pairs, computed with
+    the Mann-Whitney rank sum: (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg), average ranks for ties."""
+    n_pos, n_neg = pos_scores.numel(), neg_scores.numel()
+    if n_pos == 0 or n_neg == 0:
+        raise ProbeError("AUROC needs at least one positive and one negative score")
+    ranks = average_ranks(torch.cat([pos_scores.flatten(), neg_scores.flatten()]).double())
+    return ((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def auprc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
+    """Area under the precision-recall curve as average precision: sweep the threshold t over the distinct scores
+    from high to low, predict positive for s >= t; AP = sum_k (recall_k - recall_{k-1}) * precision_k, recall_0 = 0.
+    Tied scores enter together (one threshold)."""
+    n_pos = pos_scores.numel()
+    if n_pos == 0 or neg_scores.numel() == 0:
+        raise ProbeError("AUPRC needs at least one positive and one negative score")
+    s = torch.cat([pos_scores.flatten(), neg_scores.flatten()]).double()
+    y = torch.cat([torch.ones(n_pos), torch.zeros(neg_scores.numel())]).double().to(s.device)
+    order = torch.argsort(s, descending=True)
+    s, y = s[order], y[order]
+    tp, fp = y.cumsum(0), (1 - y).cumsum(0)
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]  # the last element of each group of equal scores closes one threshold
+    tp, fp = tp[last], fp[last]
+    precision, recall = tp / (tp + fp), tp / n_pos
+    recall_prev = torch.cat([recall.new_zeros(1), recall[:-1]])
+    return ((recall - recall_prev) * precision).sum().item()
+
+
+# ======================================================================================
+# Class-conditional Gaussian OOD score (GCRL 4.3) and the likelihood-gradient score (GCRL Table 6)
+# ======================================================================================
+
+
+def fit_class_gaussians(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ridge: float):
+    """Per-class mean and covariance of training features (float64): Sigma_c = (1/n_c) sum (z - mu_c)(z - mu_c)^T
+    + ridge * mean_d(Var z_d) * I. Returns means (C, D), Cholesky factors (C, D, D) and log-determinants (C,)."""
+    x = feats.double()
+    labels = labels.to(x.device)
+    D = x.shape[1]
+    scale = x.var(0, unbiased=False).mean().clamp(min=1e-12)
+    means, chols, logdets = [], [], []
+    for c in range(num_classes):
+        xc = x[labels == c]
+        if xc.shape[0] == 0:
+            raise ProbeError(f"class {c} has no training features; the class-conditional Gaussian needs every class")
+        mu = xc.mean(0)
+        centered = xc - mu
+        cov = centered.T @ centered / xc.shape[0] + ridge * scale * torch.eye(D, dtype=x.dtype, device=x.device)
+        L = torch.linalg.cholesky(cov)
+        means.append(mu)
+        chols.append(L)
+        logdets.append(2 * L.diagonal().log().sum())
+    return torch.stack(means), torch.stack(chols), torch.stack(logdets)
+
+
+def gaussian_log_densities(feats: torch.Tensor, means: torch.Tensor, chols: torch.Tensor, logdets: torch.Tensor):
+    """log N(z | mu_c, Sigma_c) = -(D log 2pi + log det Sigma_c + (z - mu_c)^T Sigma_c^-1 (z - mu_c)) / 2 for every
+    feature and class: feats (N, D) -> (N, C) float64. The Mahalanobis term is ||L_c^-1 (z - mu_c)||^2."""
+    x = feats.double().to(means.device)
+    D = x.shape[1]
+    out = []
+    for mu, L, logdet in zip(means, chols, logdets):
+        sol = torch.linalg.solve_triangular(L, (x - mu).T, upper=False)  # (D, N)
+        out.append(-0.5 * (D * math.log(2 * math.pi) + logdet + sol.pow(2).sum(0)))
+    return torch.stack(out, dim=1)
+
+
+def class_gaussian_score(train_feats, train_labels, num_classes, feats, ridge) -> torch.Tensor:
+    """Supervised OOD score of GCRL 4.3: s(x) = max_c log N(z(x) | mu_c, Sigma_c) (the log of GCRL's max_c N(.),
+    same order). Higher = more in-distribution. -> (N,) float64."""
+    means, chols, logdets = fit_class_gaussians(train_feats, train_labels, num_classes, ridge)
+    return gaussian_log_densities(feats, means, chols, logdets).max(1).values
+
+
+def likelihood_gradient_scores(module, model, batches, max_images: int = 0) -> torch.Tensor:
+    """Unsupervised OOD score of GCRL Table 6: s(x) = -||d log p(x) / d token embeddings||_2 per image, through the
+    method's `log_likelihood(model, images) -> (log_px (B,), token_embeddings (B, L, D))` hook (module docstring).
+    batches yields (images, labels); at most max_images images (0 = all). -> (N,) float64 on the CPU."""
+    scores, seen = [], 0
+    for x, _ in batches:
+        if max_images and seen >= max_images:
+            break
+        if max_images:
+            x = x[: max_images - seen]
+        with torch.enable_grad():
+            log_px, emb = module.log_likelihood(model, x)
+            if not (torch.is_tensor(emb) and emb.requires_grad):
+                raise ProbeError(
+                    f"{module.__name__}.log_likelihood must return token embeddings that require grad (make the "
+                    f"embedding output a leaf with .detach().requires_grad_(); the model itself is frozen)"
+                )
+            if log_px.shape != (x.shape[0],):
+                raise ProbeError(
+                    f"{module.__name__}.log_likelihood must return log p(x) of shape (B,), got {tuple(log_px.shape)}"
+                )
+            (grad,) = torch.autograd.grad(log_px.double().sum(), emb)
+        scores.append(-grad.double().flatten(1).norm(dim=1).cpu())
+        seen += x.shape[0]
+    return torch.cat(scores)
+
+
+# ======================================================================================
+# Probes on cached features: linear (GCRL / MAE protocols), kNN, low-shot sampling
+# ======================================================================================
+
+
+@dataclass
+class LinearProtocol:
+    name: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    warmup_epochs: float
+    schedule: str
+
+    def describe(self) -> str:
+        if self.name == "gcrl":
+            return (
+                f"GCRL protocol (GCRL 4.2): Linear head, AdamW lr {self.lr:g} constant, wd {self.weight_decay:g}, "
+                f"batch {self.batch_size}, {self.epochs} epochs, no augmentation"
+            )
+        return (
+            f"MAE protocol (MAE main_linprobe.py): BatchNorm1d(affine=False) + Linear, LARS lr {self.lr:g}, "
+            f"wd {self.weight_decay:g}, batch {self.batch_size}, warmup {self.warmup_epochs:g} + cosine, "
+            f"{self.epochs} epochs"
+        )
+
+    def setting(self) -> dict:
+        return {
+            "linear_protocol": self.name,
+            "lr": self.lr,
+            "wd": self.weight_decay,
+            "batch": self.batch_size,
+            "epochs": self.epochs,
+        }
+
+
+def linear_protocol(args: Args, dataset: str) -> LinearProtocol:
+    """The linear-probe recipe chosen by --linear-protocol, with --epochs / --lr / --weight-decay overrides."""
+    if args.linear_protocol == "gcrl":
+        lr = args.lr or (0.1 if dataset in IMAGENET_LIKE else 0.01)  # GCRL 4.2: 0.01 CIFAR, 0.1 ImageNet
+        wd = 1e-4 if args.weight_decay < 0 else args.weight_decay  # GCRL 4.2
+        return LinearProtocol("gcrl", "adamw", lr, wd, args.batch_size, args.epochs or 100, 0.0, "constant")
+    if args.linear_protocol == "mae":
+        lr = args.lr or common.scaled_lr(0.1, args.batch_size)  # MAE main_linprobe.py: blr 0.1, lr = blr * bs / 256
+        wd = 0.0 if args.weight_decay < 0 else args.weight_decay  # MAE main_linprobe.py: weight_decay 0
+        epochs = args.epochs or 90  # MAE main_linprobe.py: 90 epochs
+        warmup = args.warmup_epochs if args.warmup_epochs >= 0 else 10 * epochs / 90  # MAE: 10 warmup of 90
+        return LinearProtocol("mae", "lars", lr, wd, args.batch_size, epochs, warmup, "cosine")
+    raise ProbeError(f"unknown --linear-protocol '{args.linear_protocol}'; use gcrl or mae")
+
+
+def build_linear_head(dim: int, num_classes: int, protocol: str) -> nn.Module:
+    """gcrl: nn.Linear (PyTorch default init). mae: BatchNorm1d(dim, affine=False, eps 1e-6) then Linear with
+    trunc_normal(std 0.01) weights and zero bias (MAE main_linprobe.py)."""
+    linear = nn.Linear(dim, num_classes)
+    if protocol == "gcrl":
+        return linear
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
+def fit_linear_probe(feats, labels, num_classes: int, proto: LinearProtocol, seed: int = 0) -> nn.Module:
+    """Train a linear head on fixed features (N, D) -> labels (N,) (no augmentation); returns it in eval mode.
+    The head's init and data order are seeded; the global RNG is left untouched."""
+    device = feats.device
+    feats, labels = feats.float(), labels.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = build_linear_head(feats.shape[1], num_classes, proto.name).to(device)
+    if proto.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(head.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
+    else:
+        optimizer = common.LARS(head.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
+    n = feats.shape[0]
+    B = min(proto.batch_size, n)
+    steps_per_epoch = n // B  # drop_last as MAE; a set smaller than one batch is one batch
+    total = steps_per_epoch * proto.epochs
+    warmup = round(proto.warmup_epochs * steps_per_epoch)
+    g = torch.Generator().manual_seed(seed)
+    head.train()
+    step = 0
+    for _ in range(proto.epochs):
+        perm = torch.randperm(n, generator=g)[: steps_per_epoch * B].to(device)
+        for idx in perm.view(steps_per_epoch, B):
+            if proto.schedule == "cosine":
+                common.set_lr(optimizer, common.cosine_lr(step, total, warmup, proto.lr))
+            loss = F.cross_entropy(head(feats[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head.eval()
+
+
+@torch.no_grad()
+def predict_proba(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> softmax class probabilities (N, C) float32."""
+    return torch.cat([F.softmax(head(x.float()).float(), dim=1) for x in feats.split(65536)])
+
+
+def linear_eval(train, test, num_classes, proto, seed, num_bins) -> dict:
+    """Fit the linear probe on train=(feats, labels), report test accuracy and ECE."""
+    head = fit_linear_probe(train[0], train[1], num_classes, proto, seed)
+    return classification_metrics(predict_proba(head, test[0]), test[1], num_bins)
+
+
+def knn_eval(train, test, num_classes, k, temperature, num_bins) -> dict:
+    """Weighted kNN (common.knn_predict); probabilities = votes normalized to sum to 1 per test image."""
+    chunk = max(16, min(1024, 2**27 // max(1, train[0].shape[0])))  # bound the (chunk, N_train) similarity block
+    votes = common.knn_predict(train[0], train[1], test[0], num_classes, k, temperature, chunk).double()
+    probs = votes / votes.sum(1, keepdim=True).clamp(min=1e-300)
+    return classification_metrics(probs, test[1], num_bins)
+
+
+def lowshot_indices(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Class-balanced subset: round(fraction * N / C) images of every class (all of a class when it has fewer),
+    drawn without replacement by a generator seeded with `seed`. 1% of CIFAR-10 = 50 per class = 500 labels
+    (GCRL Table 8). Returns sorted indices into labels."""
+    labels = labels.cpu()
+    per_class = max(1, round(fraction * labels.numel() / num_classes))
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        picked.append(idx[torch.randperm(idx.numel(), generator=g)[:per_class]])
+    return torch.cat(picked).sort().values
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+# ======================================================================================
+# Model: rebuild from a checkpoint, freeze
+# ======================================================================================
+
+
+def available_methods() -> list[str]:
+    """Method files next to this script (those defining build_model)."""
+    names = []
+    for f in sorted(os.listdir(HERE)):
+        if f.endswith(".py") and f not in ("common.py", "eval_probe.py"):
+            with open(os.path.join(HERE, f), errors="replace") as fh:
+                if "def build_model(" in fh.read():
+                    names.append(f[:-3])
+    return names
+
+
+def import_method(name) -> object:
+    """Import the method file `<name>.py` (next to this script, or anywhere on sys.path) and check that it exposes
+    the interface eval_probe consumes."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ProbeError(f"checkpoint names method {name!r}, which is not a method file name")
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    if importlib.util.find_spec(name) is None:
+        known = ", ".join(available_methods()) or "none found"
+        raise ProbeError(f"unknown method '{name}': no {name}.py next to eval_probe.py (method files: {known})")
+    module = importlib.import_module(name)
+    missing = [f for f in ("Args", "build_model", "features", "num_feature_layers") if not hasattr(module, f)]
+    if missing:
+        raise ProbeError(
+            f"{name} does not expose {', '.join(missing)}: not a method file with the eval interface "
+            f"(METHOD_TEMPLATE.md item 8: Args, build_model, features, num_feature_layers)"
+        )
+    return module
+
+
+def read_checkpoint(path: str) -> dict:
+    """common.load_checkpoint with a clear error for files that torch cannot read at all."""
+    if not path:
+        raise ProbeError("--ckpt is required (a checkpoint.pt written by a method script)")
+    if not os.path.isfile(path):
+        raise ProbeError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = common.load_checkpoint(path)
+    except ValueError as e:
+        raise ProbeError(str(e)) from e
+    except Exception as e:  # torch.load on a file that is not a torch archive (pickle / zip errors)
+        raise ProbeError(f"{path} is not a checkpoint of this repository (torch.load failed: {e})") from e
+    if not isinstance(ckpt.get("args"), dict) or not isinstance(ckpt["model"], dict):
+        raise ProbeError(f"{path} is not a checkpoint of this repository ('args' / 'model' are not dicts)")
+    return ckpt
+
+
+def method_args(module, ckpt_args: dict):
+    """module.Args(**ckpt["args"]) with a clear error when the checkpoint's fields do not match the method's Args."""
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    unknown = sorted(set(ckpt_args) - fields)
+    if unknown:
+        raise ProbeError(
+            f"the checkpoint's args have fields that {module.__name__}.Args does not know: {unknown} "
+            f"(written by another version of {module.__name__}.py?)"
+        )
+    return module.Args(**ckpt_args)
+
+
+def check_state_dict(model: nn.Module, state: dict, where: str) -> None:
+    """Raise a ProbeError naming the missing, unexpected and mis-shaped keys when `state` does not fit `model`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def show(keys):
+        return ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+
+    parts = [
+        f"{name}: {show(keys)}"
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if keys
+    ]
+    hint = ""
+    if any(k.startswith(("module.", "_orig_mod.")) for k in unexpected):
+        hint = " (keys carry a DDP/compile prefix: save the unwrapped model, common.unwrap)"
+    raise ProbeError(
+        f"{where}: the checkpoint's state_dict does not match the rebuilt model; " + "; ".join(parts) + hint
+    )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No parameter receives a gradient and the model stays in eval mode (BatchNorm uses its running statistics and
+    never updates them; dropout is off): probing never changes the backbone."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(ckpt_path: str, untrained: bool = False, seed: int = 0, device="cpu"):
+    """Rebuild the checkpoint's model: (module, method Args, model frozen on device, checkpoint dict).
+    untrained=True: fresh parameters and BatchNorm statistics from build_model (seeded); other buffers (e.g. a
+    color palette fitted to the data) still come from the checkpoint."""
+    ckpt = read_checkpoint(ckpt_path)
+    module = import_method(ckpt["method"])
+    args = method_args(module, ckpt["args"])
+    with torch.random.fork_rng(devices=[]):
+        common.seed_everything(seed)
+        model = module.build_model(args)
+    where = f"{ckpt_path} ({ckpt['method']}.build_model)"
+    check_state_dict(model, ckpt["model"], where)
+    if untrained:
+        bn_stats = ("running_mean", "running_var", "num_batches_tracked")
+        params = {name for name, _ in model.named_parameters()}
+        keep = {k: v for k, v in ckpt["model"].items() if k not in params and not k.endswith(bn_stats)}
+        model.load_state_dict(keep, strict=False)
+    else:
+        model.load_state_dict(ckpt["model"])
+    return module, args, freeze(model.to(device)), ckpt
+
+
+# ======================================================================================
+# Features: extraction (frozen, no grad) and the on-disk cache
+# ======================================================================================
+
+
+def call_features(module, model, images, layer: int | None, pool: str):
+    """module.features(model, images, layer[, pool]); pool only when set and accepted by the method."""
+    if pool and "pool" in inspect.signature(module.features).parameters:
+        return module.features(model, images, layer=layer, pool=pool)
+    return module.features(model, images, layer=layer)
+
+
+def accepts_pool(module) -> bool:
+    return "pool" in inspect.signature(module.features).parameters
+
+
+@torch.no_grad()
+def extract_features(module, model, batches, layer: int | None = None, pool: str = "", amp: bool = False):
+    """Frozen features of every batch: batches yields (images float (B, 3, S, S) in [0, 1] on the model's device,
+    labels (B,)). Returns (feats (N, D) float32 CPU, labels (N,) int64 CPU). The model must already be frozen."""
+    if model.training or any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError("extract_features needs a frozen model (eval mode, requires_grad False): see freeze()")
+    feats, labels = [], []
+    for x, y in batches:
+        with common.autocast(x.device, enabled=amp and x.device.type == "cuda"):
+            f = call_features(module, model, x, layer, pool)
+        if f.ndim != 2 or f.shape[0] != x.shape[0]:
+            raise ProbeError(
+                f"{module.__name__}.features returned shape {tuple(f.shape)} for {x.shape[0]} images; expected (B, D)"
+            )
+        feats.append(f.float().cpu())
+        labels.append(y.cpu().long())
+    if not feats:
+        raise ProbeError("no images to extract features from (empty dataset)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cache_file(cache_dir: str, ident: dict) -> str:
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    layer = "std" if ident["layer"] is None else f"block{ident['layer']}"
+    weights = "untrained" if ident["untrained"] else "trained"
+    return os.path.join(
+        cache_dir, f"{ident['dataset']}_{ident['split']}_{layer}_{ident['pool'] or 'default'}_{weights}_{digest}.pt"
+    )
+
+
+def cached_features(path: str | None, ident: dict, compute):
+    """Load (feats, labels, num_classes) from `path` when its stored identity matches, else compute() and store it
+    (atomic write). path None = no cache."""
+    if path is not None and os.path.exists(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("ident") == json.dumps(ident, sort_keys=True):
+                return blob["feats"], blob["labels"], int(blob["num_classes"])
+        except Exception as e:  # a truncated / foreign file is recomputed, not trusted
+            print(f"ignoring unreadable feature cache {path}: {e}")
+    feats, labels, num_classes = compute()
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        blob = {
+            "ident": json.dumps(ident, sort_keys=True),
+            "feats": feats,
+            "labels": labels,
+            "num_classes": num_classes,
+        }
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    return feats, labels, num_classes
+
+
+class FeatureStore:
+    """Features of (dataset, split, layer, pool) for one frozen model, computed once and cached on disk next to the
+    checkpoint. The cache key holds the checkpoint's absolute path, mtime and size (a new checkpoint invalidates it),
+    the weights (trained / untrained + seed), dataset, data root, synthetic size, image size, split, layer and pool;
+    datasets are only read on a cache miss."""
+
+    def __init__(self, module, model, ckpt_path: str, args: Args, data_defaults: dict, device):
+        self.module, self.model, self.args, self.device = module, model, args, device
+        self.data = data_defaults  # dataset, data_root, image_size, synthetic_size
+        st = os.stat(ckpt_path)
+        self.ckpt_ident = {"ckpt": os.path.abspath(ckpt_path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+        self.cache_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "feature_cache")
+        self.datasets: dict = {}
+        self.memory: dict = {}
+        self.extracted = 0  # number of (split, layer) extractions that missed the cache (tests use it)
+
+    def dataset(self, name: str, split: str):
+        key = (name, split)
+        if key not in self.datasets:
+            kw = {}
+            if name == "synthetic" and self.data["synthetic_size"]:
+                kw["synthetic_size"] = self.data["synthetic_size"]
+            self.datasets[key] = common.build_dataset(
+                name,
+                root=self.data["data_root"],
+                train=split == "train",
+                download=self.args.download,
+                image_size=self.data["image_size"],
+                **kw,
+            )
+        return self.datasets[key]
+
+    def batches(self, name: str, split: str, batch_size: int):
+        return common.eval_batches(
+            self.dataset(name, split),
+            self.data["image_size"],
+            batch_size,
+            self.device,
+            num_workers=self.args.num_workers,
+        )
+
+    def get(self, name: str, split: str, layer: int | None, pool: str, keep: bool = True):
+        """(feats (N, D) float32, labels (N,), num_classes) on the probe device. keep=False: not held in memory
+        after the call (the per-block sweep would otherwise hold every block's features at once)."""
+        pool = pool if accepts_pool(self.module) else ""
+        ident = {
+            **self.ckpt_ident,
+            "untrained": self.args.untrained,
+            "seed": self.args.seed if self.args.untrained else None,
+            "dataset": name,
+            "data_root": os.path.abspath(self.data["data_root"]),
+            "synthetic_size": self.data["synthetic_size"] if name == "synthetic" else 0,
+            "image_size": self.data["image_size"],
+            "split": split,
+            "layer": layer,
+            "pool": pool,
+        }
+        mkey = json.dumps(ident, sort_keys=True)
+        if mkey not in self.memory:
+
+            def compute():
+                self.extracted += 1
+                ds = self.dataset(name, split)
+                feats, labels = extract_features(
+                    self.module,
+                    self.model,
+                    self.batches(name, split, self.args.extract_batch_size),
+                    layer,
+                    pool,
+                    self.args.amp,
+                )
+                num_classes = getattr(ds, "num_classes", None) or int(labels.max()) + 1
+                return feats, labels, int(num_classes)
+
+            path = cache_file(self.cache_dir, ident) if self.args.cache else None
+            feats, labels, num_classes = cached_features(path, ident, compute)
+            out = (feats.to(self.device), labels.to(self.device), num_classes)
+            if not keep:
+                return out
+            self.memory[mkey] = out
+        return self.memory[mkey]
+
+
+# ======================================================================================
+# Protocols (each returns one result row: setting + metrics)
+# ======================================================================================
+
+
+def run_linear(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
+    tr_x, tr_y, C = store.get(name, "train", layer, pool)
+    te_x, te_y, _ = store.get(name, "test", layer, pool)
+    proto = linear_protocol(args, name)
+    print(f"linear probe: {proto.describe()}")
+    metrics = linear_eval((tr_x, tr_y), (te_x, te_y), C, proto, args.seed, args.ece_bins)
+    return {"protocol": "linear", "setting": proto.setting(), "metrics": metrics}
+
+
+def run_knn(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
+    tr_x, tr_y, C = store.get(name, "train", layer, pool)
+    te_x, te_y, _ = store.get(name, "test", layer, pool)
+    print(f"kNN: k {args.knn_k}, temperature {args.knn_temperature:g}, cosine, vote-weighted (Wu et al. 2018)")
+    metrics = knn_eval((tr_x, tr_y), (te_x, te_y), C, args.knn_k, args.knn_temperature, args.ece_bins)
+    return {"protocol": "knn", "setting": {"k": args.knn_k, "temperature": args.knn_temperature}, "metrics": metrics}
+
+
+def run_layers(store: FeatureStore, args: Args, name: str, pool) -> dict:
+    depth = int(store.module.num_feature_layers(store.model))
+    proto = linear_protocol(args, name)
+    how = proto.describe() if args.layers_probe == "linear" else f"kNN k {args.knn_k}"
+    print(f"layers: probing the output of each of {depth} blocks with {how}")
+    metrics, best = {}, None
+    for layer in range(depth):
+        tr_x, tr_y, C = store.get(name, "train", layer, pool, keep=False)
+        te_x, te_y, _ = store.get(name, "test", layer, pool, keep=False)
+        if args.layers_probe == "linear":
+            m = linear_eval((tr_x, tr_y), (te_x, te_y), C, proto, args.seed, args.ece_bins)
+        else:
+            m = knn_eval((tr_x, tr_y), (te_x, te_y), C, args.knn_k, args.knn_temperature, args.ece_bins)
+        metrics[f"block{layer}/acc"], metrics[f"block{layer}/ece"] = m["acc"], m["ece"]
+        print(f"  block {layer}: acc {m['acc']:.4f}  ece {m['ece']:.4f}")
+        if best is None or m["acc"] > metrics[f"block{best}/acc"]:
+            best = layer
+    metrics.update(
+        {"best_block": best, "best/acc": metrics[f"block{best}/acc"], "best/ece": metrics[f"block{best}/ece"]}
+    )
+    setting = {"probe": args.layers_probe, "blocks": depth}
+    if args.layers_probe == "linear":
+        setting.update(proto.setting())
+    return {"protocol": "layers", "setting": setting, "metrics": metrics}
+
+
+def run_ood(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
+    tr_x, tr_y, C = store.get(name, "train", layer, pool)
+    in_x, _, _ = store.get(name, "test", layer, pool)
+    out_x, _, _ = store.get(args.ood_dataset, "test", layer, pool)
+    print(
+        f"ood: {name} test (in, positive) vs {args.ood_dataset} test (out); class-conditional Gaussian score "
+        f"max_c log N(z | mu_c, Sigma_c), ridge {args.ood_ridge:g} (GCRL 4.3)"
+    )
+    gaussians = fit_class_gaussians(tr_x, tr_y, C, args.ood_ridge)
+    s_in = gaussian_log_densities(in_x, *gaussians).max(1).values
+    s_out = gaussian_log_densities(out_x, *gaussians).max(1).values
+    metrics = {"sup/auroc": auroc(s_in, s_out), "sup/auprc": auprc(s_in, s_out)}
+    if args.ood_grad and hasattr(store.module, "log_likelihood"):
+        print("ood: unsupervised score -||d log p(x) / d token embeddings||_2 (GCRL Table 6)")
+        bs, cap = args.ood_grad_batch_size, args.ood_max_images
+        g_in = likelihood_gradient_scores(store.module, store.model, store.batches(name, "test", bs), cap)
+        g_out = likelihood_gradient_scores(store.module, store.model, store.batches(args.ood_dataset, "test", bs), cap)
+        metrics.update({"unsup/auroc": auroc(g_in, g_out), "unsup/auprc": auprc(g_in, g_out)})
+    elif args.ood_grad:
+        print(f"ood: {store.module.__name__} has no log_likelihood hook (no density): supervised score only")
+    setting = {"ood_dataset": args.ood_dataset, "ridge": args.ood_ridge, "n_in": in_x.shape[0], "n_out": out_x.shape[0]}
+    return {"protocol": "ood", "setting": setting, "metrics": metrics}
+
+
+def run_lowshot(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
+    tr_x, tr_y, C = store.get(name, "train", layer, pool)
+    te_x, te_y, _ = store.get(name, "test", layer, pool)
+    proto = linear_protocol(args, name)
+    fractions, seeds = parse_floats(args.lowshot_fractions), parse_ints(args.seeds)
+    print(f"lowshot: fractions {fractions}, seeds {seeds}, class balanced; linear probe: {proto.describe()}")
+    metrics = {}
+    for frac in fractions:
+        accs, eces = [], []
+        for seed in seeds:
+            idx = lowshot_indices(tr_y, frac, C, seed).to(tr_x.device)
+            m = linear_eval((tr_x[idx], tr_y[idx]), (te_x, te_y), C, proto, seed, args.ece_bins)
+            accs.append(m["acc"])
+            eces.append(m["ece"])
+        key = f"{frac:g}"
+        (metrics[f"{key}/acc_mean"], metrics[f"{key}/acc_std"]) = mean_std(accs)
+        (metrics[f"{key}/ece_mean"], metrics[f"{key}/ece_std"]) = mean_std(eces)
+        metrics[f"{key}/labels"] = int(idx.numel())
+        print(
+            f"  {frac:.0%} ({idx.numel()} labels): acc {metrics[f'{key}/acc_mean']:.4f} +- "
+            f"{metrics[f'{key}/acc_std']:.4f}  ece {metrics[f'{key}/ece_mean']:.4f} +- {metrics[f'{key}/ece_std']:.4f}"
+        )
+    return {"protocol": "lowshot", "setting": {**proto.setting(), "seeds": seeds}, "metrics": metrics}
+
+
+# ======================================================================================
+# Results: eval_results.jsonl / .csv next to the checkpoint, printed table
+# ======================================================================================
+
+
+def parse_ints(s: str) -> list[int]:
+    try:
+        return [int(v) for v in re.split(r"[,\s]+", str(s).strip()) if v]
+    except ValueError as e:
+        raise ProbeError(f"expected comma-separated integers, got '{s}'") from e
+
+
+def parse_floats(s: str) -> list[float]:
+    try:
+        return [float(v) for v in re.split(r"[,\s]+", str(s).strip()) if v]
+    except ValueError as e:
+        raise ProbeError(f"expected comma-separated numbers, got '{s}'") from e
+
+
+def parse_protocols(s: str) -> list[str]:
+    names = [p for p in re.split(r"[,\s]+", s.strip()) if p]
+    if names == ["all"]:
+        return list(PROTOCOLS)
+    unknown = [p for p in names if p not in PROTOCOLS]
+    if unknown or not names:
+        raise ProbeError(f"unknown protocol(s) {unknown or s!r}; choose from {', '.join(PROTOCOLS)} or all")
+    return names
+
+
+CSV_FIELDS = ["date", "checkpoint", "method", "weights", "step", "dataset", "protocol", "setting", "metric", "value"]
+
+
+def append_results(out_dir: str, rows: list[dict]) -> None:
+    """Append one JSON object per protocol run to eval_results.jsonl and one CSV row per metric to eval_results.csv
+    (long format, so runs with different metrics share one header)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval_results.jsonl"), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    path = os.path.join(out_dir, "eval_results.csv")
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            setting = ";".join(f"{k}={v}" for k, v in row["setting"].items())
+            for metric, value in row["metrics"].items():
+                writer.writerow(
+                    {**{k: row[k] for k in CSV_FIELDS[:7]}, "setting": setting, "metric": metric, "value": value}
+                )
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per metric: protocol, metric, value, and the protocol's setting on its first line."""
+    lines = [f"{'protocol':<9} {'metric':<16} {'value':>8}   setting"]
+    for row in rows:
+        setting = " ".join(f"{k}={v}" for k, v in row["setting"].items())
+        for i, (metric, value) in enumerate(row["metrics"].items()):
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            first = i == 0
+            line = f"{row['protocol'] if first else '':<9} {metric:<16} {shown:>8}   {setting if first else ''}"
+            lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+# ======================================================================================
+# main
+# ======================================================================================
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the chosen protocols on one checkpoint; returns the result rows (also appended to eval_results.*)."""
+    args = common.parse_args(Args, argv)
+    protocols = parse_protocols(args.protocols)
+    info = common.setup_distributed(args.device)
+    device = info.device
+    module, margs, model, ckpt = load_model(args.ckpt, args.untrained, args.seed, device)
+    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
+
+    ck = ckpt["args"]
+    data = {
+        "dataset": args.dataset or ck.get("dataset") or "",
+        "data_root": args.data_root or ck.get("data_root") or "data",
+        "image_size": args.image_size or ck.get("image_size") or 0,
+        "synthetic_size": args.synthetic_size or ck.get("synthetic_size") or 0,
+    }
+    if not data["dataset"]:
+        raise ProbeError("the checkpoint's args name no dataset: pass --dataset")
+    if not data["image_size"]:
+        raise ProbeError("the checkpoint's args name no image_size: pass --image-size")
+    layer = None if args.layer < 0 else args.layer
+    pool = "" if args.pool == "auto" else args.pool
+    if layer is not None and layer >= module.num_feature_layers(model):
+        raise ProbeError(f"--layer {layer}: {ckpt['method']} has {module.num_feature_layers(model)} blocks (0-based)")
+    if pool and not accepts_pool(module):
+        print(f"note: {ckpt['method']}.features takes no `pool` argument; --pool {pool} is ignored")
+
+    weights = "untrained" if args.untrained else "trained"
+    print(
+        f"{ckpt['method']} checkpoint {args.ckpt} (step {ckpt.get('step')}, {weights} weights) on {device}; "
+        f"probing {data['dataset']} at {data['image_size']} px, features: "
+        f"{'standard' if layer is None else f'block {layer}'}, pool {args.pool}"
+    )
+    store = FeatureStore(module, model, args.ckpt, args, data, device)
+    name = data["dataset"]
+    rows = []
+    for protocol in protocols:
+        if protocol == "linear":
+            row = run_linear(store, args, name, layer, pool)
+        elif protocol == "knn":
+            row = run_knn(store, args, name, layer, pool)
+        elif protocol == "layers":
+            row = run_layers(store, args, name, pool)
+        elif protocol == "ood":
+            row = run_ood(store, args, name, layer, pool)
+        else:
+            row = run_lowshot(store, args, name, layer, pool)
+        if protocol != "layers":
+            row["setting"] = {"layer": "std" if layer is None else layer, "pool": args.pool, **row["setting"]}
+        rows.append(
+            {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "checkpoint": os.path.abspath(args.ckpt),
+                "method": ckpt["method"],
+                "weights": weights,
+                "step": ckpt.get("step"),
+                "dataset": name,
+                **row,
+            }
+        )
+    out_dir = args.output_dir or ckpt_dir
+    append_results(out_dir, rows)
+    print(
+        f"\n{ckpt['method']} ({weights}, step {ckpt.get('step')}) on {name}; results appended to "
+        f"{os.path.join(out_dir, 'eval_results.jsonl')} / .csv"
+    )
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ProbeError, FileNotFoundError) as e:
+        sys.exit(f"eval_probe.py: error: {e}")
