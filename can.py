@@ -669,7 +669,10 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, PRESETS)
-    check_args(args)
+    try:
+        check_args(args)
+    except ValueError as e:  # a one-line message, not a stack trace
+        raise SystemExit(f"can.py: error: {e}") from None
     if args.flops_report:
         return flops_report(args)
     # --- boilerplate: FLOPs (on the meta device, before any process group exists), ranks, seeds, run folder
@@ -677,13 +680,16 @@ def main(argv: list[str] | None = None) -> dict:
     info = setup_distributed(args.device)
     dev = info.device
     seed_everything(args.seed + info.rank)
-    per_rank = batch_per_rank(args.batch_size, info.world_size)
+    try:
+        per_rank = batch_per_rank(args.batch_size, info.world_size)
+        train_set, test_set = load_split(args, train=True), load_split(args, train=False)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"can.py: error: {e}") from None
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
     logger = RunLogger(run_dir, args, info.is_main)
     print0(f"CAN training step: {flops_per_image / 1e9:.2f} GFLOPs per image (forward + backward, both views)")
 
-    # --- data: two SimCLR views per image; held-out split for the kNN monitor and the pictures
-    train_set, test_set = load_split(args, train=True), load_split(args, train=False)
+    # --- data: two SimCLR views per image (splits loaded above); held-out split for the kNN monitor and the pictures
     batches = TrainBatches(
         train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
         num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),

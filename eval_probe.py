@@ -32,7 +32,7 @@ appended to <ckpt dir>/eval_results.jsonl (one JSON object per protocol run: che
 setting, metrics, date) and eval_results.csv (one row per metric), and printed as a table. `--untrained` evaluates
 the same architecture freshly initialized from the checkpoint's args: the "vs untrained" baseline.
 
-Interface of a method file (METHOD_TEMPLATE.md item 8) that this script consumes:
+Interface of a method file (README, "Method files") that this script consumes:
   build_model(args) -> nn.Module                                 rebuilt from Args(**ckpt["args"]) alone
   features(model, images, layer=None[, pool=...]) -> (B, D)      images float (B, 3, S, S) in [0, 1]; layer=None is
                                                                  the method's standard representation, layer=i the
@@ -477,7 +477,7 @@ def import_method(name) -> object:
     if missing:
         raise ProbeError(
             f"{name} does not expose {', '.join(missing)}: not a method file with the eval interface "
-            f"(METHOD_TEMPLATE.md item 8: Args, build_model, features, num_feature_layers)"
+            f"(the method-file interface of the README: Args, build_model, features, num_feature_layers)"
         )
     return module
 

@@ -501,17 +501,23 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, PRESETS)
-    check_args(args)
+    try:
+        check_args(args)
+    except ValueError as e:  # a one-line message, not a stack trace
+        raise SystemExit(f"simclr.py: error: {e}") from None
     # --- boilerplate: FLOPs (on the meta device, before any process group exists), ranks, seeds, run folder
     flops_per_image = training_step_flops(args)
     info = setup_distributed(args.device)
     dev = info.device
     seed_everything(args.seed + info.rank)
-    per_rank = batch_per_rank(args.batch_size, info.world_size)
+    try:
+        per_rank = batch_per_rank(args.batch_size, info.world_size)
+        train_set, test_set = load_split(args, train=True), load_split(args, train=False)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"simclr.py: error: {e}") from None
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
 
     # --- data: two SimCLR views per image; the held-out split for the monitors
-    train_set, test_set = load_split(args, train=True), load_split(args, train=False)
     if args.online_linear and args.num_classes == 0:
         args.num_classes = int(train_set.num_classes)  # saved in args.json / the checkpoint: build_model needs it
     batches = TrainBatches(

@@ -29,8 +29,15 @@ def run_script(args: list[str], cwd: str, timeout: int = 300, torchrun: int = 0)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     script = os.path.join(ROOT, args[0])
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               f"--master_port={free_port()}", script, *args[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={torchrun}",
+            f"--master_port={free_port()}",
+            script,
+            *args[1:],
+        ]
     else:
         cmd = [sys.executable, script, *args[1:]]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

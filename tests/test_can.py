@@ -307,6 +307,9 @@ def test_presets_and_bad_inputs(capsys):
         can.batch_per_rank(10, 4)
     with pytest.raises(ValueError, match="not divisible by --patch-size"):
         can.check_args(tiny_args("--image-size", "18"))
+    with pytest.raises(SystemExit) as bad:  # from the command line: one line naming the flag, no stack trace
+        can.main([*TINY, "--image-size", "18", "--output-dir", "unused"])
+    assert str(bad.value.code).startswith("can.py: error: --image-size 18 is not divisible by --patch-size")
     with pytest.raises(ValueError, match="mask-ratio"):
         can.check_args(tiny_args("--mask-ratio", "0"))
 
@@ -341,7 +344,8 @@ def test_end_to_end_tiny_run_writes_the_run_folder(tmp_path):
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-    common_args = TINY[:2] + ["--output-dir", str(tmp_path), "--log-every", "2"]  # amp on: bf16 on CPU is deterministic
+    # amp on (bf16 where the CPU runs it natively)
+    common_args = TINY[:2] + ["--output-dir", str(tmp_path), "--log-every", "2"]
     can.main(common_args + ["--run-name", "straight", "--steps", "4"])
     can.main(common_args + ["--run-name", "resumed", "--steps", "2"])
     final = can.main(common_args + ["--run-name", "resumed", "--steps", "4"])

@@ -173,7 +173,9 @@ def test_quantizer_round_trip_and_format(tmp_path):
     assert tokens.shape == (2, 6) and tokens.dtype == torch.int64
     assert torch.equal(q.decode(tokens, 2, 3), img)  # decode(encode(decoded)) is the identity
     # decode is rint(127.5 * (c + 1))
-    assert q.decode(torch.tensor([[7]]), 1, 1).flatten().tolist() == [round(127.5 * (v + 1)) for v in centers[7].tolist()]
+    assert q.decode(torch.tensor([[7]]), 1, 1).flatten().tolist() == [
+        round(127.5 * (v + 1)) for v in centers[7].tolist()
+    ]
     # raster order: token index i*W + j is pixel (i, j)
     x = torch.zeros(1, 3, 2, 3, dtype=torch.uint8)
     x[0, :, 1, 2] = 255

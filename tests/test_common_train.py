@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import run_distributed
 
 import common
-from conftest import run_distributed
 
 
 # ---------------------------------------------------------------- distributed gather and NT-Xent
@@ -211,7 +211,9 @@ PRESETS = {"arch": {"vit_large": {"lr": 5e-4, "warmup": 40}}}
 def test_parse_args_types_presets_and_explicit_values():
     a = common.parse_args(DemoArgs, [], PRESETS)
     assert a == DemoArgs()
-    a = common.parse_args(DemoArgs, ["--arch", "vit_large", "--warmup", "5", "--no-amp", "--betas", "0.8", "0.9"], PRESETS)
+    a = common.parse_args(
+        DemoArgs, ["--arch", "vit_large", "--warmup", "5", "--no-amp", "--betas", "0.8", "0.9"], PRESETS
+    )
     assert (a.lr, a.warmup, a.amp, a.betas) == (5e-4, 5, False, (0.8, 0.9))  # explicit beats preset
     assert common.parse_args(DemoArgs, ["--palette", "p.npy"]).palette == "p.npy"
 
@@ -252,3 +254,15 @@ def test_flop_count_of_a_linear_layer():
     lin = torch.nn.Linear(16, 8, bias=False)
     assert common.count_flops(lin, torch.randn(4, 16)) == 2 * 4 * 16 * 8
     assert common.mfu(1e9, 100.0, "cpu") is None
+
+
+def test_autocast_is_bf16_only_where_the_hardware_runs_it_natively():
+    """--amp means bf16 where it is fast: on an AVX2-only CPU bf16 matmuls are emulated (tens of times slower than
+    fp32), so common.autocast leaves such a CPU in fp32; with enabled=False it never casts."""
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with common.autocast("cpu"):
+        y = a @ b
+    assert y.dtype == (torch.bfloat16 if common.bf16_is_fast("cpu") else torch.float32)
+    with common.autocast("cpu", enabled=False):
+        assert (a @ b).dtype == torch.float32
+    assert common.bf16_is_fast("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

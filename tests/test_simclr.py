@@ -280,6 +280,9 @@ def test_presets_and_bad_inputs(capsys):
         simclr.batch_per_rank(10, 4)
     with pytest.raises(ValueError, match="not divisible by --patch-size"):
         simclr.check_args(tiny_args("--image-size", "30"))
+    with pytest.raises(SystemExit) as bad:  # from the command line: one line naming the flag, no stack trace
+        simclr.main([*TINY, "--image-size", "30", "--output-dir", "unused"])
+    assert str(bad.value.code).startswith("simclr.py: error: --image-size 30 is not divisible by --patch-size")
 
 
 # ---------------------------------------------------------------- end to end
