@@ -1,0 +1,753 @@
+"""iGPT: generative pretraining from pixels (Chen, Radford, Child, Wu, Jun, Luan, Sutskever, ICML 2020; no arXiv
+version), as the generative baseline of GCRL (Kim, Kim, Lee 2021, arXiv:2106.06162), whose recipe and axial attention
+block this file follows.
+
+What is implemented (SPEC sections 1.2-1.4 and 4):
+  * a 512-color palette (iGPT): k-means on training pixels at startup, fitted once on rank 0 and broadcast to every
+    rank (so all ranks quantize with the same palette, whatever the GPU's k-means arithmetic does) and cached as
+    <run>/palette.npy, which a later run in the same folder reuses; or --palette PATH, a (K, 3) .npy in [-1, 1] such as
+    iGPT's released kmeans_centers.npy (GCRL 3.2 uses that codebook). Images -> K-color tokens in raster order
+    (common.ColorQuantizer, nearest center in RGB scaled by x / 127.5 - 1): a 32x32 image is a sequence of 1024;
+  * the token transformer: token embedding + learned SOS + learned 2D (row + column) positions (common.PixelEmbedding,
+    GCRL 3.2), pre-LN blocks (GCRL eq. 4, common.Block) with dense causal attention or GCRL's axial attention (Appendix
+    Algorithm 1, common.AxialAttention; one set of attention weights used three times), final LayerNorm, untied head;
+  * the autoregressive objective over ALL n tokens: input [SOS, t_0 .. t_{n-2}], targets t_0 .. t_{n-1}, loss = mean
+    negative log-likelihood per token (iGPT ref code); or --objective bert: 15% of the tokens masked (their embeddings
+    zeroed, no SOS shift, no causal mask), loss on the masked tokens only (iGPT ref code);
+  * bits per palette token = mean NLL / ln 2 on the training (un-augmented) and test images: eval/train_bits_per_token,
+    eval/test_bits_per_token. This is GCRL's "bpd on the color-quantized space" (SPEC 1.4, GCRL footnote 2): bits per
+    token over the 9-bit palette, NOT comparable to the 8-bit bits/dim of PixelCNN-style papers. A uniform model
+    scores log2(512) = 9 bits; the untrained model is exactly that (zero-initialized head, iGPT ref code);
+  * samples: autoregressive sampling with a softmax temperature (GCRL Figs 6-8: 1.0, 0.99, 0.98), decoded through the
+    palette into a PNG grid at every evaluation, or from a checkpoint with --sample-only --ckpt PATH;
+  * features(model, images, layer) for eval_probe.py: average-pooled, layer-normalized activations of any block;
+    log_likelihood(model, images) for eval_probe.py's unsupervised OOD score (GCRL Table 6).
+
+Launch:
+    python igpt.py --preset tiny --epochs 1                        # CPU smoke run (synthetic shapes at 8x8)
+    python igpt.py                                                 # CIFAR-10, iGPT 10M axial (GCRL Table 3)
+    python igpt.py --attention dense                               # the dense baseline of GCRL Table 11
+    python igpt.py --palette kmeans_centers.npy                    # iGPT's released palette (as GCRL did)
+    torchrun --nproc_per_node 8 igpt.py --preset imagenet32        # ImageNet32 (GCRL Table 3), data/imagenet32
+    torchrun --nproc_per_node 8 igpt.py --preset imagenet32_76m    # iGPT 76M (24 x 512) on ImageNet32
+    python igpt.py --sample-only --ckpt runs/<run>/checkpoint.pt --temperature 0.99 --num-samples 64
+
+Deviations from the paper / reference code (openai/image-gpt), and why:
+  * LayerNorm (GCRL eq. 4) instead of iGPT's RMS-style norm without mean subtraction; exact GELU instead of iGPT's
+    x * sigmoid(1.702 x); qkv and output projections with biases (common.Block, timm layout).
+  * dropout 0.1 (GCRL 4.1: "before every residual connection"): common.Block also applies it inside the MLP after
+    the GELU (timm's Mlp uses one dropout rate for both places); its attention-probability dropout is switched off
+    here, since GCRL does not state one. iGPT itself trains without dropout.
+  * initialization: GPT-2 / minGPT style (Linear N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 * depth)),
+    zero biases); iGPT's ref code uses per-tensor scales instead. Its zero-initialized output head is kept.
+  * weight decay 1e-4 skips LayerNorm parameters and the embeddings (GCRL 4.1: "layer normalization and token
+    embeddings"; here also the SOS vector and the learned positions) and every bias (common.param_groups).
+  * AdamW betas: GCRL does not state them; PyTorch's defaults (0.9, 0.999), which its PyTorch 1.6 AdamW had.
+  * the palette is fitted on this run's training pixels unless --palette is given (GCRL used iGPT's released one);
+    k-means++ init, 20 iterations on 250k random training pixels (minGPT's CIFAR demo: 5 pixels per image).
+  * sampling runs the whole model once per token (n forward passes for n tokens, no key/value cache: the column pass
+    of the axial block would need a per-column cache). For 64 CIFAR-size samples of the 10M model that is 1024 passes
+    of about 2.2 TFLOPs each (a third of the 101 GFLOPs per training image, x 64): an estimated 10-30 s on one
+    H100-class GPU, not measured here; on a CPU it is slow at 32x32, so --num-samples 0 turns the sample grids off.
+  * evaluation uses bf16 autocast like training (--no-amp for fp32 numbers); the cross-entropy is always fp32.
+  * under --objective bert, eval/*_bits_per_token is the masked-token loss in bits (a fixed 15% mask), not a
+    likelihood of the image, and there is no sampling. The unused SOS vector is frozen (DDP needs every trainable
+    parameter to get a gradient).
+  * the tiny preset (CPU tests only) is a 64-wide, 2-block model on 8x8 images; not a configuration from a paper.
+
+Measured with this file on the 2-core CPU of the development machine (AMD EPYC, 2 threads, fp32; shared cores, so
+about +-10%), training images/s at 32x32 = 1024 tokens, same width/depth for both attentions (GCRL Table 11's
+comparison, which GCRL measured as inference throughput on a V100: axial 1.26x (MNIST) / 1.75x (CIFAR) faster):
+    python igpt.py --preset tiny --image-size 32 --batch-size 16 --steps 12 --log-every 4 --num-samples 0 \
+        --eval-images 16 --attention dense|axial          # igpt_tiny, 64 x 2 blocks: dense ~21, axial ~28 img/s
+    python igpt.py --preset tiny --arch igpt_10m --image-size 32 --batch-size 4 --steps 6 --log-every 2 \
+        --num-samples 0 --eval-images 4 --attention dense|axial       # iGPT 10M, 256 x 12: dense 0.99, axial 0.96
+  Axial wins at width 64 (its three passes cost less than 1024-long attention rows), not at width 256, where the
+  three qkv/out projections of each axial block (20 d^2 per token vs 12 d^2) cancel the shorter attention: on a CPU
+  fused attention already keeps the dense (1024 x 1024) scores out of memory (FLOP counter: 97 vs 101 GFLOPs per
+  image for dense vs axial). GCRL's V100 measurement ran the dense model at a smaller batch (24 vs 64 on CIFAR).
+Bits per palette token after 80 steps (about 8 s) of the tiny model on Fashion-MNIST at 8x8 (64 tokens), test split:
+    python igpt.py --preset tiny --dataset fashion_mnist --augment none --steps 80 --eval-images 256
+  -> 5.42 (train 5.43), vs 6.24 for the best-smoothed per-position unigram histogram (10k training images, computed
+     in tests/test_igpt.py) and 9 for the uniform distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import (
+    Block,
+    ColorQuantizer,
+    PixelEmbedding,
+    RunLogger,
+    Throughput,
+    TrainBatches,
+    arg,
+    autocast,
+    check_finite,
+    cleanup_distributed,
+    cosine_lr,
+    count_flops,
+    default_run_name,
+    load_checkpoint,
+    load_training_state,
+    make_adamw,
+    param_groups,
+    parse_args,
+    print0,
+    resolve_resume,
+    save_training_state,
+    scaled_lr,
+    seed_everything,
+    set_lr,
+    setup_distributed,
+    unwrap,
+)
+
+METHOD = "igpt"
+
+# (width, depth, heads) of the token transformer.
+IGPT_ARCHS = {
+    "igpt_tiny": (64, 2, 4),  # CPU tests and smoke runs (not from a paper)
+    "igpt_10m": (256, 12, 8),  # GCRL Table 1 (10M, 12 blocks), 3.2 (width 256, 8 heads)
+    "igpt_s": (512, 24, 8),  # iGPT-S, openai/image-gpt run.py defaults: n_embd 512, n_layer 24, n_head 8 (76M)
+    "igpt_76m": (512, 24, 8),  # GCRL Table 1's name for iGPT-S
+    "igpt_m": (1024, 36, 8),  # iGPT-M, openai/image-gpt README: 1024 / 8 heads / 36 layers
+    "igpt_l": (1536, 48, 16),  # iGPT-L, openai/image-gpt README: 1536 / 16 heads / 48 layers
+}
+
+
+@dataclass
+class Args:
+    """iGPT: autoregressive (or BERT) pretraining on color-quantized pixels. Defaults: GCRL Table 3, CIFAR-10, iGPT
+    10M (batch 512, 200 epochs, peak lr 1.6e-3, AdamW wd 1e-4, 5 warmup epochs + cosine, clip 1.0, dropout 0.1)."""
+
+    # --- experiment
+    run_name: str = arg("", "run folder name under --output-dir (default: igpt_<dataset>_<arch>_s<seed>)")
+    output_dir: str = arg("runs", "where run folders are written")
+    seed: int = arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
+    device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
+    resume: str = arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)")
+    # --- data
+    dataset: str = arg("cifar10", "in-memory datasets of small images: cifar10 | cifar100 | svhn | stl10 | mnist | "
+                       "fashion_mnist | imagenet32 | imagenet64 | synthetic")  # fmt: skip
+    data_root: str = arg("data", "dataset root folder")
+    download: bool = arg(False, "download the dataset when torchvision can")
+    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
+    image_size: int = arg(32, "image side in pixels = tokens per row (GCRL: 32, i.e. 1024 tokens)")
+    augment: str = arg("weak", "training augmentation: weak = reflect-pad 4 + crop + flip (GCRL 4.1) | none",
+                       ["weak", "none"])  # fmt: skip
+    num_workers: int = arg(8, "DataLoader workers per rank for datasets not kept on the device")
+    # --- model
+    preset: str = arg("cifar", "bundle of defaults: cifar (GCRL Table 3) | imagenet32 | imagenet32_76m | tiny (CPU)",
+                      ["cifar", "imagenet32", "imagenet32_76m", "tiny"])  # fmt: skip
+    arch: str = arg("igpt_10m", "token transformer (width x depth, heads): " + ", ".join(
+        f"{k} {w}x{d}/{h}" for k, (w, d, h) in IGPT_ARCHS.items()), list(IGPT_ARCHS))  # fmt: skip
+    attention: str = arg("axial", "dense (causal over the whole sequence) | axial (GCRL App. Algorithm 1)",
+                         ["dense", "axial"])  # fmt: skip
+    dropout: float = arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
+    num_colors: int = arg(512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given")
+    palette: str = arg("", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start")
+    palette_pixels: int = arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
+    kmeans_iters: int = arg(20, "k-means iterations of the palette fit")
+    objective: str = arg("ar", "ar = next-token prediction in raster order | bert = masked tokens (iGPT)",
+                         ["ar", "bert"])  # fmt: skip
+    bert_mask_prob: float = arg(0.15, "fraction of tokens masked under --objective bert (iGPT: 0.15)")
+    # --- optimization
+    epochs: int = arg(200, "training epochs (GCRL Table 3, CIFAR 10M: 200)")
+    batch_size: int = arg(512, "GLOBAL batch of images, split over ranks (GCRL Table 3, CIFAR 10M: 512)")
+    base_lr: float = arg(8e-4, "lr per 256 images: lr = base_lr * batch / 256 (GCRL Table 3: 1.6e-3 at 512)")
+    lr: float | None = arg(None, "absolute peak learning rate; overrides base_lr scaling")
+    min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
+    warmup_epochs: int = arg(5, "linear warmup epochs (GCRL 4.1: 5)")
+    weight_decay: float = arg(1e-4, "AdamW weight decay, none on norms, biases and embeddings (GCRL 4.1: 1e-4)")
+    betas: tuple[float, float] = arg((0.9, 0.999), "AdamW betas (GCRL states none: PyTorch defaults)")
+    clip_grad: float = arg(1.0, "max gradient norm, 0 = off (GCRL 4.1: 1.0)")
+    amp: bool = arg(True, "bf16 autocast for the transformer (quantization and cross-entropy stay fp32)")
+    compile: bool = arg(False, "torch.compile the model")
+    # --- logging
+    log_every: int = arg(50, "log every N steps")
+    eval_every: int = arg(5000, "bits per token on train / test images and a sample grid every N steps (and at end)")
+    ckpt_every: int = arg(1000, "checkpoint every N steps (and at the end)")
+    eval_images: int = arg(0, "images of each split scored for bits per token (0 = the whole test split)")
+    # --- sampling
+    temperature: float = arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
+    num_samples: int = arg(64, "images in each sample grid (0 = no samples during training)")
+    sample_only: bool = arg(False, "do not train: sample --num-samples images from --ckpt and write a PNG beside it")
+    ckpt: str = arg("", "checkpoint to sample from with --sample-only")
+
+
+# Values a preset sets unless given on the command line. The dataclass defaults above ARE GCRL's CIFAR recipe for the
+# 10M model (Table 3); GCRL's 76M CIFAR runs fine-tune the ImageNet32 model for 15 epochs, so no CIFAR 76M preset.
+PRESETS = {
+    "preset": {
+        "cifar": {},
+        "imagenet32": dict(
+            dataset="imagenet32",
+            batch_size=1024,  # GCRL Table 3, ImageNet32, iGPT 10M
+            epochs=100,  # GCRL Table 3
+            base_lr=4e-4 * 256 / 1024,  # GCRL Table 3: peak lr 4.0e-4 at batch 1024
+            eval_images=10000,  # a fixed 10k of the 50k validation images per evaluation
+        ),
+        "imagenet32_76m": dict(
+            dataset="imagenet32",
+            arch="igpt_76m",  # GCRL Table 1 / iGPT-S: 24 x 512, 8 heads
+            batch_size=384,  # GCRL Table 3, ImageNet32, iGPT 76M
+            epochs=100,  # GCRL Table 3
+            base_lr=4e-4 * 256 / 384,  # GCRL Table 3: peak lr 4.0e-4 at batch 384
+            eval_images=10000,
+        ),
+        # CPU tests and smoke runs: 8x8 synthetic shapes = 64 tokens per image, a 64-wide 2-block model; tuned so that
+        # tests/test_igpt.py's short runs learn something measurable; nothing here is a recommendation for real data.
+        "tiny": dict(
+            dataset="synthetic",
+            synthetic_size=2000,
+            image_size=8,
+            arch="igpt_tiny",
+            dropout=0.0,
+            palette_pixels=4096,  # k-means++ seeding is sequential over the K centers: keep the CPU fit well under 1 s
+            kmeans_iters=5,
+            batch_size=32,
+            epochs=10,
+            base_lr=2.4e-2,  # peak lr 3e-3 at batch 32
+            amp=False,  # bf16 matmuls are about 2x slower than fp32 on CPUs without AMX
+            warmup_epochs=0,
+            weight_decay=0.0,
+            log_every=10,
+            eval_every=1000,
+            ckpt_every=1000,
+            eval_images=256,
+            num_samples=8,
+            num_workers=0,
+        ),
+    },
+}
+
+
+# ======================================================================================================================
+# Palette: k-means on training pixels (rank 0) -> every rank; images -> tokens
+# ======================================================================================================================
+
+
+def grid_palette(num_colors: int) -> np.ndarray:
+    """A placeholder palette for build_model: the first K points of the smallest regular n x n x n RGB grid in
+    [-1, 1] (K = 512: the 8 x 8 x 8 grid). Training replaces it by the fitted / loaded palette; checkpoints carry
+    the real one (the model's `quantizer.centers` buffer)."""
+    n = max(2, math.ceil(round(num_colors ** (1 / 3), 6)))
+    levels = np.linspace(-1, 1, n, dtype=np.float32)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    return grid[:num_colors].copy()  # numpy, so that build_model also works under torch.device("meta")
+
+
+def sample_pixels(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` pixels drawn uniformly (with replacement) from all positions of all images: uint8 (N, 3, H, W) ->
+    uint8 (count, 3). Indexes per pixel, so a large dataset is never copied whole."""
+    N, C, H, W = images.shape
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(N * H * W, (count,), generator=g)
+    return images.flatten(2)[idx // (H * W), :, idx % (H * W)]
+
+
+def fit_palette(images: torch.Tensor, args: Args, device) -> torch.Tensor:
+    """k-means palette (iGPT) of args.num_colors centers in [-1, 1], fitted on args.palette_pixels random training
+    pixels (common.ColorQuantizer.fit: k-means++ init, empty clusters re-seeded). -> (K, 3) float32 CPU."""
+    pixels = sample_pixels(images, args.palette_pixels, args.seed).to(device)
+    quant = ColorQuantizer.fit(pixels, args.num_colors, iters=args.kmeans_iters, seed=args.seed)
+    return quant.centers.cpu()
+
+
+def shared_palette(args: Args, train_images: torch.Tensor, run_dir: str, info) -> torch.Tensor:
+    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: --palette PATH if given, else the cached
+    <run_dir>/palette.npy if present (resume, or a re-run in the same folder), else a fresh k-means fit, saved to that
+    cache. Rank 0 then broadcasts it (and any error, so every rank stops with the same message instead of hanging):
+    one palette everywhere without relying on deterministic k-means or a shared file system."""
+    payload: list = [None]
+    if info.is_main:
+        try:
+            cache = os.path.join(run_dir, "palette.npy")
+            if args.palette:
+                payload[0], source = ColorQuantizer.load(args.palette).centers, args.palette
+            elif os.path.exists(cache):
+                payload[0], source = ColorQuantizer.load(cache).centers, f"{cache} (cached)"
+            else:
+                t0 = time.perf_counter()
+                payload[0] = fit_palette(train_images, args, info.device)
+                source = f"k-means on {args.palette_pixels} training pixels ({time.perf_counter() - t0:.1f} s)"
+            os.makedirs(run_dir, exist_ok=True)
+            ColorQuantizer(payload[0]).save(cache)
+            print0(f"palette: {payload[0].shape[0]} colors from {source}; saved to {cache}")
+        except (OSError, ValueError) as e:
+            payload[0] = e
+    if info.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0].float().cpu()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] -> uint8, so that augmented views quantize exactly like stored pixels (x / 127.5 - 1)."""
+    return images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def quantize(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) uint8 or float [0, 1] -> tokens (B, H*W) int64, raster order, with the model's palette.
+    The nearest-center search always runs in fp32: under bf16 autocast its matmul would pick wrong centers."""
+    with torch.autocast(images.device.type, enabled=False):
+        return unwrap(model).quantizer.encode(to_uint8(images))
+
+
+# ======================================================================================================================
+# Model: pixel-token transformer (GCRL 3.2, eq. 4)
+# ======================================================================================================================
+
+
+class ImageGPT(nn.Module):
+    """Token transformer over an H x W grid of palette tokens.
+
+    quantizer: the palette (buffer `quantizer.centers` (K, 3), saved in checkpoints); embed: common.PixelEmbedding
+    (token embedding K -> D, learned SOS, learned row + column positions); blocks: pre-LN common.Block with dense
+    causal or axial attention; norm: final LayerNorm; head: Linear D -> K (untied, zero-initialized as iGPT's wtet).
+    forward(tokens (B, L), keep=None) -> logits (B, L, K) with L = H*W:
+      objective "ar":   input [SOS, t_0 .. t_{L-2}] (+ positions), causal: logits[:, p] depend on t_0 .. t_{p-1} only;
+      objective "bert": input tokens with the embeddings of keep == False zeroed, no shift, bidirectional."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        dim, depth, heads = IGPT_ARCHS[args.arch]
+        H = W = args.image_size
+        self.height, self.width, self.depth = H, W, depth
+        self.causal = args.objective == "ar"
+        self.quantizer = ColorQuantizer(grid_palette(args.num_colors))
+        self.embed = PixelEmbedding(args.num_colors, dim, H, W)
+        if not self.causal:  # BERT inputs have no SOS: freeze the unused vector (DDP waits for every trainable grad)
+            self.embed.sos.requires_grad_(False)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, 4.0, args.dropout, attention=args.attention, grid=(H, W)) for _ in range(depth)
+        )
+        for block in self.blocks:
+            block.attn.attn_drop = 0.0  # GCRL 4.1 states dropout before residual connections only (see header)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, args.num_colors, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 / minGPT: Linear N(0, 0.02), zero biases, the two residual projections of each block scaled by
+        1/sqrt(2 * depth) so the residual stream's variance does not grow with depth; head zero (iGPT ref code: the
+        untrained model predicts the uniform distribution, exactly log2 K bits per token). PixelEmbedding initializes
+        itself (iGPT ref code: tokens and SOS N(0, 0.02), positions N(0, 0.01))."""
+        for name, m in self.blocks.named_modules():
+            if isinstance(m, nn.Linear):
+                residual = name.endswith(("attn.proj", "mlp.fc2"))
+                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * self.depth) if residual else 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def hidden_states(self, tokens: torch.Tensor, keep: torch.Tensor | None = None, num_blocks: int | None = None):
+        """tokens (B, L) -> the output (B, L, D) of the first `num_blocks` blocks (all when None), before any norm."""
+        if tokens.shape[1] != self.height * self.width:
+            raise ValueError(f"expected {self.height}x{self.width} = {self.height * self.width} tokens per image, "
+                             f"got {tokens.shape[1]}")  # fmt: skip
+        h = self.embed(tokens, shift=self.causal, keep=None if self.causal else keep)
+        for block in self.blocks[:num_blocks]:
+            h = block(h, is_causal=self.causal)
+        return h
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.norm(self.hidden_states(tokens, keep)))
+
+
+def build_model(args: Args) -> ImageGPT:
+    """The iGPT model of `args` (also used by eval_probe.py with Args(**checkpoint["args"])); its palette is a
+    placeholder until the checkpoint's (or the fitted one) is loaded into `quantizer.centers`."""
+    return ImageGPT(args)
+
+
+def default_feature_layer(model: nn.Module) -> int:
+    """GCRL's "half" position (4.1, Table 4): the output of the first half of the blocks (block depth/2 - 1, 0-based),
+    where iGPT 4.1 finds the representation near its best (the last block costs 2.4 points on CIFAR-10)."""
+    return max(0, unwrap(model).depth // 2 - 1)
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """Frozen representation for probing (iGPT 3.4): images float (B, 3, S, S) in [0, 1] -> quantized tokens ->
+    the output of block `layer` (0-based; None = default_feature_layer, the middle) -> LayerNorm over the width
+    without learned parameters -> average over the L positions -> (B, D) float32. Runs in eval mode (no dropout) on
+    the input the model was trained on: the SOS-shifted sequence for "ar", the unmasked tokens for "bert"."""
+    model = unwrap(model)
+    n_layers = num_feature_layers(model)
+    if layer is None:
+        layer = default_feature_layer(model)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+    was_training = model.training
+    model.eval()
+    h = model.hidden_states(quantize(model, images), num_blocks=layer + 1).float()
+    model.train(was_training)
+    return F.layer_norm(h, h.shape[-1:], eps=1e-6).mean(dim=1)
+
+
+def num_feature_layers(model: nn.Module) -> int:
+    return unwrap(model).depth
+
+
+def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eval_probe.py hook (GCRL Table 6): images float (B, 3, S, S) in [0, 1] -> (log p(x) (B,) in nats, summed over
+    the tokens; the token embeddings (B, L, D) it is differentiable in, a leaf requiring grad). The embedding lookup's
+    output is swapped for that leaf by a forward hook, so the forward pass is exactly the model's own."""
+    net = unwrap(model)
+    if not net.causal:
+        raise ValueError("log_likelihood needs an autoregressive (--objective ar) checkpoint; BERT has no density")
+    tokens = quantize(net, images)
+    leaf: dict[str, torch.Tensor] = {}
+
+    def swap(module, inputs, output):
+        leaf["emb"] = output.detach().requires_grad_()
+        return leaf["emb"]
+
+    was_training = net.training
+    net.eval()  # no dropout: log p(x) is a function of x, and images do not interact
+    handle = net.embed.tok_embed.register_forward_hook(swap)
+    try:
+        logits = net(tokens)
+    finally:
+        handle.remove()
+        net.train(was_training)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, L)
+    return -nll.sum(dim=1), leaf["emb"]
+
+
+# ======================================================================================================================
+# Loss (THE PART TO READ): negative log-likelihood per palette token
+# ======================================================================================================================
+
+
+def bert_keep_mask(tokens: torch.Tensor, mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """iGPT ref code: keep = U[0, 1) > mask_prob per token (True = visible, False = masked and predicted)."""
+    u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
+    return u >= mask_prob
+
+
+def token_nll(
+    model: nn.Module, tokens: torch.Tensor, args: Args, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood (nats) and which tokens count: tokens (B, L) -> (nll (B, L) fp32,
+    scored (B, L) bool). ar: nll[:, p] = -log p(t_p | t_<p) (with SOS for p = 0), every token scored. bert: a fresh
+    mask (global RNG, or `generator`), nll of the masked tokens given the visible ones, only those scored. The
+    network runs under bf16 autocast when args.amp; the log-softmax is fp32."""
+    keep = None if args.objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
+    with autocast(tokens.device, True) if args.amp else contextlib.nullcontext():
+        logits = model(tokens, keep)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, K, L) vs (B, L)
+    scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
+    return nll, scored
+
+
+def igpt_loss(model: nn.Module, tokens: torch.Tensor, args: Args) -> dict[str, torch.Tensor]:
+    """The training objective in nats per token: ar = mean over all B x L tokens of -log p(t_p | t_<p) (iGPT ref code
+    gen_loss); bert = per image the mean NLL over its masked tokens, then the mean over images (iGPT ref code).
+    Returns {"ar" or "bert": loss, "total": loss}."""
+    nll, scored = token_nll(model, tokens, args)
+    if args.objective == "ar":
+        loss = nll.mean()
+    else:
+        w = scored.float()
+        loss = ((nll * w).sum(1) / w.sum(1).clamp(min=1)).mean()
+    return {args.objective: loss, "total": loss}
+
+
+@torch.no_grad()
+def bits_per_token(model: nn.Module, images: torch.Tensor, args: Args, device, batch_size: int = 256, info=None):
+    """Mean NLL in BITS per palette token (nats / ln 2; SPEC 1.4: not 8-bit bits/dim) over uint8 images (N, 3, H, W),
+    in eval mode, split over the ranks (each takes every world-th image; sums are all-reduced). For bert: the
+    masked-token loss with a fixed-seed mask, not a likelihood."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    g = torch.Generator(device=device).manual_seed(0)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of nll, number of scored tokens]
+    for batch in images[rank::world].split(batch_size):
+        tokens = quantize(net, batch.to(device))
+        nll, scored = token_nll(net, tokens, args, generator=g)
+        total += torch.stack([(nll.double() * scored).sum(), scored.sum().double()])
+    if world > 1:
+        dist.all_reduce(total)
+    net.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item() / math.log(2)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, num: int, temperature: float = 1.0, seed: int = 0, amp: bool = False) -> torch.Tensor:
+    """Autoregressive sampling in raster order: for p = 0 .. L-1, t_p ~ softmax(logits[:, p] / temperature), where
+    logits[:, p] sees only the tokens < p already drawn (causal + SOS shift). Draws from a private generator (seed),
+    so sampling never moves the training RNG. -> tokens (num, L) int64 in [0, K)."""
+    net = unwrap(model)
+    if not net.causal:
+        raise ValueError("sampling needs an autoregressive (--objective ar) model")
+    if temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    device = net.head.weight.device
+    was_training = net.training
+    net.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.zeros(num, net.height * net.width, dtype=torch.long, device=device)
+    for p in range(tokens.shape[1]):
+        with autocast(device, True) if amp else contextlib.nullcontext():
+            h = net.hidden_states(tokens)[:, p]  # positions > p see the zero placeholders; position p does not
+            logits = net.head(net.norm(h))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tokens[:, p] = torch.multinomial(probs, 1, generator=g)[:, 0]
+    net.train(was_training)
+    return tokens
+
+
+def save_samples(model: nn.Module, tokens: torch.Tensor, path: str) -> None:
+    """Decode sampled tokens through the palette and write them as a PNG grid (8 per row)."""
+    net = unwrap(model)
+    common.save_image_grid(net.quantizer.decode(tokens, net.height, net.width), path, nrow=8)
+
+
+def training_step_flops(args: Args) -> float:
+    """FLOPs per image of one forward + backward step (FlopCounterMode on the meta device with a 2-image batch: no
+    memory, no data, no RNG use, no process group). Quantization (a K x 3 distance per pixel) is not counted."""
+    args = dataclasses.replace(args, amp=False, objective="ar")
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build_model(args)
+        tokens = torch.zeros(2, args.image_size**2, dtype=torch.long)
+
+        def step():
+            igpt_loss(model, tokens, args)["total"].backward()
+
+        return count_flops(step) / 2
+
+
+def build_optimizer(model: ImageGPT, args: Args, lr: float, device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the >= 2-D weights of the blocks and the head; none on LayerNorm parameters, biases
+    (1-D, common.param_groups) and the embeddings (GCRL 4.1; "embed." = tokens, SOS, positions)."""
+    return make_adamw(param_groups(model, args.weight_decay, no_decay=("embed.",)), lr, args.betas, device)
+
+
+# ======================================================================================================================
+# Data: weakly augmented images (GCRL 4.1 "iGPT"), quantized on the device
+# ======================================================================================================================
+
+
+def load_split(args: Args, train: bool):
+    """The train or test split, held in memory at the training resolution (uint8 (N, 3, S, S))."""
+    kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
+    ds = common.build_dataset(
+        args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
+    )
+    if not hasattr(ds, "images"):
+        raise ValueError(f"igpt.py needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
+    return ds
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """Bad input (arguments, missing or malformed files, a dataset that is not there) ends the script with one line
+    `igpt.py: error: ...` (exit status 1) instead of a traceback; main()'s callers in Python catch SystemExit."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # e.g. the paths tried
+        raise SystemExit(f"igpt.py: error: {message}") from None
+
+
+def check_args(args: Args) -> None:
+    """Clear errors for settings that cannot run (ValueError / FileNotFoundError; main() turns them into one line)."""
+    if args.arch not in IGPT_ARCHS:
+        raise ValueError(f"unknown arch {args.arch!r}; choose one of: {', '.join(IGPT_ARCHS)}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.bert_mask_prob < 1:
+        raise ValueError(f"--bert-mask-prob must be in (0, 1), got {args.bert_mask_prob}")
+    if args.num_colors < 2 or args.image_size < 1:
+        raise ValueError(f"need --num-colors >= 2 and --image-size >= 1, got {args.num_colors}, {args.image_size}")
+    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
+        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
+    if args.num_samples < (1 if args.sample_only else 0):
+        raise ValueError(f"--num-samples must be >= 1 with --sample-only (>= 0 otherwise), got {args.num_samples}")
+    if args.sample_only and not args.ckpt:
+        raise ValueError("--sample-only needs --ckpt PATH (a checkpoint written by igpt.py)")
+    if args.palette and not args.sample_only and not os.path.exists(args.palette):
+        raise FileNotFoundError(f"--palette {args.palette}: no such file (a (K, 3) .npy in [-1, 1], e.g. iGPT's "
+                                f"kmeans_centers.npy; leave it empty to fit one)")  # fmt: skip
+
+
+def batch_per_rank(batch_size: int, world_size: int) -> int:
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes; "
+                         f"pick a multiple of {world_size}")  # fmt: skip
+    return batch_size // world_size
+
+
+def sample_from_checkpoint(args: Args) -> dict:
+    """--sample-only: rebuild the model from --ckpt alone, draw --num-samples images at --temperature (seed --seed)
+    and write <ckpt dir>/samples_t<temperature>_s<seed>.png. Returns {"samples_path", "tokens" (N, L) CPU}."""
+    with usage_errors():
+        ckpt = load_checkpoint(args.ckpt, METHOD)
+        model = build_model(Args(**ckpt["args"]))
+        if not model.causal:
+            raise ValueError(f"{args.ckpt} is a BERT (--objective bert) model: only autoregressive models sample")
+    model.load_state_dict(ckpt["model"])
+    info = setup_distributed(args.device)
+    model.to(info.device)
+    t0 = time.perf_counter()
+    tokens = sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples_t{args.temperature:g}_s{args.seed}.png")
+    if info.is_main:
+        save_samples(model, tokens, path)
+    print0(f"{args.num_samples} samples at temperature {args.temperature} from step {ckpt['step']} in "
+           f"{time.perf_counter() - t0:.1f} s -> {path}")  # fmt: skip
+    return {"samples_path": path, "tokens": tokens.cpu()}
+
+
+# ======================================================================================================================
+# Training loop
+# ======================================================================================================================
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(Args, argv, PRESETS)
+    with usage_errors():
+        check_args(args)
+    if args.sample_only:
+        return sample_from_checkpoint(args)
+    # --- boilerplate: ranks, seeds, run folder
+    info = setup_distributed(args.device)
+    dev = info.device
+    seed_everything(args.seed + info.rank)
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
+
+    # --- data and palette: one palette on every rank (rank 0 fits or loads it, then broadcasts)
+    with usage_errors():
+        per_rank = batch_per_rank(args.batch_size, info.world_size)
+        train_set, test_set = load_split(args, train=True), load_split(args, train=False)
+        kind = {"weak": "weak", "none": "eval"}[args.augment]  # "eval" at the stored size = the images unchanged
+        batches = TrainBatches(train_set, [kind], args.image_size, per_rank, info, seed=args.seed,
+                               num_workers=args.num_workers)  # fmt: skip
+        palette = shared_palette(args, train_set.images, run_dir, info)
+    args.num_colors = palette.shape[0]  # saved in args.json / the checkpoint: build_model needs it
+    flops_per_image = training_step_flops(args)
+    logger = RunLogger(run_dir, args, info.is_main)
+    n_eval = args.eval_images or len(test_set)
+    eval_train, eval_test = train_set.images[:n_eval], test_set.images[:n_eval]
+    print0(f"iGPT training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")
+
+    # --- model, optimizer (boilerplate)
+    model = build_model(args)
+    model.quantizer.centers.copy_(palette)
+    model = model.to(dev)
+    if info.is_main:  # what the palette does to real images: originals (top row), quantized (bottom row)
+        shown = eval_test[:8].to(dev)
+        quantized = model.quantizer.decode(quantize(model, shown), args.image_size, args.image_size)
+        common.save_image_grid(torch.cat([shown, quantized]), os.path.join(run_dir, "quantized.png"), nrow=8)
+    if info.world_size > 1:  # the only buffer is the palette (6 KB), identical on every rank: DDP's syncs are free
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    peak_lr = args.lr if args.lr is not None else scaled_lr(args.base_lr, args.batch_size)
+    optimizer = build_optimizer(unwrap(model), args, peak_lr, dev)
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
+    step = 0
+    with usage_errors():  # a missing --resume PATH, or another method's checkpoint
+        resume_path = resolve_resume(args.resume, run_dir)
+        if resume_path:
+            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
+            print0(f"resumed from {resume_path} at step {step}")
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
+    print0(f"{args.arch} ({n_params / 1e6:.2f}M parameters, {args.attention} attention, {args.objective}) on "
+           f"{args.dataset} {args.image_size}x{args.image_size} = {args.image_size**2} tokens, K = {args.num_colors}: "
+           f"{info.world_size} x {per_rank} images/step, {steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, "
+           f"steps {step} -> {stop_step}")  # fmt: skip
+
+    # --- the training loop (THE PART TO READ is igpt_loss above)
+    model.train()
+    epoch = step // steps_per_epoch
+    meter = Throughput(stop_step, step)
+    images_since_log, final = 0, {}
+    while step < stop_step:
+        for views, _ in batches.epoch(epoch, start_step=step % steps_per_epoch):
+            set_lr(optimizer, lr := cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
+            tokens = quantize(model, views[0])  # (B, H*W) raster order
+            terms = igpt_loss(model, tokens, args)
+            # one host sync per step: the loss is checked before the update (no NaN reaches a checkpoint)
+            values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
+            check_finite(step, values)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if args.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            step += 1
+            images_since_log += args.batch_size
+            last = step >= stop_step
+
+            # --- logging, evaluation, pictures, checkpoints (boilerplate)
+            if step % args.log_every == 0 or last:
+                mean = common.all_reduce_mean(torch.tensor(list(values.values()), device=dev)).tolist()
+                ips, eta = meter.tick(step, images_since_log)
+                images_since_log = 0
+                row = {f"loss/{k}": v for k, v in zip(values, mean)}  # nats per token
+                row.update({"lr": lr, "epoch": step / steps_per_epoch, "perf/images_per_s": ips})
+                util = common.mfu(flops_per_image, ips / info.world_size, dev)
+                if util is not None:
+                    row["perf/mfu"] = util
+                logger.log(step, row)
+                final.update(row)
+                unit = "bits per palette token" if args.objective == "ar" else "bits per masked token"
+                print0(f"step {step}/{stop_step} ep {epoch} loss {row['loss/total']:.4f} nats/token "
+                       f"({row['loss/total'] / math.log(2):.4f} {unit}) lr {lr:.3g} {ips:.1f} img/s"
+                       + (f" mfu {util:.1%}" if util is not None else "") + f" eta {eta}")  # fmt: skip
+            if step % args.eval_every == 0 or last:
+                metrics = {
+                    "eval/train_bits_per_token": bits_per_token(model, eval_train, args, dev, info=info),
+                    "eval/test_bits_per_token": bits_per_token(model, eval_test, args, dev, info=info),
+                }
+                if info.is_main and args.objective == "ar" and args.num_samples > 0:
+                    tokens = sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
+                    save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))
+                label = "bits per palette token" if args.objective == "ar" else "masked-token bits (BERT)"
+                print0(f"step {step}: {label} on {len(eval_test)} images: train "
+                       f"{metrics['eval/train_bits_per_token']:.4f}, test {metrics['eval/test_bits_per_token']:.4f} "
+                       f"(uniform: {math.log2(args.num_colors):.2f})")  # fmt: skip
+                logger.log(step, metrics)
+                final.update(metrics)
+                if info.world_size > 1:
+                    dist.barrier()
+            if step % args.ckpt_every == 0 or last:
+                save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+            if step % args.eval_every == 0 or step % args.ckpt_every == 0:
+                meter.t0 = time.perf_counter()  # images/s measures training only, not evaluation or checkpoints
+            if last:
+                break
+        epoch += 1
+    logger.close()
+    cleanup_distributed()
+    final.update({"step": step, "flops_per_image": flops_per_image, "run_dir": run_dir})
+    return final
+
+
+if __name__ == "__main__":
+    main()
