@@ -435,6 +435,10 @@ SMOKE = {
 }
 
 
+def test_every_method_file_has_an_end_to_end_probe_test():
+    assert ep.available_methods() == sorted(SMOKE)
+
+
 @pytest.mark.parametrize("method", sorted(SMOKE))
 def test_end_to_end_on_smoke_checkpoint(method, tmp_path, capsys):
     """The method's own smoke run (2 steps) writes a checkpoint; eval_probe rebuilds the model from it alone and runs
