@@ -2219,4 +2219,7 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
     grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.io.write_png(grid, path)
+    # PIL (a torchvision dependency) rather than torchvision.io.write_png, deprecated from torchvision 0.29
+    from PIL import Image
+
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)

@@ -78,3 +78,12 @@ def run_distributed(fn, world: int, tmp_path, *args) -> list:
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+def read_png(path) -> torch.Tensor:
+    """A PNG written by the scripts as a (3, H, W) uint8 tensor (PIL: torchvision's decoders are deprecated)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script
+from conftest import read_png, run_script
 
 import common
 import igpt
@@ -224,7 +224,7 @@ def test_samples_follow_the_model_at_the_temperature_and_decode_to_a_png(tmp_pat
     # PNG grid of the decoded samples (8 per row, 1 px padding)
     path = tmp_path / "samples.png"
     igpt.save_samples(model, tokens[:16], str(path))
-    grid = common.torchvision.io.read_image(str(path))
+    grid = read_png(path)
     assert grid.shape == (3, 1 + 2 * 3, 1 + 8 * 3)
     torch.testing.assert_close(grid[:, 1:3, 1:3], model.quantizer.decode(tokens[:1], 2, 2)[0], rtol=0, atol=0)
 

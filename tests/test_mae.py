@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, read_png, run_script
 
 import common
 import mae
@@ -191,9 +191,7 @@ def test_reconstruction_png_rows_and_per_patch_unnormalization(norm_pix, tmp_pat
     model = Oracle(16, 4, "vit_micro", 0.75, 64, 2, 4)
     images = torch.rand(5, 3, 16, 16)
     mae.save_reconstructions(model, images, args, str(tmp_path / "r.png"))
-    from torchvision.io import read_image
-
-    grid = read_image(str(tmp_path / "r.png")).float() / 255
+    grid = read_png(tmp_path / "r.png").float() / 255
     assert grid.shape == (3, 1 + 3 * 17, 1 + 5 * 17)  # 3 rows x 5 images of 16 px, 1 px padding
     row = [grid[:, 1 + 17 * r : 17 * (r + 1), 1 : 1 + 16] for r in range(3)]  # first image of each row
     assert (row[0] - images[0]).abs().max() < 1 / 255 + 1e-6  # original
