@@ -21,7 +21,7 @@ What is implemented (MAE section 3, reference code facebookresearch/mae models_m
     (num_classes=0, class_token=True), tests/test_mae.py checks every name and shape.
 
 Launch:
-    python mae.py --preset tiny --epochs 1 --no-amp            # CPU smoke run on the synthetic shapes dataset
+    python mae.py --preset tiny --epochs 1                     # CPU smoke run on the synthetic shapes dataset
     python mae.py --preset cifar                               # CIFAR-10, 32 px, patch 4, ViT-Tiny (--patch-size 2)
     torchrun --nproc_per_node 8 mae.py                         # ImageNet-1K in data/imagenet/{train,val}/<class>/,
                                                                # MAE ViT-L/16 recipe: batch 4096, 800 epochs
@@ -40,15 +40,14 @@ Deviations from the paper / the reference code, and why:
     on that order.
   * bf16 autocast instead of fp16 + GradScaler; the loss is computed in fp32.
 
-Measured with this file on the 2-core CPU of the development machine, OMP_NUM_THREADS=1, while other jobs kept the
-load average at 3-4 (so lower bounds). bf16 autocast is ~15x slower than fp32 there (no bf16 matmul units): on CPU,
-pass --no-amp.
-    python mae.py --preset tiny --steps 60 --log-every 20 --eval-every 1000 --no-amp
-        vit_micro, 16 px, patch 4, batch 16: ~300 images/s (~50 with the default bf16 autocast)
-    python mae.py --preset cifar --dataset synthetic --synthetic-size 2048 --steps 6 --log-every 3 --no-amp
-        vit_tiny, 32 px, patch 4, batch 512, 1.84 GFLOPs per image: ~19 images/s (CIFAR-10 is not on that machine;
-        the synthetic shapes have the same size; ~1.2 images/s with bf16 autocast)
-    python mae.py --preset tiny --steps 40 --eval-every 40 --no-amp
+Measured with this file on the 2-core CPU of the development machine (AVX2 without bf16 units, so --amp runs fp32
+there, common.bf16_is_fast), idle:
+    python mae.py --preset tiny --dataset fashion_mnist --steps 150
+        vit_micro, 16 px, patch 4, batch 16: 420-460 images/s
+    python mae.py --preset cifar --dataset synthetic --synthetic-size 2048 --steps 4 --log-every 1
+        vit_tiny, 32 px, patch 4, batch 512, 1.84 GFLOPs per image: 33 images/s (the synthetic shapes stand in for
+        CIFAR-10, which is not on that machine)
+    python mae.py --preset tiny --steps 40 --eval-every 40
         held-out loss (128 images, fixed masks, norm_pix_loss) 2.147 at init -> 0.507 at step 40; predicting zeros
         (each patch's own mean color) scores 0.979
 """
