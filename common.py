@@ -290,6 +290,17 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.norm(x), mask, ids_restore
 
+    def block_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """All tokens (B, 1 + L, D), cls first, output by block `layer` (0-based) of the unmasked image, before the
+        final norm: the per-block representation of the probes (eval_probe.py's best-layer sweep)."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer {layer} out of range: the encoder has {len(self.blocks)} blocks")
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        for block in self.blocks[: layer + 1]:
+            x = block(x)
+        return x
+
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """MAE per-image random masking by argsort of uniform noise (ref code): keep exactly

@@ -272,13 +272,7 @@ def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, p
     if layer is None:
         tokens = enc(x)[0]
     else:
-        if not 0 <= layer < len(enc.blocks):
-            raise ValueError(f"layer {layer} out of range: the encoder has {len(enc.blocks)} blocks")
-        tokens = enc.patch_embed(x) + enc.pos_embed[:, 1:]
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        for block in enc.blocks[: layer + 1]:
-            tokens = block(tokens)
+        tokens = enc.block_tokens(x, layer)
     model.train(was_training)
     return (tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float()
 

@@ -329,12 +329,7 @@ def features(model: nn.Module, images: torch.Tensor, layer: int | None = None) -
     if layer is None:
         out = model.representation(x)
     elif model.is_vit:
-        tokens = net.patch_embed(x) + net.pos_embed[:, 1:]
-        cls = (net.cls_token + net.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        for block in net.blocks[: layer + 1]:
-            tokens = block(tokens)
-        out = tokens[:, 1:].mean(dim=1)
+        out = net.block_tokens(x, layer)[:, 1:].mean(dim=1)
     else:
         h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         for stage in (net.layer1, net.layer2, net.layer3, net.layer4)[: layer + 1]:

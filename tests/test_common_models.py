@@ -52,6 +52,20 @@ def test_vit_state_dict_has_timm_names():
     assert not m.pos_embed.requires_grad
 
 
+def test_vit_block_tokens_are_the_unmasked_forward_up_to_a_block():
+    torch.manual_seed(0)
+    m = common.VisionTransformer(16, 4, 3, 32, 3, 4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(m.norm(m.block_tokens(x, 2)), m(x)[0])  # last block + final norm = forward
+    early = m.block_tokens(x, 0)
+    for p in m.blocks[1].parameters():  # later blocks do not touch an earlier block's output
+        p.data.add_(1.0)
+    torch.testing.assert_close(m.block_tokens(x, 0), early)
+    assert not torch.allclose(m.block_tokens(x, 1), early)
+    with pytest.raises(ValueError, match="layer 3 out of range"):
+        m.block_tokens(x, 3)
+
+
 def test_vit_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="not divisible by patch size"):
         common.VisionTransformer(30, 4, 3, 128, 1, 4)
