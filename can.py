@@ -634,6 +634,8 @@ def load_split(args: Args, train: bool):
 
 def check_args(args: Args) -> None:
     """Clear errors for settings that cannot train."""
+    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
+        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
     if not (args.contrastive or args.reconstruction or args.denoise):
         raise ValueError("--no-contrastive --no-reconstruction --no-denoise removes every loss term; keep at least one")
     if args.image_size % args.patch_size:
@@ -684,10 +686,13 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"CAN training step: {flops_per_image / 1e9:.2f} GFLOPs per image (forward + backward, both views)")
 
     # --- data: two SimCLR views per image (splits loaded above); held-out split for the kNN monitor and the pictures
-    batches = TrainBatches(
-        train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
-        num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
-    )  # fmt: skip
+    try:
+        batches = TrainBatches(
+            train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
+            num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
+        )  # fmt: skip
+    except ValueError as e:  # e.g. a batch larger than the dataset
+        raise SystemExit(f"can.py: error: {e}") from None
     picture_images = eval_images(test_set, 8, args.image_size, dev)[0]  # fixed held-out images for the PNGs
 
     # --- model, optimizer (boilerplate)
@@ -705,9 +710,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    resume_path = resolve_resume(args.resume, run_dir)
+    try:
+        resume_path = resolve_resume(args.resume, run_dir)
+        if resume_path:
+            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"can.py: error: {e}") from None
     if resume_path:
-        step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
         print0(f"resumed from {resume_path} at step {step}")
     print0(
         f"{args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step, {steps_per_epoch} steps/epoch, "

@@ -437,10 +437,18 @@ class ColorQuantizer(nn.Module):
         return images.float() * 2 - 1
 
     def nearest(self, pixels: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-        """pixels (M, 3) in [-1, 1] -> index of the nearest center (M,), chunked to bound memory."""
-        c = self.centers.to(pixels.device)
+        """pixels (M, 3) in [-1, 1] -> index of the nearest center (M,), chunked to bound memory; argmin of
+        |c|^2 - 2 p.c (|p|^2 is constant per pixel). The matmul runs in full fp32 even where setup_distributed allows
+        TF32 (Ampere+ GPUs): TF32 sends ~0.5% of pixels to another center than a CPU does, so GPU training and CPU
+        evaluation would tokenize differently."""
+        c = self.centers.to(pixels.device).float()
         c2 = (c * c).sum(1)
-        out = [torch.argmin(c2[None] - 2 * p @ c.T, dim=1) for p in pixels.split(chunk)]  # |p|^2 is constant
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            out = [torch.argmin(c2[None] - 2 * p @ c.T, dim=1) for p in pixels.float().split(chunk)]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         return torch.cat(out) if out else pixels.new_zeros(0, dtype=torch.long)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -2118,8 +2126,16 @@ def save_training_state(
 def load_training_state(path: str, method: str, model: nn.Module, optimizer, info: DistInfo) -> dict:
     """Restore model, optimizer and this rank's RNG states from `path`; returns the checkpoint (step, epoch...)."""
     ckpt = load_checkpoint(path, method)
-    unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])[:200]  # the first mismatch
+        raise ValueError(
+            f"{path} does not fit this model ({detail}): it was written with other architecture settings (see its "
+            f"args.json); resume with the same arguments, or start a fresh run with --resume ''"
+        ) from None
     rngs = ckpt.get("rng", [])
     if len(rngs) == info.world_size:
         set_rng_state(rngs[info.rank])

@@ -271,18 +271,28 @@ def fit_palette(images: torch.Tensor, args: Args, device) -> torch.Tensor:
 
 
 def shared_palette(args: Args, train_images: torch.Tensor, run_dir: str, info) -> torch.Tensor:
-    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: --palette PATH if given, else the cached
-    <run_dir>/palette.npy if present (resume, or a re-run in the same folder), else a fresh k-means fit, saved to that
-    cache. Rank 0 then broadcasts it (and any error, so every rank stops with the same message instead of hanging):
-    one palette everywhere without relying on deterministic k-means or a shared file system."""
+    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: the palette of the checkpoint being resumed,
+    else --palette PATH if given, else the cached <run_dir>/palette.npy if present (a re-run in the same folder), else
+    a fresh k-means fit; whichever it is is saved to that cache. Rank 0 then broadcasts it (and any error, so every
+    rank stops with the same message instead of hanging): one palette everywhere without relying on deterministic
+    k-means or a shared file system."""
     payload: list = [None]
     if info.is_main:
         try:
             cache = os.path.join(run_dir, "palette.npy")
-            if args.palette:
+            resume = resolve_resume(args.resume, run_dir)
+            if resume:  # the palette the resumed model was trained with (its state_dict overrides any other)
+                centers = load_checkpoint(resume, METHOD)["model"]["quantizer.centers"]
+                payload[0], source = centers.float(), f"{resume} (the checkpoint resumed)"
+            elif args.palette:
                 payload[0], source = ColorQuantizer.load(args.palette).centers, args.palette
             elif os.path.exists(cache):
                 payload[0], source = ColorQuantizer.load(cache).centers, f"{cache} (cached)"
+                if payload[0].shape[0] != args.num_colors:
+                    raise ValueError(
+                        f"{cache} holds {payload[0].shape[0]} colors but --num-colors is {args.num_colors}: "
+                        f"choose another --run-name or delete the cached palette"
+                    )
             else:
                 t0 = time.perf_counter()
                 payload[0] = fit_palette(train_images, args, info.device)
@@ -583,6 +593,13 @@ def check_args(args: Args) -> None:
         raise ValueError(f"need --num-colors >= 2 and --image-size >= 1, got {args.num_colors}, {args.image_size}")
     if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
         raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.palette_pixels < args.num_colors and not args.palette:
+        raise ValueError(
+            f"--palette-pixels {args.palette_pixels} < --num-colors {args.num_colors}: k-means needs at least one "
+            f"pixel per center"
+        )
     if args.num_samples < (1 if args.sample_only else 0):
         raise ValueError(f"--num-samples must be >= 1 with --sample-only (>= 0 otherwise), got {args.num_samples}")
     if args.sample_only and not args.ckpt:

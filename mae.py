@@ -424,6 +424,10 @@ def load_split(args: Args, train: bool):
 
 def check_args(args: Args) -> None:
     """Clear errors for settings that cannot train (ValueError; main turns them into a one-line exit message)."""
+    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
+        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
+    if args.test_images < 1:
+        raise ValueError(f"--test-images must be >= 1 (held-out images of eval/test_loss), got {args.test_images}")
     if args.patch_size < 1 or args.image_size % args.patch_size:
         raise ValueError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
     vit_arch(args.arch)
@@ -478,10 +482,13 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"MAE training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")
 
     # --- data: one MAE view per image; fixed held-out images and masks for eval/test_loss and the pictures
-    batches = TrainBatches(
-        train_set, [args.view], args.image_size, per_rank, info, seed=args.seed,
-        num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
-    )  # fmt: skip
+    try:
+        batches = TrainBatches(
+            train_set, [args.view], args.image_size, per_rank, info, seed=args.seed,
+            num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
+        )  # fmt: skip
+    except ValueError as e:  # e.g. a batch larger than the dataset
+        raise SystemExit(f"mae.py: error: {e}") from None
     test_x = heldout_images(test_set, args.test_images, args.image_size, "cpu", min(args.num_workers, 4))
     picture_images = test_x[:8]
     num_patches = (args.image_size // args.patch_size) ** 2
@@ -502,9 +509,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    resume_path = resolve_resume(args.resume, run_dir)
+    try:
+        resume_path = resolve_resume(args.resume, run_dir)
+        if resume_path:
+            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"mae.py: error: {e}") from None
     if resume_path:
-        step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
         print0(f"resumed from {resume_path} at step {step}")
     print0(
         f"{args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step, {steps_per_epoch} steps/epoch, "

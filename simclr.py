@@ -476,6 +476,8 @@ def load_split(args: Args, train: bool):
 
 def check_args(args: Args) -> None:
     """Clear errors for settings that cannot train."""
+    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
+        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
     if args.arch not in RESNETS and args.image_size % args.patch_size:
         raise ValueError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
     if args.temperature <= 0:
@@ -515,10 +517,13 @@ def main(argv: list[str] | None = None) -> dict:
     # --- data: two SimCLR views per image; the held-out split for the monitors
     if args.online_linear and args.num_classes == 0:
         args.num_classes = int(train_set.num_classes)  # saved in args.json / the checkpoint: build_model needs it
-    batches = TrainBatches(
-        train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
-        num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
-    )  # fmt: skip
+    try:
+        batches = TrainBatches(
+            train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
+            num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
+        )  # fmt: skip
+    except ValueError as e:  # e.g. a batch larger than the dataset
+        raise SystemExit(f"simclr.py: error: {e}") from None
     logger = RunLogger(run_dir, args, info.is_main)
     print0(f"SimCLR training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward, both views)")
 
@@ -537,9 +542,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    resume_path = resolve_resume(args.resume, run_dir)
+    try:
+        resume_path = resolve_resume(args.resume, run_dir)
+        if resume_path:
+            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"simclr.py: error: {e}") from None
     if resume_path:
-        step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
         print0(f"resumed from {resume_path} at step {step}")
     print0(f"{args.arch} + {args.head} head on {args.dataset}: {info.world_size} x {per_rank} images/step, "
            f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {peak_lr:.3g}, tau {args.temperature}, "

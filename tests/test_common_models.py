@@ -229,3 +229,17 @@ def test_projection_heads_shapes_and_no_shift():
     assert not bn.net[-1].bias.requires_grad and torch.all(bn.net[-1].bias == 0)
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 3
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in ln.modules()) == 1
+
+
+def test_quantizer_nearest_is_the_exact_nearest_center_and_restores_tf32_flag():
+    g = torch.Generator().manual_seed(0)
+    q = common.ColorQuantizer(torch.rand(512, 3, generator=g) * 2 - 1)
+    pixels = torch.rand(50000, 3, generator=g) * 2 - 1
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as setup_distributed leaves it on GPUs
+    try:
+        got = q.nearest(pixels, chunk=7000)
+        assert torch.backends.cuda.matmul.allow_tf32  # the caller's setting is restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert torch.equal(got, torch.cdist(pixels.double(), q.centers.double()).argmin(1))

@@ -188,6 +188,11 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this repository"):
         common.load_checkpoint(str(tmp_path / "foreign.pt"))
+    wider = torch.nn.Linear(2, 3)  # a run with other architecture settings: one clear message naming the mismatch
+    with pytest.raises(ValueError, match=r"does not fit this model \(size mismatch for weight.*--resume ''"):
+        common.load_training_state(
+            str(tmp_path / "checkpoint.pt"), "mae", wider, torch.optim.SGD(wider.parameters(), lr=0.1), info
+        )
     with pytest.raises(FloatingPointError, match="non-finite loss at step 7: loss/total=nan"):
         common.check_finite(7, {"loss/total": torch.tensor(float("nan")), "loss/rec": 1.0})
 
