@@ -382,7 +382,7 @@ def test_resume_auto_continues_from_the_checkpoint_step_bitwise(tmp_path, capsys
     capsys.readouterr()
     final = igpt.main(base + ["--run-name", "resumed", "--steps", "3"])
     out = capsys.readouterr().out
-    assert "resumed from" in out and "at step 1" in out and "(cached)" in out  # the run's palette is reused
+    assert "resumed from" in out and "at step 1" in out and "(the checkpoint resumed)" in out  # its palette
     assert final["step"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss/total" in r] == [1, 2, 3]
@@ -391,6 +391,27 @@ def test_resume_auto_continues_from_the_checkpoint_step_bitwise(tmp_path, capsys
     assert a["step"] == b["step"] == 3
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    # resuming another run's checkpoint with another seed: the palette (and its cache) is the checkpoint's, not a
+    # fresh k-means fit, so the tokens the model sees and the cached palette.npy agree with the trained weights
+    igpt.main(
+        base
+        + [
+            "--run-name",
+            "moved",
+            "--steps",
+            "4",
+            "--seed",
+            "7",
+            "--resume",
+            str(tmp_path / "straight" / "checkpoint.pt"),
+        ]
+    )
+    moved = common.ColorQuantizer.load(str(tmp_path / "moved" / "palette.npy")).centers
+    assert torch.equal(moved, a["model"]["quantizer.centers"])
+    cache = tmp_path / "straight" / "palette.npy"
+    common.ColorQuantizer(moved[:16]).save(str(cache))  # a cached palette of the wrong size is refused
+    with pytest.raises(SystemExit, match="holds 16 colors but --num-colors is 512"):
+        igpt.main(base + ["--run-name", "straight", "--steps", "4", "--resume", ""])
 
 
 def test_torchrun_two_processes(tmp_path):
