@@ -49,6 +49,9 @@ Deviations from the paper / reference code (openai/image-gpt), and why:
     of the axial block would need a per-column cache). For 64 CIFAR-size samples of the 10M model that is 1024 passes
     of about 2.2 TFLOPs each (a third of the 101 GFLOPs per training image, x 64): an estimated 10-30 s on one
     H100-class GPU, not measured here; on a CPU it is slow at 32x32, so --num-samples 0 turns the sample grids off.
+    Under torchrun the other ranks wait at a barrier while rank 0 samples: for igpt_m / igpt_l a 64-image grid may
+    outlast the process group's timeout (10 minutes by default), so train those with --num-samples 0 and sample
+    afterwards with --sample-only.
   * evaluation uses bf16 autocast like training (--no-amp for fp32 numbers); the cross-entropy is always fp32.
   * under --objective bert, eval/*_bits_per_token is the masked-token loss in bits (a fixed 15% mask), not a
     likelihood of the image, and there is no sampling. The unused SOS vector is frozen (DDP needs every trainable
