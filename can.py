@@ -58,7 +58,6 @@ both views; `python can.py --arch vit_l --flops-report`, CPU, ~5 s):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -80,6 +79,7 @@ from common import (
     VisionTransformer,
     arg,
     autocast,
+    batch_per_rank,
     check_finite,
     cleanup_distributed,
     convert_sync_batchnorm,
@@ -102,6 +102,7 @@ from common import (
     setup_distributed,
     unpatchify,
     unwrap,
+    usage_errors,
     vit_arch,
 )
 
@@ -450,7 +451,7 @@ def can_losses(
         x_noisy = x + noise  # CAN 3.4: noise on the whole image, then masking (inside the encoder)
     else:  # 'CA' ablation: no noise at all
         sigma, noise, x_noisy = torch.zeros(N, device=x.device), None, x
-    amp = autocast(x.device, True) if args.amp else contextlib.nullcontext()
+    amp = autocast(x.device, args.amp)
     with amp:
         out = model(x_noisy, sigma, mask_noise)
     out.update(x=x, x_noisy=x_noisy, sigma=sigma, noise=noise)
@@ -472,7 +473,7 @@ def simclr_loss(model: CAN, images: torch.Tensor, args: Args) -> torch.Tensor:
     """The SimCLR baseline of the FLOP comparison (CAN 3.6, Fig 1): two full, noise-free views through the same
     encoder, mean of the patch tokens, the same projection head, InfoNCE; no decoder."""
     x = normalize(images.float())
-    amp = autocast(x.device, True) if args.amp else contextlib.nullcontext()
+    amp = autocast(x.device, args.amp)
     with amp:
         tokens = model.encoder(x, mask_ratio=0.0)[0]
         proj = model.projector(tokens[:, 1:].mean(dim=1))
@@ -588,7 +589,7 @@ def eval_images(dataset, count: int, image_size: int, device) -> tuple[torch.Ten
 def knn_top1(model, bank_set, query_set, args: Args, device) -> float:
     """kNN monitor (SPEC 8: k=200, tau 0.07, cosine) on `features`: memory bank = args.knn_bank un-augmented
     training images, queries = args.knn_queries held-out images (both spread over their split). Top-1 in [0, 1]."""
-    amp = autocast(device, True) if args.amp else contextlib.nullcontext()
+    amp = autocast(device, args.amp)
 
     def embed(dataset, count):
         feats, labels = [], []
@@ -649,15 +650,6 @@ def check_args(args: Args) -> None:
         )
 
 
-def batch_per_rank(batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ValueError(
-            f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes; "
-            f"pick a multiple of {world_size}"
-        )
-    return batch_size // world_size
-
-
 # ======================================================================================================================
 # Training loop
 # ======================================================================================================================
@@ -665,10 +657,8 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, PRESETS)
-    try:
+    with usage_errors("can.py"):  # bad input: one line, no traceback
         check_args(args)
-    except ValueError as e:  # a one-line message, not a stack trace
-        raise SystemExit(f"can.py: error: {e}") from None
     if args.flops_report:
         return flops_report(args)
     # --- boilerplate: FLOPs (on the meta device, before any process group exists), ranks, seeds, run folder
@@ -676,23 +666,19 @@ def main(argv: list[str] | None = None) -> dict:
     info = setup_distributed(args.device)
     dev = info.device
     seed_everything(args.seed + info.rank)
-    try:
+    with usage_errors("can.py"):
         per_rank = batch_per_rank(args.batch_size, info.world_size)
         train_set, test_set = load_split(args, train=True), load_split(args, train=False)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"can.py: error: {e}") from None
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
     logger = RunLogger(run_dir, args, info.is_main)
     print0(f"CAN training step: {flops_per_image / 1e9:.2f} GFLOPs per image (forward + backward, both views)")
 
     # --- data: two SimCLR views per image (splits loaded above); held-out split for the kNN monitor and the pictures
-    try:
+    with usage_errors("can.py"):  # e.g. a batch larger than the dataset
         batches = TrainBatches(
             train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
             num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
         )  # fmt: skip
-    except ValueError as e:  # e.g. a batch larger than the dataset
-        raise SystemExit(f"can.py: error: {e}") from None
     picture_images = eval_images(test_set, 8, args.image_size, dev)[0]  # fixed held-out images for the PNGs
 
     # --- model, optimizer (boilerplate)
@@ -710,12 +696,10 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    try:
+    with usage_errors("can.py"):  # a missing --resume PATH, another method's or architecture's checkpoint
         resume_path = resolve_resume(args.resume, run_dir)
         if resume_path:
             step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"can.py: error: {e}") from None
     if resume_path:
         print0(f"resumed from {resume_path} at step {step}")
     print0(

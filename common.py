@@ -19,6 +19,7 @@ method runs anywhere. Sections, top to bottom:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -2012,15 +2013,39 @@ def bf16_is_fast(device) -> bool:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
-    return True
+    return False  # meta (FLOP counting) and other devices: no autocast
 
 
 def autocast(device, enabled: bool = True):
     """bf16 autocast on the given device; no GradScaler is needed for bf16. `--amp` means "bf16 where the hardware
-    runs it natively" (bf16_is_fast): on a CPU without native bf16 this is a no-op and the step runs in fp32. Code
-    that must exercise the bf16 path on any CPU (tests) calls torch.autocast directly."""
+    runs it natively" (bf16_is_fast): elsewhere (a CPU without native bf16, the meta device) this is a no-op and the
+    step runs in fp32. Code that must exercise the bf16 path on any CPU (tests) calls torch.autocast directly."""
     dev = torch.device(device)
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=enabled and bf16_is_fast(dev))
+    if not (enabled and bf16_is_fast(dev)):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
+def batch_per_rank(batch_size: int, world_size: int) -> int:
+    """--batch-size is the GLOBAL batch (the papers' convention): split evenly over the ranks, or a clear error."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes; "
+            f"pick a multiple of {world_size}"
+        )
+    return batch_size // world_size
+
+
+@contextlib.contextmanager
+def usage_errors(script: str):
+    """Bad input (arguments, missing or malformed files, a dataset that is not there, a checkpoint that does not fit)
+    ends `script` with one line `<script>: error: ...` (exit status 1) instead of a traceback. Wrap only the setup:
+    a ValueError inside the training loop is a bug and keeps its traceback. Callers in Python catch SystemExit."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # e.g. the paths tried
+        raise SystemExit(f"{script}: error: {message}") from None
 
 
 def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:

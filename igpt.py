@@ -77,7 +77,6 @@ Bits per palette token after 80 steps (about 8 s) of the tiny model on Fashion-M
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -100,6 +99,7 @@ from common import (
     TrainBatches,
     arg,
     autocast,
+    batch_per_rank,
     check_finite,
     cleanup_distributed,
     cosine_lr,
@@ -118,6 +118,7 @@ from common import (
     set_lr,
     setup_distributed,
     unwrap,
+    usage_errors,
 )
 
 METHOD = "igpt"
@@ -465,7 +466,7 @@ def token_nll(
     mask (global RNG, or `generator`), nll of the masked tokens given the visible ones, only those scored. The
     network runs under bf16 autocast when args.amp; the log-softmax is fp32."""
     keep = None if args.objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
-    with autocast(tokens.device, True) if args.amp else contextlib.nullcontext():
+    with autocast(tokens.device, args.amp):
         logits = model(tokens, keep)
     nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, K, L) vs (B, L)
     scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
@@ -522,7 +523,7 @@ def sample(model: nn.Module, num: int, temperature: float = 1.0, seed: int = 0, 
     g = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.zeros(num, net.height * net.width, dtype=torch.long, device=device)
     for p in range(tokens.shape[1]):
-        with autocast(device, True) if amp else contextlib.nullcontext():
+        with autocast(device, amp):
             h = net.hidden_states(tokens)[:, p]  # positions > p see the zero placeholders; position p does not
             logits = net.head(net.norm(h))
         probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -573,17 +574,6 @@ def load_split(args: Args, train: bool):
     return ds
 
 
-@contextlib.contextmanager
-def usage_errors():
-    """Bad input (arguments, missing or malformed files, a dataset that is not there) ends the script with one line
-    `igpt.py: error: ...` (exit status 1) instead of a traceback; main()'s callers in Python catch SystemExit."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # e.g. the paths tried
-        raise SystemExit(f"igpt.py: error: {message}") from None
-
-
 def check_args(args: Args) -> None:
     """Clear errors for settings that cannot run (ValueError / FileNotFoundError; main() turns them into one line)."""
     if args.arch not in IGPT_ARCHS:
@@ -612,17 +602,10 @@ def check_args(args: Args) -> None:
                                 f"kmeans_centers.npy; leave it empty to fit one)")  # fmt: skip
 
 
-def batch_per_rank(batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes; "
-                         f"pick a multiple of {world_size}")  # fmt: skip
-    return batch_size // world_size
-
-
 def sample_from_checkpoint(args: Args) -> dict:
     """--sample-only: rebuild the model from --ckpt alone, draw --num-samples images at --temperature (seed --seed)
     and write <ckpt dir>/samples_t<temperature>_s<seed>.png. Returns {"samples_path", "tokens" (N, L) CPU}."""
-    with usage_errors():
+    with usage_errors("igpt.py"):
         ckpt = load_checkpoint(args.ckpt, METHOD)
         model = build_model(Args(**ckpt["args"]))
         if not model.causal:
@@ -647,7 +630,7 @@ def sample_from_checkpoint(args: Args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, PRESETS)
-    with usage_errors():
+    with usage_errors("igpt.py"):
         check_args(args)
     if args.sample_only:
         return sample_from_checkpoint(args)
@@ -658,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
 
     # --- data and palette: one palette on every rank (rank 0 fits or loads it, then broadcasts)
-    with usage_errors():
+    with usage_errors("igpt.py"):
         per_rank = batch_per_rank(args.batch_size, info.world_size)
         train_set, test_set = load_split(args, train=True), load_split(args, train=False)
         kind = {"weak": "weak", "none": "eval"}[args.augment]  # "eval" at the stored size = the images unchanged
@@ -691,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    with usage_errors():  # a missing --resume PATH, or another method's checkpoint
+    with usage_errors("igpt.py"):  # a missing --resume PATH, or another method's checkpoint
         resume_path = resolve_resume(args.resume, run_dir)
         if resume_path:
             step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]

@@ -54,7 +54,6 @@ there, common.bf16_is_fast), idle:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -72,6 +71,7 @@ from common import (
     VisionTransformer,
     arg,
     autocast,
+    batch_per_rank,
     check_finite,
     cleanup_distributed,
     cosine_lr,
@@ -92,6 +92,7 @@ from common import (
     setup_distributed,
     unpatchify,
     unwrap,
+    usage_errors,
     vit_arch,
 )
 
@@ -312,7 +313,7 @@ def mae_loss(
     masks); otherwise drawn from the global RNG inside the encoder. The model runs under bf16 autocast when args.amp,
     the loss in fp32. Returns (loss fp32 scalar, {"pred", "mask", "x" (the normalized input)})."""
     x = normalize(images.float())  # MAE works in ImageNet-normalized pixel space (main_pretrain.py Normalize)
-    amp = autocast(x.device, True) if args.amp else contextlib.nullcontext()
+    amp = autocast(x.device, args.amp)
     with amp:
         pred, mask = model(x, mask_noise)
     loss = reconstruction_loss(pred, patchify(x, args.patch_size), mask, args.norm_pix_loss)
@@ -447,15 +448,6 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
 
 
-def batch_per_rank(batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ValueError(
-            f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes; "
-            f"pick a multiple of {world_size}"
-        )
-    return batch_size // world_size
-
-
 # ======================================================================================================================
 # Training loop
 # ======================================================================================================================
@@ -463,32 +455,26 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, PRESETS)
-    try:
+    with usage_errors("mae.py"):  # bad input: one line, no traceback
         check_args(args)
-    except ValueError as e:  # a one-line message, not a stack trace
-        raise SystemExit(f"mae.py: error: {e}") from None
     # --- boilerplate: FLOPs (on the meta device, before any process group exists), ranks, seeds, run folder
     flops_per_image = training_step_flops(args)
     info = setup_distributed(args.device)
     dev = info.device
     seed_everything(args.seed + info.rank)
-    try:
+    with usage_errors("mae.py"):
         per_rank = batch_per_rank(args.batch_size, info.world_size)
         train_set, test_set = load_split(args, train=True), load_split(args, train=False)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"mae.py: error: {e}") from None
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
     logger = RunLogger(run_dir, args, info.is_main)
     print0(f"MAE training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")
 
     # --- data: one MAE view per image; fixed held-out images and masks for eval/test_loss and the pictures
-    try:
+    with usage_errors("mae.py"):  # e.g. a batch larger than the dataset
         batches = TrainBatches(
             train_set, [args.view], args.image_size, per_rank, info, seed=args.seed,
             num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
         )  # fmt: skip
-    except ValueError as e:  # e.g. a batch larger than the dataset
-        raise SystemExit(f"mae.py: error: {e}") from None
     test_x = heldout_images(test_set, args.test_images, args.image_size, "cpu", min(args.num_workers, 4))
     picture_images = test_x[:8]
     num_patches = (args.image_size // args.patch_size) ** 2
@@ -509,12 +495,10 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    try:
+    with usage_errors("mae.py"):  # a missing --resume PATH, another method's or architecture's checkpoint
         resume_path = resolve_resume(args.resume, run_dir)
         if resume_path:
             step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"mae.py: error: {e}") from None
     if resume_path:
         print0(f"resumed from {resume_path} at step {step}")
     print0(

@@ -45,7 +45,6 @@ Deviations from the paper / reference code (google-research/simclr tf2), and why
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -67,6 +66,7 @@ from common import (
     VisionTransformer,
     arg,
     autocast,
+    batch_per_rank,
     check_finite,
     cleanup_distributed,
     convert_sync_batchnorm,
@@ -87,6 +87,7 @@ from common import (
     set_lr,
     setup_distributed,
     unwrap,
+    usage_errors,
     vit_arch,
 )
 
@@ -370,7 +371,7 @@ def simclr_losses(
     Returns (terms: {"contrastive", "online_linear" (when the head exists and labels are given), "total"},
              out: the model outputs h (2B, width), z (2B, proj_dim), logits)."""
     x = normalize(torch.cat(views).float())  # (2B, 3, S, S): one backbone batch, so BN sees both views together
-    amp = autocast(x.device, True) if args.amp else contextlib.nullcontext()
+    amp = autocast(x.device, args.amp)
     with amp:
         out = model(x)
     terms = {"contrastive": contrastive_loss(out["z"], args.temperature)}
@@ -428,7 +429,7 @@ def evaluate(model: nn.Module, bank_set, query_set, args: Args, device) -> dict[
     """eval/knn_top1: weighted kNN (SPEC 8: k=200, t=0.07, cosine; k <= bank size) on h, memory bank = the first
     args.knn_bank training images, queries = the first args.knn_queries held-out images; eval/online_linear_top1:
     the online head on h of the same queries. Accuracies in [0, 1]."""
-    amp = autocast(device, True) if args.amp else contextlib.nullcontext()
+    amp = autocast(device, args.amp)
 
     def embed(dataset, count):
         feats, labels = [], []
@@ -484,13 +485,6 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
 
 
-def batch_per_rank(batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes; "
-                         f"pick a multiple of {world_size}")  # fmt: skip
-    return batch_size // world_size
-
-
 # ======================================================================================================================
 # Training loop
 # ======================================================================================================================
@@ -498,32 +492,26 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, PRESETS)
-    try:
+    with usage_errors("simclr.py"):  # bad input: one line, no traceback
         check_args(args)
-    except ValueError as e:  # a one-line message, not a stack trace
-        raise SystemExit(f"simclr.py: error: {e}") from None
     # --- boilerplate: FLOPs (on the meta device, before any process group exists), ranks, seeds, run folder
     flops_per_image = training_step_flops(args)
     info = setup_distributed(args.device)
     dev = info.device
     seed_everything(args.seed + info.rank)
-    try:
+    with usage_errors("simclr.py"):
         per_rank = batch_per_rank(args.batch_size, info.world_size)
         train_set, test_set = load_split(args, train=True), load_split(args, train=False)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"simclr.py: error: {e}") from None
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
 
     # --- data: two SimCLR views per image; the held-out split for the monitors
     if args.online_linear and args.num_classes == 0:
         args.num_classes = int(train_set.num_classes)  # saved in args.json / the checkpoint: build_model needs it
-    try:
+    with usage_errors("simclr.py"):  # e.g. a batch larger than the dataset
         batches = TrainBatches(
             train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
             num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
         )  # fmt: skip
-    except ValueError as e:  # e.g. a batch larger than the dataset
-        raise SystemExit(f"simclr.py: error: {e}") from None
     logger = RunLogger(run_dir, args, info.is_main)
     print0(f"SimCLR training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward, both views)")
 
@@ -542,12 +530,10 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
-    try:
+    with usage_errors("simclr.py"):  # a missing --resume PATH, another method's or architecture's checkpoint
         resume_path = resolve_resume(args.resume, run_dir)
         if resume_path:
             step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"simclr.py: error: {e}") from None
     if resume_path:
         print0(f"resumed from {resume_path} at step {step}")
     print0(f"{args.arch} + {args.head} head on {args.dataset}: {info.world_size} x {per_rank} images/step, "
