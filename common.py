@@ -1282,8 +1282,8 @@ def _locate_svhn(root: str, split: str):
 def _read_svhn(path: str):
     try:
         from scipy.io import loadmat  # only SVHN needs scipy, so it is not a requirement of the repository
-    except ImportError as e:
-        raise ImportError("reading SVHN's .mat files needs scipy: pip install scipy") from e
+    except ImportError:  # a ValueError: usage_errors turns it into one line naming the fix
+        raise ValueError(f"reading SVHN's {path} (a MATLAB .mat file) needs scipy: pip install scipy") from None
     mat = loadmat(path, variable_names=("X", "y"))
     # X is (H, W, C, N) (MATLAB's layout) -> (N, C, H, W)
     images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))

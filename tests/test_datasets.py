@@ -135,7 +135,8 @@ def test_rgb_to_one_channel_uses_bt601_luma(tmp_path):
 
 
 def test_svhn_mat_layout_label_ten_is_zero_and_splits(tmp_path):
-    from scipy.io import savemat
+    # scipy is not a requirement (only SVHN's .mat files need it); without it the next test covers the error
+    savemat = pytest.importorskip("scipy.io", reason="scipy is optional (SVHN only): pip install scipy").savemat
 
     def mat(n, labels):
         x = np.zeros((32, 32, 3, n), dtype=np.uint8)  # MATLAB layout: X[y, x, channel, image]
@@ -155,6 +156,26 @@ def test_svhn_mat_layout_label_ten_is_zero_and_splits(tmp_path):
     assert int(train.images.sum()) == 260
     assert build_dataset("svhn", root=str(tmp_path), train=False).labels.tolist() == [2, 0]
     assert build_dataset("svhn", root=str(tmp_path), split="extra").labels.tolist() == [0, 0]
+
+
+def test_svhn_without_scipy_is_a_one_line_error_naming_pip_install_scipy(tmp_path, monkeypatch):
+    import builtins
+
+    os.makedirs(tmp_path / "svhn")
+    (tmp_path / "svhn" / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file")  # found, so the reader is called
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name == "scipy" or name.startswith("scipy."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    with pytest.raises(SystemExit) as e, common.usage_errors("simclr.py"):
+        build_dataset("svhn", root=str(tmp_path))
+    message = str(e.value)
+    assert message.startswith("simclr.py: error: ") and "\n" not in message
+    assert "pip install scipy" in message and "train_32x32.mat" in message
 
 
 # ---------------------------------------------------------------------------------------------- STL-10
