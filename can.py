@@ -58,7 +58,6 @@ both views; `python can.py --arch vit_l --flops-report`, CPU, ~5 s):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -565,35 +564,16 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, args: Args, pat
     model.train(was_training)
 
 
-def spread_subset(dataset, count: int):
-    """At most `count` images spread evenly over `dataset` (ImageFolder-like datasets are sorted by class, so the
-    first images would all share one class). An ImageArray stays an ImageArray (fast in-memory eval path)."""
-    n = len(dataset)
-    if count >= n:
-        return dataset
-    idx = torch.linspace(0, n - 1, count).round().long()
-    if isinstance(dataset, common.ImageArray):
-        subset = copy.copy(dataset)
-        subset.images, subset.labels = dataset.images[idx], dataset.labels[idx]
-        return subset
-    return torch.utils.data.Subset(dataset, idx.tolist())
-
-
-def eval_images(dataset, count: int, image_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Un-augmented (x (count, 3, S, S) in [0, 1], labels (count,)) of `count` images spread over `dataset`."""
-    batches = list(common.eval_batches(spread_subset(dataset, count), image_size, count, device))
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
 @torch.no_grad()
 def knn_top1(model, bank_set, query_set, args: Args, device) -> float:
     """kNN monitor (SPEC 8: k=200, tau 0.07, cosine) on `features`: memory bank = args.knn_bank un-augmented
-    training images, queries = args.knn_queries held-out images (both spread over their split). Top-1 in [0, 1]."""
+    training images, queries = args.knn_queries held-out images (both common.heldout_subset: class balanced). Top-1
+    in [0, 1]."""
     amp = autocast(device, args.amp)
 
     def embed(dataset, count):
         feats, labels = [], []
-        for x, y in common.eval_batches(spread_subset(dataset, count), args.image_size, 256, device):
+        for x, y in common.eval_batches(common.heldout_subset(dataset, count), args.image_size, 256, device):
             with amp:
                 feats.append(features(model, x))
             labels.append(y)
@@ -679,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
             num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
         )  # fmt: skip
-    picture_images = eval_images(test_set, 8, args.image_size, dev)[0]  # fixed held-out images for the PNGs
+    picture_images = common.heldout_images(test_set, 8, args.image_size, dev)[0]  # fixed held-out images for the PNGs
 
     # --- model, optimizer (boilerplate)
     model = build_model(args).to(dev)

@@ -1881,6 +1881,54 @@ def eval_batches(dataset, image_size: int, batch_size: int, device, num_workers:
             yield x.to(device), labels.to(device)
 
 
+def dataset_labels(dataset) -> torch.Tensor | None:
+    """The labels of every example without decoding an image (ImageArray.labels, ImageFolder.targets), or None."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    return None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+
+
+def heldout_subset(dataset, count: int):
+    """The fixed evaluation images of every training-time monitor (kNN bank and queries, held-out loss, bits per
+    token, reconstruction pictures): at most `count` examples of `dataset`, the same on every call and every rank.
+
+    Class balanced when the labels are known without decoding images (an equal share per class, the remainder
+    going to the first classes, each class's share spread evenly over its examples in dataset order); spread
+    evenly over the dataset otherwise (or for unlabeled splits). Taking the first `count` examples instead would
+    give a sorted dataset (an image folder: ImageNet lists class by class) a bank of a handful of classes.
+    An ImageArray stays an ImageArray (the fast in-memory path of eval_batches); other datasets become a Subset."""
+    n = len(dataset)
+    if count >= n:
+        return dataset
+    labels = dataset_labels(dataset)
+    if labels is None or labels.numel() != n or bool((labels < 0).any()):
+        idx = torch.linspace(0, n - 1, count).round().long()
+    else:
+        classes, counts = torch.unique(labels, return_counts=True)
+        take = torch.zeros_like(counts)
+        while int(take.sum()) < count:  # water filling: classes with images left share what is left equally
+            open_classes = (take < counts).nonzero().flatten()
+            left = count - int(take.sum())
+            share = max(left // len(open_classes), 1)
+            for c in open_classes[:left] if share == 1 else open_classes:
+                take[c] += min(share, int(counts[c] - take[c]))
+        picked = []
+        for c, k in zip(classes.tolist(), take.tolist()):
+            members = (labels == c).nonzero().flatten()
+            picked.append(members[torch.linspace(0, len(members) - 1, k).round().long()] if k else members[:0])
+        idx = torch.cat(picked).sort().values
+    if isinstance(dataset, ImageArray):
+        return ImageArray(dataset.images[idx], dataset.labels[idx], dataset.name, dataset.num_classes)
+    return torch.utils.data.Subset(dataset, idx.tolist())
+
+
+def heldout_images(dataset, count: int, image_size: int, device, num_workers: int = 4):
+    """Un-augmented (x float (n, 3, S, S) in [0, 1], labels (n,)) of heldout_subset(dataset, count) on `device`."""
+    batches = list(eval_batches(heldout_subset(dataset, count), image_size, 256, device, num_workers=num_workers))
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
 # ======================================================================================
 # 8. Training utilities
 # ======================================================================================

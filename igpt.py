@@ -652,7 +652,8 @@ def main(argv: list[str] | None = None) -> dict:
     flops_per_image = training_step_flops(args)
     logger = RunLogger(run_dir, args, info.is_main)
     n_eval = args.eval_images or len(test_set)
-    eval_train, eval_test = train_set.images[:n_eval], test_set.images[:n_eval]
+    eval_train = common.heldout_subset(train_set, n_eval).images  # class balanced, fixed
+    eval_test = common.heldout_subset(test_set, n_eval).images
     print0(f"iGPT training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")
 
     # --- model, optimizer (boilerplate)

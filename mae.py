@@ -388,18 +388,6 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, args: Args, pat
     model.train(was_training)
 
 
-def heldout_images(dataset, count: int, image_size: int, device, num_workers: int = 4) -> torch.Tensor:
-    """Un-augmented x (count, 3, S, S) in [0, 1] of `count` images spread evenly over `dataset` (image folders are
-    sorted by class, so the first images would all share one class), on `device`."""
-    idx = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long()
-    if isinstance(dataset, common.ImageArray):
-        subset = common.ImageArray(dataset.images[idx], dataset.labels[idx], dataset.name, dataset.num_classes)
-    else:
-        subset = torch.utils.data.Subset(dataset, idx.tolist())
-    batches = common.eval_batches(subset, image_size, 256, device, num_workers=num_workers)
-    return torch.cat([x for x, _ in batches])
-
-
 # ======================================================================================================================
 # Data: one MAE view per image
 # ======================================================================================================================
@@ -475,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_set, [args.view], args.image_size, per_rank, info, seed=args.seed,
             num_workers=args.num_workers, aug_kwargs=augment_kwargs(args),
         )  # fmt: skip
-    test_x = heldout_images(test_set, args.test_images, args.image_size, "cpu", min(args.num_workers, 4))
+    test_x = common.heldout_images(test_set, args.test_images, args.image_size, "cpu", min(args.num_workers, 4))[0]
     picture_images = test_x[:8]
     num_patches = (args.image_size // args.patch_size) ** 2
     test_mask_noise = fixed_mask_noise(len(test_x), num_patches)

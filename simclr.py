@@ -413,27 +413,17 @@ def build_optimizer(model: nn.Module, args: Args, lr: float, device) -> torch.op
 # ======================================================================================================================
 
 
-def _first_images(dataset, count: int, image_size: int, device, batch: int = 256):
-    """Un-augmented (x in [0, 1], labels) of the first `count` images of a dataset (eval transform), in batches."""
-    seen = 0
-    for x, y in common.eval_batches(dataset, image_size, batch, device):
-        take = min(count - seen, x.shape[0])
-        yield x[:take], y[:take]
-        seen += take
-        if seen >= count:
-            break
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, bank_set, query_set, args: Args, device) -> dict[str, float]:
-    """eval/knn_top1: weighted kNN (SPEC 8: k=200, t=0.07, cosine; k <= bank size) on h, memory bank = the first
-    args.knn_bank training images, queries = the first args.knn_queries held-out images; eval/online_linear_top1:
-    the online head on h of the same queries. Accuracies in [0, 1]."""
+    """eval/knn_top1: weighted kNN (SPEC 8: k=200, t=0.07, cosine; k <= bank size) on h, memory bank =
+    args.knn_bank training images, queries = args.knn_queries held-out images (both common.heldout_subset: class
+    balanced); eval/online_linear_top1: the online head on h of the same queries. Accuracies in [0, 1]."""
     amp = autocast(device, args.amp)
 
     def embed(dataset, count):
         feats, labels = [], []
-        for x, y in _first_images(dataset, count, args.image_size, device):
+        subset = common.heldout_subset(dataset, count)
+        for x, y in common.eval_batches(subset, args.image_size, 256, device, num_workers=min(args.num_workers, 4)):
             with amp:
                 feats.append(features(model, x))
             labels.append(y)

@@ -271,3 +271,34 @@ def test_autocast_is_bf16_only_where_the_hardware_runs_it_natively():
     with common.autocast("cpu", enabled=False):
         assert (a @ b).dtype == torch.float32
     assert common.bf16_is_fast("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# ---------------------------------------------------------------- the monitors' held-out subset
+def test_heldout_subset_is_class_balanced_fixed_and_spread_within_each_class():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 50, 50, 50, 50, 50, 50, 50, 50, 3]))  # sorted
+    data = common.ImageArray(torch.arange(len(labels)).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 8, 8).clone(),
+                             labels, "sorted", 10)  # fmt: skip
+    sub = common.heldout_subset(data, 100)
+    assert isinstance(sub, common.ImageArray) and len(sub) == 100
+    # class 9 has only 3 images: all of them, the 97 others shared by the 9 full classes (11 each, 2 get a 12th)
+    assert torch.bincount(sub.labels, minlength=10).tolist() == [12, 12, 11, 11, 11, 11, 11, 11, 11, 3]
+    first = sub.labels == 0  # spread over class 0's 50 images (indices 0..49): first and last both taken
+    picked = sub.images[first, 0, 0, 0].long()
+    assert picked.min() == 0 and picked.max() == 49 and len(torch.unique(picked)) == 12
+    again = common.heldout_subset(data, 100)
+    assert torch.equal(again.images, sub.images) and torch.equal(again.labels, sub.labels)  # fixed
+    assert common.heldout_subset(data, 10_000) is data  # asking for more than there is: the whole set
+
+
+def test_heldout_subset_without_labels_spreads_over_the_dataset():
+    class Unlabeled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 101
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 8, 8, dtype=torch.uint8), -1
+
+    sub = common.heldout_subset(Unlabeled(), 11)
+    assert isinstance(sub, torch.utils.data.Subset) and sub.indices == list(range(0, 101, 10))
+    unlabeled = common.ImageArray(torch.zeros(30, 3, 8, 8, dtype=torch.uint8), torch.full((30,), -1), "u", 0)
+    assert common.heldout_subset(unlabeled, 4).images.shape[0] == 4  # labels -1: spread, not balanced

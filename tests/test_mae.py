@@ -380,7 +380,7 @@ def test_learning_smoke_heldout_loss_falls_below_init_and_the_trivial_prediction
     final = mae.main(TINY + ["--output-dir", str(tmp_path), "--steps", "40", "--eval-every", "40", "--log-every", "40"])
     init, trained = final["init/test_loss"], final["eval/test_loss"]
     args = tiny_args()
-    x = mae.heldout_images(mae.load_split(args, train=False), args.test_images, 16, "cpu")
+    x = common.heldout_images(mae.load_split(args, train=False), args.test_images, 16, "cpu")[0]
     mask = common.random_masking(torch.zeros(len(x), 16, 1), 0.75, mae.fixed_mask_noise(len(x), 16))[1]
     target = common.patchify(common.normalize(x), 4)
     zeros = mae.reconstruction_loss(torch.zeros_like(target), target, mask, True).item()

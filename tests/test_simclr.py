@@ -5,6 +5,7 @@ heads, features, and the script end to end (python and torchrun) with bitwise-ex
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -353,3 +354,40 @@ def test_short_cpu_pretraining_beats_the_untrained_network_on_knn(tmp_path):
     untrained = simclr.evaluate(untrained_model, train_set, test_set, args, torch.device("cpu"))["eval/knn_top1"]
     print(f"kNN top-1 on the held-out split: untrained {untrained:.3f}, after {SMOKE_STEPS} steps {trained:.3f}")
     assert trained >= untrained + 0.07
+
+
+# ---------------------------------------------------------------- the kNN monitor on a class-sorted image folder
+def test_knn_monitor_on_a_class_sorted_image_folder_matches_the_in_memory_set(tmp_path):
+    """An image folder lists its images class by class (ImageNet: 1300 per class). The monitor's bank and queries
+    come from common.heldout_subset, class balanced, so a class-sorted folder scores what the same images held in
+    memory (shuffled order) score. The first-N bank this replaced held one class and scored chance. The images are
+    the synthetic shapes tinted by class (an untrained network separates colors, not shapes: on the plain shapes
+    every bank scores chance and the test could not tell the banks apart)."""
+    from PIL import Image
+
+    images, labels = common.synthetic_shapes(400, size=16, seed=3)
+    tint = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=torch.float32)
+    images = (0.5 * images.float() + 0.5 * tint[labels].view(-1, 3, 1, 1)).round().to(torch.uint8)
+    for split in ("train", "val"):
+        for c in range(4):
+            os.makedirs(tmp_path / split / f"class{c}")
+    for i, (img, y) in enumerate(zip(images, labels.tolist())):
+        split = "train" if i < 300 else "val"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / split / f"class{y}" / f"{i:04d}.png")
+    args = tiny_args("--image-size", "16", "--patch-size", "4", "--knn-bank", "80", "--knn-queries", "40",
+                     "--knn-k", "10", "--num-workers", "0")  # fmt: skip
+    torch.manual_seed(0)
+    model = simclr.build_model(args).eval()
+    folder = [common.ImageFolderDataset(str(tmp_path / s)) for s in ("train", "val")]
+    memory = [common.ImageArray(images[:300], labels[:300], "shapes", 4),
+              common.ImageArray(images[300:], labels[300:], "shapes", 4)]  # fmt: skip
+    on_folder = simclr.evaluate(model, *folder, args, "cpu")["eval/knn_top1"]
+    in_memory = simclr.evaluate(model, *memory, args, "cpu")["eval/knn_top1"]
+    bank = common.heldout_subset(folder[0], 80)
+    assert torch.bincount(torch.tensor([folder[0].targets[i] for i in bank.indices])).tolist() == [20] * 4
+    # the old monitor: the first 80 folder images: 75 of class 0 and 5 of class 1
+    first = torch.utils.data.Subset(folder[0], list(range(80)))
+    old = simclr.evaluate(model, first, folder[1], args, "cpu")["eval/knn_top1"]
+    print(f"kNN monitor: folder {on_folder:.3f}, in memory {in_memory:.3f}, first-80 bank {old:.3f}")
+    assert old <= 0.55  # 2 of 4 classes in the bank: at most their half of the balanced queries can be right
+    assert on_folder > old + 0.2 and abs(on_folder - in_memory) <= 0.05
