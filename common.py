@@ -662,7 +662,7 @@ _AUGMENT_KEYS = {
     },
     "mae": {"scale", "ratio", "interpolation", "flip_p"},
     "weak": {"pad", "flip_p"},
-    "eval": {"interpolation"},
+    "eval": {"interpolation", "crop_ratio"},
 }
 
 
@@ -680,6 +680,8 @@ def augment_config(kind: str, size: int, **kw) -> dict:
       blur: Gaussian blur on/off; None (default) = on for size >= 96 only
       blur_p, blur_sigma, blur_kernel: blur probability (0.5), sigma range (0.1, 2.0), odd kernel size (size//10 | 1)
       pad: reflect padding of the weak view; default 4
+      crop_ratio: eval only: resize the shorter side to round(size / crop_ratio), then center-crop `size`; default 1
+        (the image at the model's size). MAE / CAN / SimCLR evaluate at 224 px with 0.875 (resize 256) bicubic.
     """
     if kind not in AUGMENT_KINDS:
         raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {AUGMENT_KINDS}")
@@ -717,7 +719,10 @@ def augment_config(kind: str, size: int, **kw) -> dict:
         cfg["flip_p"] = 0.5
     else:
         cfg["interpolation"] = "bilinear"
+        cfg["crop_ratio"] = 1.0
     cfg.update(kw)
+    if kind == "eval" and not 0 < cfg["crop_ratio"] <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {cfg['crop_ratio']}")
     if kind == "simclr":
         if cfg["jitter"] is None:
             s = float(cfg["jitter_strength"])
@@ -759,6 +764,11 @@ def _clamp_unit(img: torch.Tensor) -> torch.Tensor:
     return img.clamp(0.0, 1.0)
 
 
+def eval_resize(size: int, crop_ratio: float) -> int:
+    """Shorter side before the center crop of the eval view: 224 / 0.875 = 256 (MAE main_linprobe, SimCLR)."""
+    return int(round(size / crop_ratio))
+
+
 def per_image_transform(kind: str, size: int, **kw) -> v2.Compose:
     """The torchvision.transforms.v2 pipeline of one view distribution (see `augment_config` for `kw`).
 
@@ -778,7 +788,7 @@ def per_image_transform(kind: str, size: int, **kw) -> v2.Compose:
         ops.append(v2.RandomCrop(size, padding=cfg["pad"], padding_mode="reflect"))
         ops.append(v2.RandomHorizontalFlip(cfg["flip_p"]))
     else:
-        ops.append(v2.Resize(size, interpolation=cfg["interpolation"]))
+        ops.append(v2.Resize(eval_resize(size, cfg["crop_ratio"]), interpolation=cfg["interpolation"]))
         ops.append(v2.CenterCrop(size))
     ops.append(v2.ToDtype(torch.float32, scale=True))
     if kind == "simclr":
@@ -1861,21 +1871,25 @@ class TrainBatches:
                 yield [v.to(dev, non_blocking=True) for v in views], labels.to(dev, non_blocking=True)
 
 
-def eval_batches(dataset, image_size: int, batch_size: int, device, num_workers: int = 4):
-    """Un-augmented batches in dataset order: (x float (B, 3, S, S) in [0, 1] on device, labels (B,))."""
+def eval_batches(dataset, image_size: int, batch_size: int, device, num_workers: int = 4, **eval_kw):
+    """Un-augmented batches in dataset order: (x float (B, 3, S, S) in [0, 1] on device, labels (B,)).
+    eval_kw: the "eval" view's interpolation and crop_ratio (augment_config); by default the image at size S."""
     if isinstance(dataset, ImageArray):
+        cfg = augment_config("eval", image_size, **eval_kw)
+        side = eval_resize(image_size, cfg["crop_ratio"])
         for s in range(0, len(dataset), batch_size):
             x = dataset.images[s : s + batch_size].to(device)
             x = x.float() / 255
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            if x.shape[-1] != image_size or x.shape[-2] != image_size:
-                x = F.interpolate(
-                    x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
-                )
+            if x.shape[-1] != side or x.shape[-2] != side:  # stored images are square: resize = shorter side
+                x = F.interpolate(x, size=(side, side), mode=cfg["interpolation"], antialias=True, align_corners=False)
+            if side != image_size:
+                top = int(round((side - image_size) / 2.0))  # torchvision CenterCrop's offset
+                x = x[..., top : top + image_size, top : top + image_size]
             yield x.clamp(0, 1), dataset.labels[s : s + batch_size].to(device)
     else:
-        views = _ViewsDataset(dataset, [per_image_transform("eval", image_size)])
+        views = _ViewsDataset(dataset, [per_image_transform("eval", image_size, **eval_kw)])
         loader = torch.utils.data.DataLoader(views, batch_size=batch_size, num_workers=num_workers)
         for (x,), labels in loader:
             yield x.to(device), labels.to(device)

@@ -14,10 +14,18 @@ to the checkpoint, and runs the chosen protocols on the cached features:
              mae   MAE main_linprobe.py (also CAN's protocol): BatchNorm1d(affine=False, eps 1e-6) + Linear with
                    trunc-normal(std 0.01) weights, LARS with base lr 0.1 (x batch / 256), wd 0, 10 warmup epochs
                    then half-cosine, 90 epochs.
+  linear_aug  MAE main_linprobe.py as it runs: the MAE head (BatchNorm without affine + Linear, LARS, warmup +
+           cosine, 90 epochs) trained on the frozen features of freshly augmented training images every epoch
+           (RandomResizedCrop(S, scale 0.08-1, bicubic) + flip); tested on the eval view. The `linear` protocols
+           train on cached features of un-augmented images (one extraction, minutes instead of hours); this one
+           pays a backbone forward per image per epoch and is the protocol behind MAE's and CAN's linear numbers.
   knn      weighted kNN on cosine similarity (k 200, temperature 0.07; Wu et al. 2018), no training.
-  layers   the linear probe (or kNN, `--layers-probe knn`) on the output of every block; reports the best block.
-           iGPT 4.1: the representation of a generative model peaks near the middle of the network, and the last
-           block costs 2.4 points on CIFAR-10, so generative checkpoints (igpt, gcrl) are probed per block.
+  layers   iGPT 4.1's best-layer probe: the linear probe (or kNN, `--layers-probe knn`) on the output of every
+           block, each trained on the training split minus a class-balanced held-out part (`--layers-val-fraction`)
+           and scored on that part; the block with the best held-out accuracy is refit on the whole training split
+           and only its test accuracy is reported (the test split never chooses the block). iGPT 4.1: the
+           representation of a generative model peaks near the middle of the network, and the last block costs
+           2.4 points on CIFAR-10, so generative checkpoints (igpt, gcrl) are probed per block.
   ood      supervised OOD score s(x) = max_c log N(z(x) | mu_c, Sigma_c) (class-conditional Gaussians fitted on the
            training features; GCRL 4.3, Table 5) -> AUROC and AUPRC of the in-distribution test split vs the test
            split of `--ood-dataset` (CIFAR-10 vs SVHN in GCRL). For methods with a likelihood (the optional
@@ -25,6 +33,11 @@ to the checkpoint, and runs the chosen protocols on the cached features:
            (GCRL 4.3, Table 6).
   lowshot  the linear probe trained on 1% / 5% / 10% of the training labels (class balanced, `--seeds`), evaluated
            on the whole test split, mean +- std over seeds (GCRL Table 8).
+
+Eval view (`--eval-crop`): images of <= 64 px (CIFAR, STL-10 at 96, ImageNet32/64, MNIST) are probed as stored,
+resized to the model's size (GCRL / iGPT); from 224 px on, as the MAE / CAN / SimCLR papers do, the shorter side is
+resized to S / 0.875 (256 for 224) bicubic and the center S x S is cropped (MAE main_linprobe.py's
+Resize(256, interpolation=3) + CenterCrop(224); SimCLR's center crop of 87.5%).
 
 Every classifier reports its expected calibration error next to its accuracy (ECE with 15 equal-width confidence
 bins, Guo et al. 2017, as GCRL Tables 8-10); for kNN the normalized class votes are the probabilities. Results are
@@ -63,8 +76,11 @@ Known deviations and choices:
     training features) x I, so it stays invertible when a class has fewer images than feature dimensions.
   * AUPRC is average precision (sum over distinct thresholds of recall increase x precision), in-distribution as the
     positive class (consistent with GCRL Table 6: with 10k CIFAR-10 vs 26k SVHN images, AUPRC < AUROC).
-  * `layers` reports the block with the best test accuracy, as iGPT Fig. 2 plots test accuracy per block; pick the
-    block on held-out data before quoting it as a result.
+  * `layers` holds out 10% of the training split (class balanced, seeded by --seed) to choose the block, as iGPT
+    4.1 does with a validation split; iGPT Fig. 2 plots test accuracy per block, which is not a result to quote.
+  * `linear_aug` freezes the backbone in eval mode (MAE's main_linprobe leaves the frozen ViT in train mode, where
+    it has no dropout or BatchNorm, so the two agree for ViTs; for BatchNorm backbones eval mode is the only
+    frozen choice). Its other settings come from --epochs / --lr / --batch-size / --weight-decay like `linear`.
   * `--untrained` re-initializes every parameter and BatchNorm statistic; other buffers (e.g. iGPT's color palette,
     fitted data preprocessing rather than learned weights) are taken from the checkpoint.
   * Low-shot: GCRL does not state its low-shot classifier; the chosen linear protocol is used. std is the sample
@@ -96,7 +112,7 @@ import common
 from common import arg
 
 METHOD = "eval_probe"
-PROTOCOLS = ("linear", "knn", "layers", "ood", "lowshot")
+PROTOCOLS = ("linear", "linear_aug", "knn", "layers", "ood", "lowshot")
 IMAGENET_LIKE = ("imagenet32", "imagenet64", "imagefolder")  # GCRL 4.2 uses lr 0.1 for ImageNet, 0.01 for CIFAR
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,7 +128,9 @@ class Args:
 
     # experiment
     ckpt: str = arg("", "checkpoint.pt written by a method script (required)")
-    protocols: str = arg("linear,knn", "comma-separated protocols to run: linear, knn, layers, ood, lowshot (or all)")
+    protocols: str = arg(
+        "linear,knn", "comma-separated protocols to run: linear, linear_aug, knn, layers, ood, lowshot (or all)"
+    )
     untrained: bool = arg(False, "evaluate the same architecture freshly initialized from the checkpoint's args")
     seed: int = arg(0, "seed of the probe heads, their data order and of the --untrained initialization")
     device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
@@ -122,6 +140,12 @@ class Args:
     data_root: str = arg("", "dataset folder ('' = the checkpoint's data_root, else 'data')")
     download: bool = arg(False, "download missing datasets (torchvision downloaders)")
     image_size: int = arg(0, "input size of the model (0 = the checkpoint's image_size)")
+    eval_crop: str = arg(
+        "auto",
+        "eval view: full (resize to S, bilinear) | resize_crop (shorter side to S/0.875 bicubic, center crop S: MAE "
+        "main_linprobe, CAN, SimCLR at 224 px) | auto (resize_crop from 224 px on, else full)",
+        choices=["auto", "full", "resize_crop"],
+    )
     synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = the checkpoint's, else its default)")
     extract_batch_size: int = arg(256, "batch of the frozen forward passes that extract features")
     num_workers: int = arg(4, "DataLoader workers for datasets that are not kept in memory")
@@ -151,6 +175,9 @@ class Args:
         "linear",
         "classifier of the per-block sweep: linear (iGPT's protocol) or knn (cheap)",
         choices=["linear", "knn"],
+    )
+    layers_val_fraction: float = arg(
+        0.1, "part of the training split held out (class balanced) to choose the block; the test split never does"
     )
     # ood
     ood_dataset: str = arg("svhn", "out-of-distribution test set (GCRL 4.3: SVHN and STL-10)")
@@ -374,37 +401,50 @@ def build_linear_head(dim: int, num_classes: int, protocol: str) -> nn.Module:
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
 
 
-def fit_linear_probe(feats, labels, num_classes: int, proto: LinearProtocol, seed: int = 0) -> nn.Module:
-    """Train a linear head on fixed features (N, D) -> labels (N,) (no augmentation); returns it in eval mode.
-    The head's init and data order are seeded; the global RNG is left untouched."""
-    device = feats.device
-    feats, labels = feats.float(), labels.to(device)
+def train_linear_head(epoch_batches, dim: int, num_classes: int, proto: LinearProtocol, steps_per_epoch: int,
+                      seed: int, device) -> nn.Module:  # fmt: skip
+    """The probe's optimization: a fresh head (seeded init) trained for proto.epochs, where epoch_batches(epoch)
+    yields (features (B, dim), labels (B,)) on `device`; per-step lr for the cosine schedule. Returns it in eval
+    mode; the global RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = build_linear_head(feats.shape[1], num_classes, proto.name).to(device)
+        head = build_linear_head(dim, num_classes, proto.name).to(device)
     if proto.optimizer == "adamw":
         optimizer = torch.optim.AdamW(head.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
     else:
         optimizer = common.LARS(head.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
-    n = feats.shape[0]
-    B = min(proto.batch_size, n)
-    steps_per_epoch = n // B  # drop_last as MAE; a set smaller than one batch is one batch
     total = steps_per_epoch * proto.epochs
     warmup = round(proto.warmup_epochs * steps_per_epoch)
-    g = torch.Generator().manual_seed(seed)
     head.train()
     step = 0
-    for _ in range(proto.epochs):
-        perm = torch.randperm(n, generator=g)[: steps_per_epoch * B].to(device)
-        for idx in perm.view(steps_per_epoch, B):
+    for epoch in range(proto.epochs):
+        for x, y in epoch_batches(epoch):
             if proto.schedule == "cosine":
                 common.set_lr(optimizer, common.cosine_lr(step, total, warmup, proto.lr))
-            loss = F.cross_entropy(head(feats[idx]), labels[idx])
+            loss = F.cross_entropy(head(x.float()), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
     return head.eval()
+
+
+def fit_linear_probe(feats, labels, num_classes: int, proto: LinearProtocol, seed: int = 0) -> nn.Module:
+    """Train a linear head on fixed features (N, D) -> labels (N,) (no augmentation); returns it in eval mode.
+    The head's init and data order are seeded; the global RNG is left untouched."""
+    device = feats.device
+    feats, labels = feats.float(), labels.to(device)
+    n = feats.shape[0]
+    B = min(proto.batch_size, n)
+    steps_per_epoch = n // B  # drop_last as MAE; a set smaller than one batch is one batch
+    g = torch.Generator().manual_seed(seed)
+
+    def epoch_batches(epoch):
+        perm = torch.randperm(n, generator=g)[: steps_per_epoch * B].to(device)
+        for idx in perm.view(steps_per_epoch, B):
+            yield feats[idx], labels[idx]
+
+    return train_linear_head(epoch_batches, feats.shape[1], num_classes, proto, steps_per_epoch, seed, device)
 
 
 @torch.no_grad()
@@ -439,6 +479,15 @@ def lowshot_indices(labels: torch.Tensor, fraction: float, num_classes: int, see
         idx = (labels == c).nonzero().squeeze(1)
         picked.append(idx[torch.randperm(idx.numel(), generator=g)[:per_class]])
     return torch.cat(picked).sort().values
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, num_classes: int, seed: int):
+    """(fit indices, held-out indices): a class-balanced `fraction` of the labels held out (lowshot_indices), the
+    rest to fit on. Sorted indices."""
+    held = lowshot_indices(labels, fraction, num_classes, seed)
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().squeeze(1), held
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -679,6 +728,7 @@ class FeatureStore:
             batch_size,
             self.device,
             num_workers=self.args.num_workers,
+            **self.data["eval_view"],
         )
 
     def get(self, name: str, split: str, layer: int | None, pool: str, keep: bool = True):
@@ -693,6 +743,7 @@ class FeatureStore:
             "data_root": os.path.abspath(self.data["data_root"]),
             "synthetic_size": self.data["synthetic_size"] if name == "synthetic" else 0,
             "image_size": self.data["image_size"],
+            "eval_view": self.data["eval_view"],
             "split": split,
             "layer": layer,
             "pool": pool,
@@ -745,27 +796,65 @@ def run_knn(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
     return {"protocol": "knn", "setting": {"k": args.knn_k, "temperature": args.knn_temperature}, "metrics": metrics}
 
 
+def run_linear_aug(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
+    """MAE main_linprobe.py: every epoch, RandomResizedCrop(S, scale (0.08, 1), bicubic) + flip views of the training
+    split go through the frozen backbone into the MAE head; the test split is the eval view (cached features)."""
+    proto = linear_protocol(dataclasses.replace(args, linear_protocol="mae"), name)
+    size = store.data["image_size"]
+    train_set = store.dataset(name, "train")
+    C = getattr(train_set, "num_classes", None) or int(common.dataset_labels(train_set).max()) + 1
+    B = min(proto.batch_size, len(train_set))
+    info = common.DistInfo(device=torch.device(store.device))
+    view = dict(scale=(0.08, 1.0), interpolation="bicubic")  # MAE main_linprobe: RandomResizedCrop(224, interp. 3)
+    batches = common.TrainBatches(train_set, ["mae"], size, B, info, seed=args.seed, num_workers=args.num_workers,
+                                  aug_kwargs=view)  # fmt: skip
+    print(f"linear_aug: {proto.describe()}; RandomResizedCrop({size}, scale 0.08-1, bicubic) + flip, "
+          f"{batches.steps_per_epoch} steps per epoch")  # fmt: skip
+
+    def epoch_batches(epoch):
+        for (x,), y in batches.epoch(epoch):
+            with torch.no_grad(), common.autocast(x.device, enabled=args.amp and x.device.type == "cuda"):
+                f = call_features(store.module, store.model, x, layer, pool)
+            yield f.float(), y
+
+    dim = int(store.get(name, "test", layer, pool)[0].shape[1])
+    with torch.random.fork_rng(devices=[]):  # the augmentation draws are seeded too
+        torch.manual_seed(args.seed)
+        head = train_linear_head(epoch_batches, dim, C, proto, batches.steps_per_epoch, args.seed, store.device)
+    te_x, te_y, _ = store.get(name, "test", layer, pool)
+    metrics = classification_metrics(predict_proba(head, te_x), te_y, args.ece_bins)
+    setting = {**proto.setting(), "augment": "rrc0.08+flip"}
+    return {"protocol": "linear_aug", "setting": setting, "metrics": metrics}
+
+
 def run_layers(store: FeatureStore, args: Args, name: str, pool) -> dict:
+    """iGPT 4.1: probe every block on a held-out part of the training split, pick the best, report its test score."""
     depth = int(store.module.num_feature_layers(store.model))
     proto = linear_protocol(args, name)
     how = proto.describe() if args.layers_probe == "linear" else f"kNN k {args.knn_k}"
-    print(f"layers: probing the output of each of {depth} blocks with {how}")
+    frac = args.layers_val_fraction
+    print(f"layers: probing the output of each of {depth} blocks with {how}; block chosen on {frac:.0%} of train")
+
+    def score(train, test, C):
+        if args.layers_probe == "linear":
+            return linear_eval(train, test, C, proto, args.seed, args.ece_bins)
+        return knn_eval(train, test, C, args.knn_k, args.knn_temperature, args.ece_bins)
+
     metrics, best = {}, None
     for layer in range(depth):
         tr_x, tr_y, C = store.get(name, "train", layer, pool, keep=False)
-        te_x, te_y, _ = store.get(name, "test", layer, pool, keep=False)
-        if args.layers_probe == "linear":
-            m = linear_eval((tr_x, tr_y), (te_x, te_y), C, proto, args.seed, args.ece_bins)
-        else:
-            m = knn_eval((tr_x, tr_y), (te_x, te_y), C, args.knn_k, args.knn_temperature, args.ece_bins)
-        metrics[f"block{layer}/acc"], metrics[f"block{layer}/ece"] = m["acc"], m["ece"]
-        print(f"  block {layer}: acc {m['acc']:.4f}  ece {m['ece']:.4f}")
-        if best is None or m["acc"] > metrics[f"block{best}/acc"]:
+        fit, held = (i.to(tr_x.device) for i in holdout_split(tr_y, frac, C, args.seed))
+        m = score((tr_x[fit], tr_y[fit]), (tr_x[held], tr_y[held]), C)
+        metrics[f"block{layer}/val_acc"] = m["acc"]
+        print(f"  block {layer}: held-out acc {m['acc']:.4f}")
+        if best is None or m["acc"] > metrics[f"block{best}/val_acc"]:
             best = layer
-    metrics.update(
-        {"best_block": best, "best/acc": metrics[f"block{best}/acc"], "best/ece": metrics[f"block{best}/ece"]}
-    )
-    setting = {"probe": args.layers_probe, "blocks": depth}
+    tr_x, tr_y, C = store.get(name, "train", best, pool, keep=False)
+    te_x, te_y, _ = store.get(name, "test", best, pool, keep=False)
+    m = score((tr_x, tr_y), (te_x, te_y), C)
+    print(f"  chosen block {best}: test acc {m['acc']:.4f}  ece {m['ece']:.4f}")
+    metrics.update({"best_block": best, "best/acc": m["acc"], "best/ece": m["ece"]})
+    setting = {"probe": args.layers_probe, "blocks": depth, "val_fraction": frac}
     if args.layers_probe == "linear":
         setting.update(proto.setting())
     return {"protocol": "layers", "setting": setting, "metrics": metrics}
@@ -891,6 +980,15 @@ def format_table(rows: list[dict]) -> str:
 # ======================================================================================
 
 
+def eval_view(eval_crop: str, image_size: int) -> dict:
+    """The eval view's keyword arguments (common.augment_config "eval"): {} = the image resized to S (GCRL / iGPT at
+    32-64 px); resize_crop = shorter side to S / 0.875 bicubic, then the center S x S (MAE main_linprobe, CAN and
+    SimCLR at 224 px). auto: resize_crop from 224 px on."""
+    if eval_crop == "resize_crop" or (eval_crop == "auto" and image_size >= 224):
+        return dict(crop_ratio=0.875, interpolation="bicubic")
+    return {}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the chosen protocols on one checkpoint; returns the result rows (also appended to eval_results.*)."""
     args = common.parse_args(Args, argv)
@@ -907,6 +1005,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "image_size": args.image_size or ck.get("image_size") or 0,
         "synthetic_size": args.synthetic_size or ck.get("synthetic_size") or 0,
     }
+    data["eval_view"] = eval_view(args.eval_crop, data["image_size"])
     if not data["dataset"]:
         raise ProbeError("the checkpoint's args name no dataset: pass --dataset")
     if not data["image_size"]:
@@ -922,7 +1021,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"{ckpt['method']} checkpoint {args.ckpt} (step {ckpt.get('step')}, {weights} weights) on {device}; "
         f"probing {data['dataset']} at {data['image_size']} px, features: "
-        f"{'standard' if layer is None else f'block {layer}'}, pool {args.pool}"
+        f"{'standard' if layer is None else f'block {layer}'}, pool {args.pool}, eval view "
+        f"{'resize S/0.875 bicubic + center crop' if data['eval_view'] else 'the image at S'}"
     )
     store = FeatureStore(module, model, args.ckpt, args, data, device)
     name = data["dataset"]
@@ -930,6 +1030,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for protocol in protocols:
         if protocol == "linear":
             row = run_linear(store, args, name, layer, pool)
+        elif protocol == "linear_aug":
+            row = run_linear_aug(store, args, name, layer, pool)
         elif protocol == "knn":
             row = run_knn(store, args, name, layer, pool)
         elif protocol == "layers":
@@ -940,6 +1042,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = run_lowshot(store, args, name, layer, pool)
         if protocol != "layers":
             row["setting"] = {"layer": "std" if layer is None else layer, "pool": args.pool, **row["setting"]}
+        row["setting"]["eval_view"] = "resize_crop" if data["eval_view"] else "full"
         rows.append(
             {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -461,3 +461,84 @@ def test_end_to_end_on_smoke_checkpoint(method, tmp_path, capsys):
     assert saved == rows
     assert all(0 <= r["metrics"]["acc"] <= 1 and 0 <= r["metrics"]["ece"] <= 1 for r in rows)
     assert open(ckpt.parent / "eval_results.csv").read().count("\n") == 1 + 4  # header + 2 metrics x 2 protocols
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Best layer chosen on held-out training data; eval view; the augmented (MAE main_linprobe) probe
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_layers_chooses_the_block_on_held_out_training_data_and_reports_only_its_test_score(standin, monkeypatch):
+    module, path = standin
+    asked = []
+    real_get = ep.FeatureStore.get
+    monkeypatch.setattr(ep.FeatureStore, "get", lambda self, n, split, layer, *a, **k: (
+        asked.append((split, layer)), real_get(self, n, split, layer, *a, **k))[1])  # fmt: skip
+    argv = ["--ckpt", path, "--protocols", "layers", "--epochs", "3", "--synthetic-size", "128", "--device", "cpu"]
+    row = ep.main([*argv, "--no-cache"])[0]
+    m = row["metrics"]
+    best = max(range(2), key=lambda b: m[f"block{b}/val_acc"])  # first of the best on ties, as the sweep
+    assert m["best_block"] == best and row["setting"]["val_fraction"] == 0.1
+    assert not any(k.startswith("block") and not k.endswith("/val_acc") for k in m)  # no per-block test score
+    assert [layer for split, layer in asked if split == "test"] == [best]  # the test split never chooses
+    # the held-out score is the linear probe fit on the other 90% of train (class balanced), scored on the 10%
+    tr_x, tr_y, C = real_get(ep.FeatureStore(module, module.MODELS[-1], path, ep.common.parse_args(ep.Args, argv),
+                             {"dataset": "synthetic", "data_root": "data", "image_size": 16, "synthetic_size": 128,
+                              "eval_view": {}}, "cpu"), "synthetic", "train", 0, "")  # fmt: skip
+    fit, held = ep.holdout_split(tr_y, 0.1, C, 0)
+    assert len(held) == 4 * round(0.1 * 128 / 4) and len(set(fit.tolist()) & set(held.tolist())) == 0
+    proto = ep.linear_protocol(ep.common.parse_args(ep.Args, argv), "synthetic")
+    val = ep.linear_eval((tr_x[fit], tr_y[fit]), (tr_x[held], tr_y[held]), C, proto, 0, 15)["acc"]
+    assert val == m["block0/val_acc"]
+
+
+def test_eval_view_resize_crop_is_torchvision_resize_256_bicubic_center_crop_224():
+    from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 300, 260), dtype=torch.uint8, generator=g)
+    kw = ep.eval_view("auto", 224)
+    assert kw == {"crop_ratio": 0.875, "interpolation": "bicubic"} and ep.eval_view("auto", 64) == {}
+    ours = common.per_image_transform("eval", 224, **kw)(img)
+    ref = v2.Compose(
+        [
+            v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(224),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )(img)  # fmt: skip (MAE main_linprobe.py's eval view)
+    assert torch.equal(ours, ref.as_subclass(torch.Tensor))
+    # the in-memory path (ImageArray, float resampling) draws the same view: equal up to uint8 rounding
+    square = torch.randint(0, 256, (2, 3, 37, 37), dtype=torch.uint8, generator=g)
+    array = common.ImageArray(square, torch.zeros(2), "x", 1)
+    ((x, _),) = list(common.eval_batches(array, 32, 8, "cpu", crop_ratio=0.875, interpolation="bicubic"))
+    per_image = torch.stack([common.per_image_transform("eval", 32, crop_ratio=0.875, interpolation="bicubic")(i)
+                             for i in square])  # fmt: skip
+    assert x.shape == (2, 3, 32, 32) and (x - per_image).abs().max() <= 2 / 255
+
+
+def test_linear_aug_trains_the_mae_head_on_fresh_augmented_views_every_epoch(standin, monkeypatch):
+    module, path = standin
+    seen = []
+    real_features = module.features
+
+    def recording(model, images, layer=None, pool="mean"):
+        seen.append(images.sum((1, 2, 3)))
+        return real_features(model, images, layer, pool)
+
+    monkeypatch.setattr(module, "features", recording)
+    argv = ["--ckpt", path, "--protocols", "linear_aug", "--epochs", "2", "--batch-size", "32",
+            "--synthetic-size", "64", "--device", "cpu", "--no-cache"]  # fmt: skip
+    module.CALLS.clear()
+    row = ep.main(argv)[0]
+    assert row["protocol"] == "linear_aug" and row["setting"]["linear_protocol"] == "mae"
+    assert row["setting"]["augment"] == "rrc0.08+flip" and set(row["metrics"]) == {"acc", "ece"}
+    assert all(not training and not grad for training, grad in module.CALLS)  # frozen backbone throughout
+    # 1 test extraction (64 images in 1 batch of 256) + 2 epochs x 2 steps of 32 augmented training images
+    sizes = [len(s) for s in seen]
+    assert sizes == [64, 32, 32, 32, 32]
+    epoch0, epoch1 = torch.cat(seen[1:3]), torch.cat(seen[3:5])
+    assert not torch.allclose(epoch0.sort().values, epoch1.sort().values)  # new crops every epoch
+    seen.clear()
+    again = ep.main(argv)[0]
+    assert again["metrics"] == row["metrics"]  # seeded: the augmentation draws and the head
