@@ -197,13 +197,26 @@ def test_each_ablation_removes_exactly_its_term():
         can.check_args(tiny_args("--no-contrastive", "--no-reconstruction", "--no-denoise"))
 
 
-def test_noise_embedding_reaches_every_decoder_token():
+def test_noise_embedding_is_added_to_every_token_at_the_decoder_input():
+    """CAN 3.4: the noise-level embedding is added to every decoder token, [M] tokens included. Checked at the input
+    of decoder block 0 (after attention any bias spreads to every output, so the decoder's predictions could not
+    tell the placements apart): changing sigma moves every token there by exactly the change of the embedding.
+    The official code adds it to the encoder outputs before the decoder projection, which leaves the [M] tokens
+    unchanged at this point; this test fails on that placement."""
     args = tiny_args()
     model = tiny_model(args)
     images, fixed = draws(4, args)
-    _, out_a = can.can_losses(model, images, args, **fixed)
-    _, out_b = can.can_losses(model, images, args, **{**fixed, "sigma": fixed["sigma"] + 1.0})
-    assert (out_a["pred"] - out_b["pred"]).abs().amax(-1).min() > 0  # masked and visible patches all move
+    seen = []
+    model.decoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    sigma_b = fixed["sigma"] + 1.0
+    with torch.no_grad():
+        _, out = can.can_losses(model, images, args, **fixed)
+        can.can_losses(model, images, args, **{**fixed, "sigma": sigma_b})
+        embed = [model.noise_embed(can.sigma_embedding(s, args.noise_embed_dim)) for s in (fixed["sigma"], sigma_b)]
+    delta = seen[1] - seen[0]  # (2B, 1 + L, D): cls, then every patch in image order (visible and [M])
+    assert delta.shape[1] == 1 + out["mask"].shape[1]
+    torch.testing.assert_close(delta, (embed[1] - embed[0])[:, None, :].expand_as(delta), rtol=1e-5, atol=1e-5)
+    assert delta.abs().amax(-1).min() > 1e-3  # every token moved, the masked ones included
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory():

@@ -174,8 +174,16 @@ def test_masked_decoder_places_tokens_and_bias_reaches_every_token():
     tokens, mask, ids = enc(torch.randn(2, 3, 16, 16), mask_ratio=0.5)
     out = dec(tokens, ids)
     assert out.shape == (2, 16, 48)
-    out_b = dec(tokens, ids, token_bias=torch.randn(2, 32))
-    assert (out - out_b).abs().amax(-1).min() > 0  # every patch's prediction moved
+    seen = []
+    dec.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    bias = torch.randn(2, 32)
+    with torch.no_grad():
+        dec(tokens, ids)
+        dec(tokens, ids, token_bias=bias)
+    # at the input of block 0 (before attention would spread any bias everywhere): every token, the 8 mask tokens
+    # and the cls slot included, carries exactly the bias
+    assert seen[0].shape == (2, 1 + 16, 32)
+    torch.testing.assert_close(seen[1] - seen[0], bias[:, None, :].expand(2, 17, 32), rtol=0, atol=1e-6)
 
 
 def test_quantizer_round_trip_and_format(tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_png, run_script
+from conftest import ROOT, read_png, run_distributed, run_script
 
 import common
 import mae
@@ -356,6 +356,38 @@ def test_resume_auto_continues_bitwise_exactly(tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss/total" in r] == [2, 4]  # the first run ends at 2, the second logs 4
     assert [r["step"] for r in rows if "eval/test_loss" in r] == [0, 2, 3, 4]  # no second "init" evaluation
+
+
+def _mae_ddp_worker(rank, world, images, mask_noise):
+    """One DDP backward of the MAE loss on this rank's half of a fixed batch with fixed masks."""
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = mae.build_model(args)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    n = len(images) // world
+    part = slice(rank * n, (rank + 1) * n)
+    loss, _ = mae.mae_loss(ddp, torch.tensor(images)[part], args, torch.tensor(mask_noise)[part])
+    loss.backward()
+    return [loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).tolist()]
+
+
+def test_ddp_gradients_on_two_processes_equal_one_process(tmp_path):
+    """The training step's gradients under DDP (2 gloo processes, half the batch each) equal one process on the
+    whole batch: the loss is a mean over removed patches, every image removes the same number, and DDP averages."""
+    args = tiny_args()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, args.image_size, args.image_size, generator=g)
+    mask_noise = torch.rand(8, (args.image_size // args.patch_size) ** 2, generator=g)
+    out = run_distributed(_mae_ddp_worker, 2, tmp_path, images.tolist(), mask_noise.tolist())
+    torch.manual_seed(0)
+    model = mae.build_model(args)
+    loss, _ = mae.mae_loss(model, images, args, mask_noise)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(loss.item(), rel=1e-5)
+    for rank in range(2):  # every rank holds the averaged gradient: the single-process one
+        torch.testing.assert_close(torch.tensor(out[rank][1]), grad, rtol=1e-4, atol=1e-6)
+    assert grad.abs().max() > 0
 
 
 def test_torchrun_two_processes(tmp_path):
