@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.checkpoint import checkpoint
 from torchvision.transforms import v2
 
 # ======================================================================================
@@ -71,6 +72,9 @@ def vit_arch(name: str) -> tuple[int, int, int]:
         valid = ", ".join(list(VIT_ARCHS) + list(VIT_ALIASES))
         raise ValueError(f"unknown ViT arch '{name}'; choose one of: {valid}")
     return VIT_ARCHS[key]
+
+
+VIT_CHOICES = list(VIT_ARCHS) + list(VIT_ALIASES)  # the --arch choices of the ViT methods
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -225,10 +229,26 @@ class Block(nn.Module):
             raise ValueError(f"unknown attention '{attention}'; use dense, axial or axial_dense")
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.grad_checkpointing = False  # set_grad_checkpointing: recompute activations in backward
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), is_causal=is_causal)
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(self._forward, x, is_causal, use_reentrant=False)
+        return self._forward(x, is_causal)
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
+    """The one gradient-checkpointing switch: every transformer Block inside `model` recomputes its activations in
+    the backward pass (torch.utils.checkpoint): same parameters, names and math, about a third more compute, far
+    less activation memory (ViT-L with 2 x 512 views per GPU)."""
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.grad_checkpointing = enable
+    return model
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -248,9 +268,9 @@ class VisionTransformer(nn.Module):
     its state_dict loads into timm.models.vision_transformer.VisionTransformer(num_classes=0) of the same
     size. Positions are the fixed 2D sin-cos table (MAE), stored as a frozen parameter like MAE/timm.
 
-    forward(x, mask_ratio=0) -> (tokens, mask, ids_restore): tokens (B, 1 + L_keep, D) after the final norm
-    (cls first), mask (B, L) with 1 = removed, ids_restore (B, L). With mask_ratio 0 nothing is removed and
-    tokens keep the spatial order."""
+    forward(x) -> tokens (B, 1 + L, D) of the whole image after the final norm, cls first. The masked encoders of
+    MAE and CAN are written in their own files from the pieces: embed_patches -> random_masking -> with_cls ->
+    blocks -> norm."""
 
     def __init__(
         self,
@@ -277,42 +297,42 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # MAE: init the patch conv like a Linear
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(self, x: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]
-        B, L, _ = x.shape
-        if mask_ratio > 0:
-            x, mask, ids_restore = random_masking(x, mask_ratio, noise)
-        else:
-            mask = x.new_zeros(B, L)
-            ids_restore = torch.arange(L, device=x.device).expand(B, L)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
-        x = torch.cat([cls, x], dim=1)
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> patch tokens (B, L, D) plus their positions (no cls)."""
+        return self.patch_embed(x) + self.pos_embed[:, 1:]
+
+    def with_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend the cls token (plus its position) to tokens (B, n, D) -> (B, 1 + n, D)."""
+        return torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.with_cls(self.embed_patches(x))
         for block in self.blocks:
             x = block(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x)
 
     def block_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """All tokens (B, 1 + L, D), cls first, output by block `layer` (0-based) of the unmasked image, before the
         final norm: the per-block representation of the probes (eval_probe.py's best-layer sweep)."""
         if not 0 <= layer < len(self.blocks):
             raise ValueError(f"layer {layer} out of range: the encoder has {len(self.blocks)} blocks")
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.with_cls(self.embed_patches(x))
         for block in self.blocks[: layer + 1]:
             x = block(x)
         return x
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-    """MAE per-image random masking by argsort of uniform noise (ref code): keep exactly
-    int(L * (1 - mask_ratio)) tokens per image, those with the smallest noise, in noise order.
-    x: (N, L, D) -> x_kept (N, L_keep, D), mask (N, L) with 0 = keep, 1 = removed, ids_restore (N, L)
-    such that gathering [x_kept, filler] with ids_restore puts every token back at its position."""
+def random_masking(x: torch.Tensor, mask_ratio: float, draws: torch.Tensor | None = None):
+    """MAE per-image random masking by argsort of uniform draws (ref code, where they are called `noise`): keep
+    exactly int(L * (1 - mask_ratio)) tokens per image, those with the smallest draws, in draw order.
+    x: (N, L, D); draws (N, L) uniform (None: drawn here from the global RNG)
+    -> x_kept (N, L_keep, D), mask (N, L) with 0 = keep, 1 = removed, ids_restore (N, L) such that gathering
+    [x_kept, filler] with ids_restore puts every token back at its position."""
     N, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
-    if noise is None:
-        noise = torch.rand(N, L, device=x.device)
-    ids_shuffle = torch.argsort(noise, dim=1)
+    if draws is None:
+        draws = torch.rand(N, L, device=x.device)
+    ids_shuffle = torch.argsort(draws, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     x_kept = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))
@@ -320,6 +340,32 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return x_kept, mask, ids_restore
+
+
+def fixed_draws(count: int, num_patches: int, seed: int = 0) -> torch.Tensor:
+    """(count, L) uniform masking draws from a private generator: the same masks at every evaluation (held-out loss,
+    pictures), the training RNG untouched."""
+    return torch.rand(count, num_patches, generator=torch.Generator().manual_seed(seed))
+
+
+def normalized_target(target: torch.Tensor) -> torch.Tensor:
+    """norm_pix_loss target (MAE Table 1c): each patch t (N, L, p*p*3) -> (t - mean(t)) / sqrt(var(t) + 1e-6), mean
+    and UNBIASED variance (torch.var default, as the ref code) over the p*p*3 values of the patch. fp32."""
+    target = target.float()
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + 1e-6) ** 0.5
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """The MAE loss (ref forward_loss), also CAN's L_rec. pred, target (N, L, p*p*3) (target = patchify(normalized
+    image)), mask (N, L) 1 = removed:
+        loss = sum_{n,l} mask_nl * mean_k (pred_nlk - t_nlk)^2 / sum_{n,l} mask_nl
+    the per-patch mean squared error averaged over the removed patches of the (local) batch; visible patches do not
+    count. t = normalized_target(target) with norm_pix. fp32."""
+    target = normalized_target(target) if norm_pix else target.float()
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum()
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -625,6 +671,43 @@ def knn_predict(
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
         scores.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))
     return torch.cat(scores)
+
+
+BLUR_FLAG = {"auto": None, "on": True, "off": False}  # --blur of the SimCLR-view methods -> augment_config's blur
+
+
+def knn_heldout(args, train_set, test_set) -> dict:
+    """The kNN monitor's fixed data: args.knn_bank training images and args.knn_queries held-out images, both
+    class balanced (heldout_subset); not decoded until the monitor runs."""
+    return {"bank": heldout_subset(train_set, args.knn_bank), "queries": heldout_subset(test_set, args.knn_queries)}
+
+
+@torch.no_grad()
+def embed_heldout(embed, held: dict, args, device) -> dict:
+    """Features of the monitors' held-out sets: {"bank" / "queries": (feats (n, D) float32, labels (n,))} with
+    embed(x) -> (B, D) on un-augmented images x in [0, 1] on `device` (bf16 autocast when args.amp); empty sets
+    (--knn-bank 0) are left out."""
+    out = {}
+    for name in ("bank", "queries"):
+        if name not in held or len(held[name]) == 0:
+            continue
+        feats, labels = [], []
+        for x, y in eval_batches(held[name], args.image_size, 256, device, num_workers=min(args.num_workers, 4)):
+            with autocast(x.device, args.amp):
+                feats.append(embed(x).float())
+            labels.append(y)
+        out[name] = torch.cat(feats), torch.cat(labels)
+    return out
+
+
+def knn_top1(embedded: dict, args) -> float:
+    """eval/knn_top1 of every method: weighted kNN (k = args.knn_k, temperature args.knn_t or 0.07) of the held-out
+    queries against the bank (embed_heldout's output); top-1 accuracy in [0, 1]."""
+    (bank, bank_labels), (queries, query_labels) = embedded["bank"], embedded["queries"]
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    t = getattr(args, "knn_t", 0.07)
+    scores = knn_predict(bank, bank_labels, queries, num_classes, k=args.knn_k, temperature=t)
+    return (scores.argmax(dim=1) == query_labels).float().mean().item()
 
 
 # ======================================================================================
@@ -1673,6 +1756,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def load_split(args, train: bool):
+    """A method's train or held-out split from its Args (dataset, data_root, download, image_size,
+    synthetic_size): in-memory datasets are stored at the training resolution (28 px Fashion-MNIST padded to 32,
+    synthetic shapes drawn at that size); image folders are decoded at full size and left to the crops."""
+    kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
+    return build_dataset(
+        args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
+    )
+
+
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] -> standardized with per-channel mean/std (ImageNet's, as MAE/CAN)."""
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -1771,10 +1864,19 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def convert_sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when running on several processes (statistics over the global batch, as
-    SimCLR's global BN); unchanged on one process."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if info.world_size > 1 else model
+def distribute(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Module:
+    """The model on its device, wrapped for training: BatchNorm -> SyncBatchNorm (statistics over the global batch,
+    SimCLR's global BN) and DistributedDataParallel when running on several processes; torch.compile with
+    `compile`. Every method builds its models so that each trainable parameter gets a gradient every step (parts
+    whose loss is off are not built), so DDP needs no find_unused_parameters. Checkpoints save unwrap(model).
+    Models without BatchNorm are unaffected by the conversion; DDP's buffer broadcast then moves nothing."""
+    dev = info.device
+    model = model.to(dev)
+    if info.world_size > 1:
+        if dev.type == "cuda":  # PyTorch has no CPU SyncBatchNorm (DDP refuses it): on CPU ranks BN stays per rank
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return torch.compile(model) if compile else model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -1966,9 +2068,11 @@ def _parse_bool(s: str) -> bool:
 
 def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, dict]] | None = None):
     """Build an argparse parser from a dataclass (each field -> --field-name with its help text and default),
-    parse argv, and return an instance. `presets` maps a field name (e.g. "arch" or "preset") to
-    {value: {field: default, ...}}: when the chosen value has an entry, those fields take the preset's value
-    unless they were given explicitly on the command line (explicit > preset > dataclass default)."""
+    parse argv, and return an instance. `presets` maps a field name (e.g. "preset" or "arch") to
+    {value: {field: value, ...}}: when the chosen value has an entry, those fields take its value unless given
+    on the command line. Precedence: explicit flag > first level ("preset") > later levels ("arch") > dataclass
+    default; the first level may choose the value of a later one (a preset picks its arch). What each level set
+    is printed (rank 0) and kept in args.presets_applied (written to args.json, not to checkpoints)."""
     presets = presets or {}
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(
@@ -2008,15 +2112,27 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
     values = vars(ns)
-    for key, table in presets.items():
-        chosen = values[key]
-        for name, value in table.get(chosen, {}).items():
-            if name not in explicit:
+    for key in presets:  # pass 1: resolve each level's choice (a preset may choose the arch)
+        for name, value in presets[key].get(values[key], {}).items():
+            if name in presets and name not in explicit:
                 values[name] = value
+    applied, kept = {}, {}
+    for key in reversed(list(presets)):  # pass 2: later levels first, so the first level's values win
+        table = presets[key].get(values[key], {})
+        applied[f"{key}={values[key]}"] = {n: v for n, v in table.items() if n not in explicit}
+        kept.update({n: values[n] for n in table if n in explicit})
+        values.update(applied[f"{key}={values[key]}"])
     for f in dataclasses.fields(cls):
         if f.name in values and isinstance(values[f.name], list) and typing.get_origin(hints[f.name]) is tuple:
             values[f.name] = tuple(values[f.name])
-    return cls(**values)
+    args = cls(**values)
+    args.presets_applied = {k: v for k, v in reversed(applied.items()) if v}
+    if os.environ.get("RANK", "0") == "0":
+        for level, table in args.presets_applied.items():
+            print(f"--{level.replace('_', '-')} sets " + ", ".join(f"{n}={v}" for n, v in table.items()), flush=True)
+        if kept:
+            print("explicit flags win over presets: " + ", ".join(f"{n}={v}" for n, v in kept.items()), flush=True)
+    return args
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -2035,7 +2151,7 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, mi
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay: tuple[str, ...] = ()) -> list[dict]:
@@ -2103,6 +2219,7 @@ def usage_errors(script: str):
     """Bad input (arguments, missing or malformed files, a dataset that is not there, a checkpoint that does not fit)
     ends `script` with one line `<script>: error: ...` (exit status 1) instead of a traceback. Wrap only the setup:
     a ValueError inside the training loop is a bug and keeps its traceback. Callers in Python catch SystemExit."""
+    script = script if script.endswith(".py") else f"{script}.py"  # a method name: its file
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
@@ -2110,9 +2227,37 @@ def usage_errors(script: str):
         raise SystemExit(f"{script}: error: {message}") from None
 
 
+def check_common_args(args) -> None:
+    """The checks every training script shares (a ValueError names the flag)."""
+    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
+        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
+
+
+def check_masked_vit_args(args, needs_removed: bool, paper: str) -> None:
+    """MAE / CAN: the image splits into patches, the arch exists, the mask ratio leaves some patches visible (and
+    some removed when the reconstruction loss is on), the decoder width fits its heads and 2D sin-cos positions."""
+    if args.patch_size < 1 or args.image_size % args.patch_size:
+        raise ValueError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
+    vit_arch(args.arch)
+    L = (args.image_size // args.patch_size) ** 2
+    kept = int(L * (1 - args.mask_ratio))
+    if not 0 < kept <= L or (needs_removed and kept == L):
+        raise ValueError(
+            f"--mask-ratio {args.mask_ratio} keeps {kept} of {L} patches; the reconstruction loss needs some removed "
+            f"and the encoder some visible ({paper})"
+        )
+    if args.decoder_dim % 4 or args.decoder_dim % args.decoder_heads:
+        raise ValueError(
+            f"--decoder-dim {args.decoder_dim} must be divisible by 4 (2D sin-cos positions) and by "
+            f"--decoder-heads {args.decoder_heads}"
+        )
+
+
 def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:
-    """Stop training on a non-finite loss, naming the step and every term; called before any checkpoint."""
-    vals = {k: float(v) for k, v in terms.items()}
+    """Stop training on a non-finite loss, naming the step and every term; called before the update (one host
+    sync for all the terms), so no NaN reaches the weights or a checkpoint."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).cpu() for v in terms.values()])
+    vals = dict(zip(terms, values.tolist()))
     if not all(math.isfinite(v) for v in vals.values()):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
         raise FloatingPointError(
@@ -2185,6 +2330,29 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
     return resume
 
 
+def resume(resume_flag: str, run_dir: str, method: str, model: nn.Module, optimizer, info: DistInfo) -> int:
+    """--resume: restore model, optimizer and RNG states from the checkpoint it names (auto: run_dir's, when there
+    is one) and return its step; 0 for a fresh start."""
+    path = resolve_resume(resume_flag, run_dir)
+    if not path:
+        return 0
+    step = load_training_state(path, method, model, optimizer, info)["step"]
+    print0(f"resumed from {path} at step {step}")
+    return step
+
+
+def run_monitors(step: int, monitors, logger, info: DistInfo) -> dict:
+    """The evaluation pattern of every method file: rank 0 runs monitors() -> {"eval/<name>": value}, logs the row
+    and prints it; the other ranks wait at a barrier (the monitors use the unwrapped model, no collectives)."""
+    metrics = monitors() if info.is_main else {}
+    if metrics:
+        logger.log(step, metrics)
+        print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if info.world_size > 1:
+        dist.barrier()
+    return metrics
+
+
 def _gather_objects(obj, info: DistInfo) -> list:
     if info.world_size == 1:
         return [obj]
@@ -2242,17 +2410,54 @@ def default_run_name(method: str, args) -> str:
     return "_".join(p for p in parts if p)
 
 
-class RunLogger:
-    """Rank-0 run folder: args.json, metrics.jsonl (one JSON object per log call) and TensorBoard events when
-    the optional tensorboard package is installed. No-op on other ranks."""
+class Throughput:
+    """Global images/s over the training time only, and the ETA. `add(images)` after each step, `rate(step)` on a
+    logging step (images and time since the previous call, then starts over); time spent inside `paused()`
+    (evaluation, checkpoints) counts neither in the rate nor against the ETA."""
 
-    def __init__(self, run_dir: str, args, enabled: bool = True):
-        self.run_dir, self.enabled, self.tb = run_dir, enabled, None
-        if not enabled:
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total, self.last_step, self.t0, self.images = total_steps, start_step, time.perf_counter(), 0
+        self.paused_s = 0.0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def rate(self, step: int) -> tuple[float, str]:
+        now = time.perf_counter()
+        dt = max(now - self.t0 - self.paused_s, 1e-9)
+        ips = self.images / dt
+        eta = (self.total - step) * dt / max(step - self.last_step, 1)
+        self.t0, self.last_step, self.images, self.paused_s = now, step, 0, 0.0
+        return ips, str(datetime.timedelta(seconds=int(eta)))
+
+
+class RunLogger:
+    """The run folder (rank 0): args.json (with what the presets set), metrics.jsonl (one JSON object per row) and
+    TensorBoard events when the optional tensorboard package is installed; and the training progress line.
+
+    step(step, terms, lr, epoch, images) after every optimizer step counts the global images; on logging steps
+    (every args.log_every steps and at stop_step) it averages the loss terms over the ranks (a collective: every rank
+    calls it), computes images/s and MFU since the last log, writes the row and prints
+    `step s/S ep e | loss/total ... | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
+
+    def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int):
+        self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
+        self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
+        self.meter = Throughput(stop_step, start_step)
+        if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args), f, indent=2)
+            saved = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+            json.dump({**saved, "presets_applied": getattr(args, "presets_applied", {})}, f, indent=2)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -2260,6 +2465,28 @@ class RunLogger:
             self.tb = SummaryWriter(run_dir)
         except ImportError:  # tensorboard is optional
             self.tb = None
+
+    def paused(self):
+        return self.meter.paused()
+
+    def step(self, step: int, terms: dict, lr: float, epoch: float, images: int) -> dict:
+        self.meter.add(images)
+        if step % self.args.log_every and step < self.stop_step:
+            return {}
+        names = list(terms)
+        local = torch.stack([torch.as_tensor(terms[n], dtype=torch.float32).detach().reshape(()) for n in names])
+        means = all_reduce_mean(local.to(self.info.device)).tolist()
+        ips, eta = self.meter.rate(step)
+        row = {f"loss/{n}": v for n, v in zip(names, means)}
+        row.update({"lr": lr, "epoch": epoch, "perf/images_per_s": ips})
+        util = mfu(self.flops_per_image, ips / self.info.world_size, self.info.device)
+        if util is not None:
+            row["perf/mfu"] = util
+        self.log(step, row)
+        loss = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        print0(f"step {step}/{self.stop_step} ep {epoch:.2f} | {loss} | lr {lr:.3g} | {ips:.1f} img/s"
+               + (f" | mfu {util:.1%}" if util is not None else "") + f" | eta {eta}")  # fmt: skip
+        return row
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -2277,23 +2504,6 @@ class RunLogger:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
-
-
-class Throughput:
-    """images/s between calls and the ETA of the run; `tick(images_done_globally)` returns (img/s, eta string)."""
-
-    def __init__(self, total_steps: int, start_step: int = 0):
-        self.total, self.last_step, self.t0 = total_steps, start_step, time.perf_counter()
-        self.images = 0
-
-    def tick(self, step: int, images: int) -> tuple[float, str]:
-        now = time.perf_counter()
-        dt = max(now - self.t0, 1e-9)
-        ips = images / dt
-        steps = max(step - self.last_step, 1)
-        eta = (self.total - step) * dt / steps
-        self.t0, self.last_step = now, step
-        return ips, str(datetime.timedelta(seconds=int(eta)))
 
 
 # Peak dense bf16 tensor-core FLOP/s per GPU (vendor datasheets) for MFU; matched by substring of the name.
@@ -2315,6 +2525,27 @@ def gpu_peak_flops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the unwrapped model in eval mode (BatchNorm running statistics, no dropout), then restore its mode."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def count_step_flops(build, loss_of, batch: int = 2) -> float:
+    """FLOPs per example of one forward + backward training step, counted by FlopCounterMode on the meta device:
+    build() -> model, loss_of(model) -> the scalar loss of `batch` examples it makes itself (on the meta device). No
+    memory, no data, no RNG use, no process group (call it before setup_distributed)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build()
+        return count_flops(lambda: loss_of(model).backward()) / batch
 
 
 def count_flops(fn, *args, **kwargs) -> int:

@@ -31,10 +31,10 @@ def draws(n_views: int, args: can.Args, seed: int = 1):
     """Fixed mask draws, sigmas and noise for 2B = n_views rows of tiny images."""
     g = torch.Generator().manual_seed(seed)
     L = (args.image_size // args.patch_size) ** 2
-    mask_noise = torch.rand(n_views, L, generator=g)
+    mask_draws = torch.rand(n_views, L, generator=g)
     images = torch.rand(n_views, 3, args.image_size, args.image_size, generator=g)
     sigma, noise = can.draw_noise(images, args.sigma_max, generator=g)
-    return images, dict(mask_noise=mask_noise, sigma=sigma, noise=noise)
+    return images, dict(mask_draws=mask_draws, sigma=sigma, noise=noise)
 
 
 # ---------------------------------------------------------------- masking: exactly 50% per view, independent views
@@ -55,7 +55,7 @@ def test_each_view_keeps_exactly_half_and_views_are_masked_independently():
     assert abs(overlap.mean().item() - 4.0) < 0.25
     assert abs(overlap.var().item() - 16 / 15) < 0.3
     # and the encoder saw exactly the kept patches: 1 cls + 8 tokens per view
-    tokens = model.encoder(torch.zeros(2, 3, 16, 16), 0.5)[0]
+    tokens = model.forward_encoder(torch.zeros(2, 3, 16, 16))[0]
     assert tokens.shape[1] == 1 + 8
 
 
@@ -64,7 +64,7 @@ def test_noise_levels_and_the_denoising_target_is_the_added_noise():
     args = tiny_args()
     model = tiny_model(args)
     seen = {}
-    model.encoder.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].detach().clone()))
+    model.encoder.patch_embed.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].detach().clone()))
     torch.manual_seed(5)
     images = torch.rand(1024, 3, 16, 16)
     terms, out = can.can_losses(model, images, args)
@@ -89,20 +89,20 @@ def test_reconstruction_ignores_visible_patches_and_denoising_ignores_masked_one
     pred, target, noise = torch.randn(3, 2, 16, 48).unbind(0)
     mask = torch.tensor([[1.0] * 8 + [0.0] * 8, [0.0] * 8 + [1.0] * 8])
     for norm_pix in (False, True):
-        r = can.reconstruction_loss(pred, target, mask, norm_pix)
+        r = common.reconstruction_loss(pred, target, mask, norm_pix)
         on_visible = pred.clone()
         on_visible[mask == 0] += 5.0
         t_visible = target.clone()
         t_visible[mask == 0] *= 3.0
-        assert can.reconstruction_loss(on_visible, target, mask, norm_pix) == r
-        assert can.reconstruction_loss(pred, t_visible, mask, norm_pix) == r
+        assert common.reconstruction_loss(on_visible, target, mask, norm_pix) == r
+        assert common.reconstruction_loss(pred, t_visible, mask, norm_pix) == r
         on_masked = pred.clone()
         on_masked[0, 0] += 1.0
-        assert can.reconstruction_loss(on_masked, target, mask, norm_pix) != r
+        assert common.reconstruction_loss(on_masked, target, mask, norm_pix) != r
     # MAE hand computation: unbiased variance, eps inside the sqrt, mean over p*p*3 then over removed patches
     t = (target - target.mean(-1, keepdim=True)) / torch.sqrt(target.var(-1, unbiased=True, keepdim=True) + 1e-6)
     hand = ((pred - t) ** 2).mean(-1)[mask == 1].mean()
-    assert can.reconstruction_loss(pred, target, mask, True).item() == pytest.approx(hand.item(), rel=1e-6)
+    assert common.reconstruction_loss(pred, target, mask, True).item() == pytest.approx(hand.item(), rel=1e-6)
     d = can.denoise_loss(pred, noise, mask)
     on_masked = pred.clone()
     on_masked[mask == 1] += 5.0
@@ -125,7 +125,7 @@ def test_rec_target_flag_clean_versus_noisy():
         results[target] = terms
         x = common.normalize(images)
         wanted = x if target == "clean" else x + fixed["noise"]
-        expect = can.reconstruction_loss(out["pred"], common.patchify(wanted, 4), out["mask"], True)
+        expect = common.reconstruction_loss(out["pred"], common.patchify(wanted, 4), out["mask"], True)
         assert terms["reconstruction"] == expect
     assert results["clean"]["reconstruction"] != results["noisy"]["reconstruction"]
     assert results["clean"]["contrastive"] == results["noisy"]["contrastive"]
@@ -164,7 +164,7 @@ def test_each_ablation_removes_exactly_its_term():
         model = can.build_model(a)
         model.load_state_dict(full.state_dict(), strict=False)  # the same weights for the parts that exist
         seen = {}
-        model.encoder.register_forward_pre_hook(lambda m, x: seen.update(x=x[0]))
+        model.encoder.patch_embed.register_forward_pre_hook(lambda m, x: seen.update(x=x[0]))
         terms, _ = can.can_losses(model, images, a, **given)
         return a, model, terms, seen["x"]
 
@@ -179,10 +179,10 @@ def test_each_ablation_removes_exactly_its_term():
     assert t["total"].item() == pytest.approx((0.03 * t["contrastive"] + 0.97 * 0.3 * t["denoise"]).item(), rel=1e-6)
 
     # CA: no noise at all (the encoder sees the clean image), no noise embedding, no denoising term
-    a, model, t, enc_input = run("--no-denoise", mask_noise=fixed["mask_noise"])
+    a, model, t, enc_input = run("--no-denoise", mask_draws=fixed["mask_draws"])
     assert model.noise_embed is None and set(t) == {"contrastive", "reconstruction", "total"}
     assert torch.equal(enc_input, common.normalize(images))
-    zero = dict(mask_noise=fixed["mask_noise"], sigma=torch.zeros(8), noise=torch.zeros_like(images))
+    zero = dict(mask_draws=fixed["mask_draws"], sigma=torch.zeros(8), noise=torch.zeros_like(images))
     clean_full, _ = can.can_losses(full, images, args, **zero)
     _, _, clean_no_embed, _ = run("--no-noise-embedding", **zero)
     assert t["contrastive"] == clean_full["contrastive"]
@@ -225,7 +225,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
     grads, keys = [], []
     for flag in (False, True):
         model = tiny_model(dataclasses.replace(args, grad_checkpointing=flag))
-        assert isinstance(model.decoder.blocks[0], can.CheckpointedBlock) == flag
+        assert model.decoder.blocks[0].grad_checkpointing == flag and model.encoder.blocks[0].grad_checkpointing == flag
         keys.append(list(model.state_dict()))
         terms, _ = can.can_losses(model, images, args, **fixed)
         terms["total"].backward()
@@ -286,7 +286,7 @@ def test_features_are_mean_pooled_clean_unmasked_patch_tokens():
     model = tiny_model(args).train()
     images = torch.rand(3, 3, 16, 16)
     feats = can.features(model, images)
-    tokens = model.encoder(common.normalize(images))[0]
+    tokens = model.encoder(common.normalize(images))
     torch.testing.assert_close(feats, tokens[:, 1:].mean(1))
     assert model.training  # mode restored
     assert can.num_feature_layers(model) == 4
@@ -316,8 +316,6 @@ def test_presets_and_bad_inputs(capsys):
     with pytest.raises(SystemExit):
         can.main(["--arch", "vit_enormous"])
     assert "invalid choice: 'vit_enormous'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not divisible by the 4 processes"):
-        can.batch_per_rank(10, 4)
     with pytest.raises(ValueError, match="not divisible by --patch-size"):
         can.check_args(tiny_args("--image-size", "18"))
     with pytest.raises(SystemExit) as bad:  # from the command line: one line naming the flag, no stack trace

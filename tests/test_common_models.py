@@ -56,7 +56,7 @@ def test_vit_block_tokens_are_the_unmasked_forward_up_to_a_block():
     torch.manual_seed(0)
     m = common.VisionTransformer(16, 4, 3, 32, 3, 4).eval()
     x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(m.norm(m.block_tokens(x, 2)), m(x)[0])  # last block + final norm = forward
+    torch.testing.assert_close(m.norm(m.block_tokens(x, 2)), m(x))  # last block + final norm = forward
     early = m.block_tokens(x, 0)
     for p in m.blocks[1].parameters():  # later blocks do not touch an earlier block's output
         p.data.add_(1.0)
@@ -171,7 +171,8 @@ def test_masked_decoder_places_tokens_and_bias_reaches_every_token():
     torch.manual_seed(0)
     enc = common.VisionTransformer(16, 4, 3, 32, 1, 4)
     dec = common.MaskedDecoder(16, 32, 48, dim=32, depth=1, num_heads=4).eval()
-    tokens, mask, ids = enc(torch.randn(2, 3, 16, 16), mask_ratio=0.5)
+    x, mask, ids = common.random_masking(enc.embed_patches(torch.randn(2, 3, 16, 16)), 0.5)
+    tokens = enc.norm(enc.with_cls(x))  # cls + the 8 visible patch tokens
     out = dec(tokens, ids)
     assert out.shape == (2, 16, 48)
     seen = []

@@ -232,13 +232,35 @@ def test_help_lists_every_field(capsys):
 
 
 def test_run_logger_writes_args_and_metrics(tmp_path):
-    log = common.RunLogger(str(tmp_path / "run"), DemoArgs())
+    log = common.RunLogger(str(tmp_path / "run"), DemoArgs(), common.DistInfo(), 0.0, 10, 0)
     log.log(1, {"loss/total": torch.tensor(2.5), "lr": 0.1})
     log.log(2, {"loss/total": 2.0})
     log.close()
     assert json.load(open(tmp_path / "run" / "args.json"))["arch"] == "vit_small"
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows == [{"step": 1, "loss/total": 2.5, "lr": 0.1}, {"step": 2, "loss/total": 2.0}]
+
+
+def test_training_progress_logs_every_n_steps_and_images_per_s_excludes_paused_time(tmp_path, monkeypatch, capsys):
+    """RunLogger.step: a row on every log_every-th step and the last, the terms averaged, images/s over the training
+    time since the last row only (evaluations and checkpoints run inside paused() and count neither time nor
+    images), the same progress line in every method file."""
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    log = common.RunLogger(str(tmp_path / "run"), PresetArgs(log_every=2), common.DistInfo(), 1e9, 5, 0)
+    rows = []
+    for step in range(1, 6):
+        clock[0] += 0.5  # every training step takes 0.5 s for 64 images
+        rows.append(log.step(step, {"mse": torch.tensor(float(step)), "total": 2.0 * step}, 0.1, step / 5, 64))
+        with log.paused():
+            clock[0] += 10.0  # a long evaluation / checkpoint after every step
+    log.close()
+    assert [bool(r) for r in rows] == [False, True, False, True, True]  # steps 2, 4 and the last (5)
+    assert rows[1]["loss/mse"] == 2.0 and rows[1]["loss/total"] == 4.0
+    assert [r["perf/images_per_s"] for r in rows if r] == [128.0, 128.0, 128.0]  # 64 images / 0.5 s, no pause
+    saved = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in saved] == [2, 4, 5]
+    assert "step 4/5 ep 0.80 | mse 4.0000 total 8.0000 | lr 0.1 | 128.0 img/s" in capsys.readouterr().out
 
 
 def test_epoch_indices_partition_and_determinism():
@@ -280,11 +302,12 @@ def test_heldout_subset_is_class_balanced_fixed_and_spread_within_each_class():
                              labels, "sorted", 10)  # fmt: skip
     sub = common.heldout_subset(data, 100)
     assert isinstance(sub, common.ImageArray) and len(sub) == 100
-    # class 9 has only 3 images: all of them, the 97 others shared by the 9 full classes (11 each, 2 get a 12th)
-    assert torch.bincount(sub.labels, minlength=10).tolist() == [12, 12, 11, 11, 11, 11, 11, 11, 11, 3]
+    # an equal share of 10 per class; class 9 has only 3 images: all of them, and the 7 left over go one each to
+    # the first classes that have images to spare
+    assert torch.bincount(sub.labels, minlength=10).tolist() == [11, 11, 11, 11, 11, 11, 11, 10, 10, 3]
     first = sub.labels == 0  # spread over class 0's 50 images (indices 0..49): first and last both taken
     picked = sub.images[first, 0, 0, 0].long()
-    assert picked.min() == 0 and picked.max() == 49 and len(torch.unique(picked)) == 12
+    assert picked.min() == 0 and picked.max() == 49 and len(torch.unique(picked)) == 11
     again = common.heldout_subset(data, 100)
     assert torch.equal(again.images, sub.images) and torch.equal(again.labels, sub.labels)  # fixed
     assert common.heldout_subset(data, 10_000) is data  # asking for more than there is: the whole set
@@ -302,3 +325,49 @@ def test_heldout_subset_without_labels_spreads_over_the_dataset():
     assert isinstance(sub, torch.utils.data.Subset) and sub.indices == list(range(0, 101, 10))
     unlabeled = common.ImageArray(torch.zeros(30, 3, 8, 8, dtype=torch.uint8), torch.full((30,), -1), "u", 0)
     assert common.heldout_subset(unlabeled, 4).images.shape[0] == 4  # labels -1: spread, not balanced
+
+
+# ---------------------------------------------------------------- presets: precedence, printed, saved
+@dataclasses.dataclass
+class PresetArgs:
+    preset: str = common.arg("none", "named group")
+    arch: str = common.arg("small", "arch")
+    lr: float = common.arg(1.0, "lr")
+    optimizer: str = common.arg("lars", "optimizer")
+    batch_size: int = common.arg(256, "batch")
+    log_every: int = common.arg(1, "log")
+
+
+PRESET_TABLE = {
+    "preset": {"cifar": dict(arch="big", lr=0.5, batch_size=512)},
+    "arch": {"big": dict(lr=0.1, optimizer="adamw")},
+}
+
+
+def test_presets_explicit_beats_preset_beats_arch_and_every_value_is_printed(capsys, tmp_path):
+    a = common.parse_args(PresetArgs, ["--preset", "cifar"], PRESET_TABLE)
+    # the preset chose the arch; the arch's lr lost to the preset's, its optimizer applied (and was printed)
+    assert (a.arch, a.lr, a.optimizer, a.batch_size) == ("big", 0.5, "adamw", 512)
+    out = capsys.readouterr().out
+    assert (
+        "--preset=cifar sets arch=big, lr=0.5, batch_size=512" in out
+        and "--arch=big sets lr=0.1, optimizer=adamw" in out
+    )
+    b = common.parse_args(PresetArgs, ["--preset", "cifar", "--lr", "2", "--arch", "small"], PRESET_TABLE)
+    assert (b.arch, b.lr, b.optimizer, b.batch_size) == ("small", 2.0, "lars", 512)  # explicit flags always win
+    assert "explicit flags win over presets: arch=small, lr=2.0" in capsys.readouterr().out
+    c = common.parse_args(PresetArgs, ["--arch", "big"], PRESET_TABLE)
+    assert (c.lr, c.optimizer) == (0.1, "adamw")
+    info = common.DistInfo()
+    log = common.RunLogger(str(tmp_path / "run"), a, info, 0.0, 10, 0)
+    log.close()
+    saved = json.load(open(tmp_path / "run" / "args.json"))
+    assert saved["presets_applied"] == {"preset=cifar": {"arch": "big", "lr": 0.5, "batch_size": 512},
+                                        "arch=big": {"lr": 0.1, "optimizer": "adamw"}}  # fmt: skip
+    assert "presets_applied" not in dataclasses.asdict(a)  # checkpoints hold the fields only
+
+
+def test_batch_per_rank_splits_the_global_batch_or_says_how_to_fix_it():
+    assert common.batch_per_rank(512, 8) == 64
+    with pytest.raises(ValueError, match=r"--batch-size 10 \(global\) is not divisible by the 4 processes"):
+        common.batch_per_rank(10, 4)

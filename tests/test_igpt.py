@@ -324,8 +324,6 @@ def test_presets_and_bad_input_give_one_line_errors(tmp_path, capsys):
             igpt.main(TINY + run + argv)
         text = str(e.value.code)
         assert text.startswith("igpt.py: error:") and message in text and "\n" not in text, (argv, text)
-    with pytest.raises(ValueError, match="not divisible by the 4 processes"):
-        igpt.batch_per_rank(10, 4)
     with pytest.raises(SystemExit):
         igpt.main(["--attention", "sparse"])
     assert "invalid choice: 'sparse'" in capsys.readouterr().err

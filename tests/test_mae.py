@@ -66,14 +66,14 @@ def test_encoder_sees_only_the_visible_patches():
     model = tiny_model(args).eval()
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
     x = torch.randn(2, 3, 16, 16)
-    tokens, mask, _ = model.encoder(x, args.mask_ratio, noise)
+    tokens, mask, _ = model.forward_encoder(x, noise)
     assert tokens.shape == (2, 1 + 4, 128) and torch.all(mask.sum(1) == 12)
     patches = common.patchify(x, 4)
     removed_l, visible_l = mask[0].nonzero()[0].item(), (mask[0] == 0).nonzero()[0].item()
     for l, should_change in ((removed_l, False), (visible_l, True)):
         p = patches.clone()
         p[0, l] += 3.0
-        out = model.encoder(common.unpatchify(p, 4), args.mask_ratio, noise)[0]
+        out = model.forward_encoder(common.unpatchify(p, 4), noise)[0]
         assert torch.equal(out[1], tokens[1])  # the other image is untouched
         assert (not torch.equal(out[0], tokens[0])) == should_change
 
@@ -146,22 +146,22 @@ def test_loss_equals_hand_computation_and_ignores_visible_patches(norm_pix):
     pred, target = torch.randn(2, 3, 16, 48, generator=g).unbind(0)
     target[0, 3] = 0.7  # a constant patch: var 0, the eps keeps the normalized target finite (0)
     mask = common.random_masking(torch.zeros(3, 16, 1), 0.75, torch.rand(3, 16, generator=g))[1]
-    loss = mae.reconstruction_loss(pred, target, mask, norm_pix)
+    loss = common.reconstruction_loss(pred, target, mask, norm_pix)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(hand_loss(pred, target, mask, norm_pix), rel=1e-6)
     # visible patches do not count: neither their predictions nor their targets
     on_visible, t_visible = pred.clone(), target.clone()
     on_visible[mask == 0] += 5.0
     t_visible[mask == 0] *= 3.0
-    assert mae.reconstruction_loss(on_visible, target, mask, norm_pix) == loss
-    assert mae.reconstruction_loss(pred, t_visible, mask, norm_pix) == loss
+    assert common.reconstruction_loss(on_visible, target, mask, norm_pix) == loss
+    assert common.reconstruction_loss(pred, t_visible, mask, norm_pix) == loss
     on_removed = pred.clone()
     on_removed[mask == 1] += 0.5
-    assert mae.reconstruction_loss(on_removed, target, mask, norm_pix) != loss
+    assert common.reconstruction_loss(on_removed, target, mask, norm_pix) != loss
     if norm_pix:  # per-patch normalization: a patch's offset and scale do not matter
         shifted = target.clone()
         shifted[mask == 1] = 4.0 * shifted[mask == 1] + 2.0
-        assert mae.reconstruction_loss(pred, shifted, mask, True).item() == pytest.approx(loss.item(), rel=1e-4)
+        assert common.reconstruction_loss(pred, shifted, mask, True).item() == pytest.approx(loss.item(), rel=1e-4)
 
 
 def test_mae_loss_targets_the_normalized_input_patches():
@@ -171,7 +171,8 @@ def test_mae_loss_targets_the_normalized_input_patches():
     noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(2))
     for norm_pix in (True, False):
         a = dataclasses.replace(args, norm_pix_loss=norm_pix)
-        loss, out = mae.mae_loss(model, images, a, noise)
+        terms, out = mae.mae_losses(model, images, a, noise)
+        loss = terms["total"]
         target = common.patchify(common.normalize(images), 4)
         assert loss.item() == pytest.approx(hand_loss(out["pred"].detach(), target, out["mask"], norm_pix), rel=1e-5)
         assert torch.all(out["mask"].sum(1) == 12)
@@ -180,15 +181,15 @@ def test_mae_loss_targets_the_normalized_input_patches():
 class Oracle(mae.MAE):
     """Predicts every patch perfectly (the normalized target) to test the pictures' un-normalization."""
 
-    def forward(self, x, mask_noise=None):
-        mask = super().forward(x, mask_noise)[1]
-        return mae.normalized_target(common.patchify(x, self.patch_size)), mask
+    def forward(self, x, mask_draws=None):
+        mask = super().forward(x, mask_draws)[1]
+        return common.normalized_target(common.patchify(x, self.patch_size)), mask
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_reconstruction_png_rows_and_per_patch_unnormalization(norm_pix, tmp_path):
     args = dataclasses.replace(tiny_args(), norm_pix_loss=norm_pix)
-    model = Oracle(16, 4, "vit_micro", 0.75, 64, 2, 4)
+    model = Oracle(args)
     images = torch.rand(5, 3, 16, 16)
     mae.save_reconstructions(model, images, args, str(tmp_path / "r.png"))
     grid = read_png(tmp_path / "r.png").float() / 255
@@ -258,7 +259,7 @@ def test_features_cls_default_mean_and_layers():
     args = tiny_args()
     model = tiny_model(args).train()
     images = torch.rand(3, 3, 16, 16)
-    tokens = model.encoder(common.normalize(images))[0]  # unmasked
+    tokens = model.encoder(common.normalize(images))  # unmasked
     torch.testing.assert_close(mae.features(model, images), tokens[:, 0])  # MAE linear probe: cls token
     torch.testing.assert_close(mae.features(model, images, pool="mean"), tokens[:, 1:].mean(1))
     assert model.training  # mode restored
@@ -299,7 +300,7 @@ def test_defaults_follow_mae_and_presets():
     c2 = common.parse_args(mae.Args, ["--preset", "cifar", "--patch-size", "2"], mae.PRESETS)
     mae.check_args(c2)
     with torch.device("meta"):
-        assert mae.build_model(c2).encoder(torch.zeros(1, 3, 32, 32), 0.75)[0].shape == (1, 1 + 64, 192)
+        assert mae.build_model(c2).forward_encoder(torch.zeros(1, 3, 32, 32))[0].shape == (1, 1 + 64, 192)
 
 
 def test_bad_inputs_stop_with_one_line_messages(capsys):
@@ -312,8 +313,6 @@ def test_bad_inputs_stop_with_one_line_messages(capsys):
     with pytest.raises(SystemExit):
         mae.main(["--arch", "vit_enormous"])
     assert "invalid choice: 'vit_enormous'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not divisible by the 4 processes"):
-        mae.batch_per_rank(10, 4)
     # as a user sees it: exit status 1, the message on stderr, no stack trace
     proc = subprocess.run(
         [sys.executable, f"{ROOT}/mae.py", "--preset", "tiny", "--patch-size", "5"],
@@ -358,7 +357,7 @@ def test_resume_auto_continues_bitwise_exactly(tmp_path, capsys):
     assert [r["step"] for r in rows if "eval/test_loss" in r] == [0, 2, 3, 4]  # no second "init" evaluation
 
 
-def _mae_ddp_worker(rank, world, images, mask_noise):
+def _mae_ddp_worker(rank, world, images, mask_draws):
     """One DDP backward of the MAE loss on this rank's half of a fixed batch with fixed masks."""
     args = tiny_args()
     torch.manual_seed(0)
@@ -366,7 +365,7 @@ def _mae_ddp_worker(rank, world, images, mask_noise):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     n = len(images) // world
     part = slice(rank * n, (rank + 1) * n)
-    loss, _ = mae.mae_loss(ddp, torch.tensor(images)[part], args, torch.tensor(mask_noise)[part])
+    loss = mae.mae_losses(ddp, torch.tensor(images)[part], args, torch.tensor(mask_draws)[part])[0]["total"]
     loss.backward()
     return [loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).tolist()]
 
@@ -377,11 +376,11 @@ def test_ddp_gradients_on_two_processes_equal_one_process(tmp_path):
     args = tiny_args()
     g = torch.Generator().manual_seed(1)
     images = torch.rand(8, 3, args.image_size, args.image_size, generator=g)
-    mask_noise = torch.rand(8, (args.image_size // args.patch_size) ** 2, generator=g)
-    out = run_distributed(_mae_ddp_worker, 2, tmp_path, images.tolist(), mask_noise.tolist())
+    mask_draws = torch.rand(8, (args.image_size // args.patch_size) ** 2, generator=g)
+    out = run_distributed(_mae_ddp_worker, 2, tmp_path, images.tolist(), mask_draws.tolist())
     torch.manual_seed(0)
     model = mae.build_model(args)
-    loss, _ = mae.mae_loss(model, images, args, mask_noise)
+    loss = mae.mae_losses(model, images, args, mask_draws)[0]["total"]
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert (out[0][0] + out[1][0]) / 2 == pytest.approx(loss.item(), rel=1e-5)
@@ -412,10 +411,10 @@ def test_learning_smoke_heldout_loss_falls_below_init_and_the_trivial_prediction
     final = mae.main(TINY + ["--output-dir", str(tmp_path), "--steps", "40", "--eval-every", "40", "--log-every", "40"])
     init, trained = final["init/test_loss"], final["eval/test_loss"]
     args = tiny_args()
-    x = common.heldout_images(mae.load_split(args, train=False), args.test_images, 16, "cpu")[0]
-    mask = common.random_masking(torch.zeros(len(x), 16, 1), 0.75, mae.fixed_mask_noise(len(x), 16))[1]
+    x = common.heldout_images(common.load_split(args, train=False), args.test_images, 16, "cpu")[0]
+    mask = common.random_masking(torch.zeros(len(x), 16, 1), 0.75, common.fixed_draws(len(x), 16))[1]
     target = common.patchify(common.normalize(x), 4)
-    zeros = mae.reconstruction_loss(torch.zeros_like(target), target, mask, True).item()
+    zeros = common.reconstruction_loss(torch.zeros_like(target), target, mask, True).item()
     assert init > 1.5 and zeros == pytest.approx(0.979, abs=0.01)
     assert trained < 0.4 * init  # margin: measured 0.236 x init
     assert trained < zeros - 0.3  # learned the structure inside the patches, not just the scale (measured 0.47 below)

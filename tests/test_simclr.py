@@ -221,7 +221,7 @@ def test_features_representation_layers_and_mode():
     feats = simclr.features(model, images)
     model.eval()
     with torch.no_grad():
-        tokens = model.backbone(common.normalize(images))[0]
+        tokens = model.backbone(common.normalize(images))
         torch.testing.assert_close(feats, tokens[:, 1:].mean(1))  # h: mean of the patch tokens after the final norm
         torch.testing.assert_close(feats, model(common.normalize(images))["h"])  # = the h the projector receives
     model.train()
@@ -277,8 +277,6 @@ def test_presets_and_bad_inputs(capsys):
     with pytest.raises(SystemExit):
         simclr.main(["--arch", "resnet101"])
     assert "invalid choice: 'resnet101'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not divisible by the 4 processes"):
-        simclr.batch_per_rank(10, 4)
     with pytest.raises(ValueError, match="not divisible by --patch-size"):
         simclr.check_args(tiny_args("--image-size", "30"))
     with pytest.raises(SystemExit) as bad:  # from the command line: one line naming the flag, no stack trace
@@ -337,6 +335,12 @@ def test_torchrun_two_processes(tmp_path):
 SMOKE_STEPS = 150
 
 
+def knn_monitor(model, train_set, test_set, args) -> float:
+    """simclr.py's eval/knn_top1 on the class-balanced held-out bank and queries (common.knn_heldout)."""
+    held = common.knn_heldout(args, train_set, test_set)
+    return common.knn_top1(common.embed_heldout(lambda x: simclr.features(model, x), held, args, "cpu"), args)
+
+
 def test_short_cpu_pretraining_beats_the_untrained_network_on_knn(tmp_path):
     """The tiny preset (vit_micro, patch 8) on Fashion-MNIST from Debian's dataset-fashion-mnist package (installed by
     .ci/run): 150 steps of batch 64 (~30 s on 2 CPU cores) must lift the kNN top-1 on 1000 held-out images by at
@@ -348,10 +352,9 @@ def test_short_cpu_pretraining_beats_the_untrained_network_on_knn(tmp_path):
             "--steps", str(SMOKE_STEPS)]  # fmt: skip
     args = common.parse_args(simclr.Args, argv, simclr.PRESETS)
     trained = simclr.main(argv)["eval/knn_top1"]
-    train_set, test_set = simclr.load_split(args, True), simclr.load_split(args, False)
+    train_set, test_set = common.load_split(args, True), common.load_split(args, False)
     torch.manual_seed(args.seed)
-    untrained_model = simclr.build_model(args)
-    untrained = simclr.evaluate(untrained_model, train_set, test_set, args, torch.device("cpu"))["eval/knn_top1"]
+    untrained = knn_monitor(simclr.build_model(args), train_set, test_set, args)
     print(f"kNN top-1 on the held-out split: untrained {untrained:.3f}, after {SMOKE_STEPS} steps {trained:.3f}")
     assert trained >= untrained + 0.07
 
@@ -381,13 +384,21 @@ def test_knn_monitor_on_a_class_sorted_image_folder_matches_the_in_memory_set(tm
     folder = [common.ImageFolderDataset(str(tmp_path / s)) for s in ("train", "val")]
     memory = [common.ImageArray(images[:300], labels[:300], "shapes", 4),
               common.ImageArray(images[300:], labels[300:], "shapes", 4)]  # fmt: skip
-    on_folder = simclr.evaluate(model, *folder, args, "cpu")["eval/knn_top1"]
-    in_memory = simclr.evaluate(model, *memory, args, "cpu")["eval/knn_top1"]
+    on_folder = knn_monitor(model, *folder, args)
+    in_memory = knn_monitor(model, *memory, args)
     bank = common.heldout_subset(folder[0], 80)
     assert torch.bincount(torch.tensor([folder[0].targets[i] for i in bank.indices])).tolist() == [20] * 4
     # the old monitor: the first 80 folder images: 75 of class 0 and 5 of class 1
     first = torch.utils.data.Subset(folder[0], list(range(80)))
-    old = simclr.evaluate(model, first, folder[1], args, "cpu")["eval/knn_top1"]
+    old = common.knn_top1(
+        common.embed_heldout(
+            lambda x: simclr.features(model, x),
+            {"bank": first, "queries": common.heldout_subset(folder[1], 40)},
+            args,
+            "cpu",
+        ),
+        args,
+    )
     print(f"kNN monitor: folder {on_folder:.3f}, in memory {in_memory:.3f}, first-80 bank {old:.3f}")
     assert old <= 0.55  # 2 of 4 classes in the bank: at most their half of the balanced queries can be right
     assert on_folder > old + 0.2 and abs(on_folder - in_memory) <= 0.05
