@@ -166,15 +166,15 @@ def test_short_cpu_run_beats_uniform_and_unigram_baselines(tmp_path):
 
 # ---------------------------------------------------------------- BERT objective
 def test_bert_masks_15_percent_and_scores_only_the_masked_tokens():
-    keep = igpt.bert_keep_mask(torch.zeros(400, 64, dtype=torch.long), 0.15, torch.Generator().manual_seed(0))
+    keep = common.bert_keep_mask(torch.zeros(400, 64, dtype=torch.long), 0.15, torch.Generator().manual_seed(0))
     assert abs((~keep).float().mean().item() - 0.15) < 0.01  # 25,600 tokens: std of the fraction 0.0022
     args = tiny_args("--objective", "bert")
     model = random_model(args)
     tokens = random_tokens(4, 64)
     torch.manual_seed(5)
-    keep = igpt.bert_keep_mask(tokens, 0.15)
+    keep = common.bert_keep_mask(tokens, 0.15)
     nll, scored = igpt.token_nll(model, tokens, args, generator=torch.Generator().manual_seed(9))
-    assert torch.equal(scored, ~igpt.bert_keep_mask(tokens, 0.15, torch.Generator().manual_seed(9)))
+    assert torch.equal(scored, ~common.bert_keep_mask(tokens, 0.15, torch.Generator().manual_seed(9)))
     with torch.no_grad():
         logits = model(tokens, keep)
         hidden = tokens.clone()
@@ -375,7 +375,7 @@ def test_end_to_end_run_folder_checkpoint_and_sample_only(tmp_path):
     # the fit is reproducible: k-means on the same seeded 4096 training pixels
     a = igpt.Args(**ckpt["args"])
     train = common.build_dataset("synthetic", image_size=8, synthetic_size=256).images
-    torch.testing.assert_close(igpt.fit_palette(train, a, "cpu").numpy(), palette)
+    torch.testing.assert_close(common.fit_palette(train, a, "cpu").numpy(), palette)
     # --sample-only from the checkpoint
     out = igpt.main(["--sample-only", "--ckpt", str(run / "checkpoint.pt"), "--num-samples", "4", "--temperature",
                      "0.98", "--device", "cpu"])  # fmt: skip
