@@ -2343,10 +2343,12 @@ def resume(resume_flag: str, run_dir: str, method: str, model: nn.Module, optimi
     return step
 
 
-def run_monitors(step: int, monitors, logger, info: DistInfo) -> dict:
+def run_monitors(step: int, monitors, logger, info: DistInfo, all_ranks: bool = False) -> dict:
     """The evaluation pattern of every method file: rank 0 runs monitors() -> {"eval/<name>": value}, logs the row
-    and prints it; the other ranks wait at a barrier (the monitors use the unwrapped model, no collectives)."""
-    metrics = monitors() if info.is_main else {}
+    and prints it; the other ranks wait at a barrier (the monitors use the unwrapped model, no collectives).
+    all_ranks: every rank runs monitors() (they shard the work and reduce it; rank 0 logs)."""
+    metrics = monitors() if info.is_main or all_ranks else {}
+    metrics = metrics if info.is_main else {}
     if metrics:
         logger.log(step, metrics)
         print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

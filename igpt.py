@@ -84,48 +84,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import (  # the pixel-token helpers (palette, quantize, token NLL, bits, sampling) are shared with gcrl.py
-    Block,
-    ColorQuantizer,
-    PixelEmbedding,
-    RunLogger,
-    Throughput,
-    TrainBatches,
-    arg,
-    autocast,
-    batch_per_rank,
-    bits_per_token,
-    check_finite,
-    cleanup_distributed,
-    cosine_lr,
-    count_flops,
-    default_run_name,
-    grid_palette,
-    load_checkpoint,
-    load_training_state,
-    make_adamw,
-    param_groups,
-    parse_args,
-    print0,
-    quantize,
-    resolve_resume,
-    sample,
-    save_samples,
-    save_training_state,
-    scaled_lr,
-    seed_everything,
-    set_lr,
-    setup_distributed,
-    shared_palette,
-    token_nll,
-    unwrap,
-    usage_errors,
-)
 
 METHOD = "igpt"
 
@@ -146,60 +108,311 @@ class Args:
     10M (batch 512, 200 epochs, peak lr 1.6e-3, AdamW wd 1e-4, 5 warmup epochs + cosine, clip 1.0, dropout 0.1)."""
 
     # --- experiment
-    run_name: str = arg("", "run folder name under --output-dir (default: igpt_<dataset>_<arch>_s<seed>)")
-    output_dir: str = arg("runs", "where run folders are written")
-    seed: int = arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
-    device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
-    resume: str = arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)")
+    run_name: str = common.arg("", "run folder name under --output-dir (default: igpt_<dataset>_<arch>_s<seed>)")
+    output_dir: str = common.arg("runs", "where run folders are written")
+    seed: int = common.arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
+    device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
+    resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    steps: int = common.arg(
+        0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)"
+    )
     # --- data
-    dataset: str = arg("cifar10", "in-memory datasets of small images: cifar10 | cifar100 | svhn | stl10 | mnist | "
-                       "fashion_mnist | imagenet32 | imagenet64 | synthetic")  # fmt: skip
-    data_root: str = arg("data", "dataset root folder")
-    download: bool = arg(False, "download the dataset when torchvision can")
-    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
-    image_size: int = arg(32, "image side in pixels = tokens per row (GCRL: 32, i.e. 1024 tokens)")
-    augment: str = arg("weak", "training augmentation: weak = reflect-pad 4 + crop + flip (GCRL 4.1) | none",
-                       ["weak", "none"])  # fmt: skip
-    num_workers: int = arg(8, "DataLoader workers per rank for datasets not kept on the device")
+    dataset: str = common.arg("cifar10", f"an in-memory dataset of <= 64 px: one of {', '.join(common.DATASET_NAMES)}")
+    data_root: str = common.arg("data", "dataset root folder")
+    download: bool = common.arg(False, "download the dataset when torchvision can")
+    synthetic_size: int = common.arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
+    image_size: int = common.arg(32, "image side in pixels = tokens per row (GCRL: 32, i.e. 1024 tokens)")
+    augment: str = common.arg("weak", "weak = reflect-pad 4 + crop + flip (GCRL 4.1) | none", ["weak", "none"])
+    num_workers: int = common.arg(8, "DataLoader workers per rank for datasets not kept on the device")
     # --- model
-    preset: str = arg("cifar", "bundle of defaults: cifar (GCRL Table 3) | imagenet32 | imagenet32_76m | tiny (CPU)",
-                      ["cifar", "imagenet32", "imagenet32_76m", "tiny"])  # fmt: skip
-    arch: str = arg("igpt_10m", "token transformer (width x depth, heads): " + ", ".join(
-        f"{k} {w}x{d}/{h}" for k, (w, d, h) in IGPT_ARCHS.items()), list(IGPT_ARCHS))  # fmt: skip
-    attention: str = arg("axial", "dense (causal over the whole sequence) | axial (GCRL App. Algorithm 1)",
-                         ["dense", "axial"])  # fmt: skip
-    dropout: float = arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
-    num_colors: int = arg(512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given")
-    palette: str = arg("", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start")
-    palette_pixels: int = arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
-    kmeans_iters: int = arg(20, "k-means iterations of the palette fit")
-    objective: str = arg("ar", "ar = next-token prediction in raster order | bert = masked tokens (iGPT)",
-                         ["ar", "bert"])  # fmt: skip
-    bert_mask_prob: float = arg(0.15, "fraction of tokens masked under --objective bert (iGPT: 0.15)")
+    preset: str = common.arg(
+        "cifar", "a named group of defaults (see PRESETS)", ["cifar", "imagenet32", "imagenet32_76m", "tiny"]
+    )
+    arch: str = common.arg(
+        "igpt_10m",
+        "token transformer, width x depth / heads: "
+        + ", ".join(f"{k} {w}x{d}/{h}" for k, (w, d, h) in IGPT_ARCHS.items()),
+        list(IGPT_ARCHS),
+    )
+    attention: str = common.arg(
+        "axial", "dense (causal over the sequence) | axial (GCRL App. Alg. 1)", ["dense", "axial"]
+    )
+    dropout: float = common.arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
+    num_colors: int = common.arg(
+        512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given"
+    )
+    palette: str = common.arg(
+        "", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start"
+    )
+    palette_pixels: int = common.arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
+    kmeans_iters: int = common.arg(20, "k-means iterations of the palette fit")
+    objective: str = common.arg(
+        "ar", "ar = next-token prediction in raster order | bert = masked tokens", ["ar", "bert"]
+    )
+    bert_mask_prob: float = common.arg(0.15, "fraction of tokens masked under --objective bert (iGPT: 0.15)")
     # --- optimization
-    epochs: int = arg(200, "training epochs (GCRL Table 3, CIFAR 10M: 200)")
-    batch_size: int = arg(512, "GLOBAL batch of images, split over ranks (GCRL Table 3, CIFAR 10M: 512)")
-    base_lr: float = arg(8e-4, "lr per 256 images: lr = base_lr * batch / 256 (GCRL Table 3: 1.6e-3 at 512)")
-    lr: float | None = arg(None, "absolute peak learning rate; overrides base_lr scaling")
-    min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
-    warmup_epochs: int = arg(5, "linear warmup epochs (GCRL 4.1: 5)")
-    weight_decay: float = arg(1e-4, "AdamW weight decay, none on norms, biases and embeddings (GCRL 4.1: 1e-4)")
-    betas: tuple[float, float] = arg((0.9, 0.999), "AdamW betas (GCRL states none: PyTorch defaults)")
-    clip_grad: float = arg(1.0, "max gradient norm, 0 = off (GCRL 4.1: 1.0)")
-    amp: bool = arg(True, "bf16 autocast for the transformer (quantization and cross-entropy stay fp32)")
-    compile: bool = arg(False, "torch.compile the model")
+    epochs: int = common.arg(200, "training epochs (GCRL Table 3, CIFAR 10M: 200)")
+    batch_size: int = common.arg(512, "GLOBAL batch of images, split over ranks (GCRL Table 3, CIFAR 10M: 512)")
+    base_lr: float = common.arg(8e-4, "lr per 256 images: lr = base_lr * batch / 256 (GCRL Table 3: 1.6e-3 at 512)")
+    lr: float | None = common.arg(None, "absolute peak learning rate; overrides base_lr scaling")
+    min_lr: float = common.arg(0.0, "final learning rate of the cosine schedule")
+    warmup_epochs: int = common.arg(5, "linear warmup epochs (GCRL 4.1: 5)")
+    weight_decay: float = common.arg(1e-4, "AdamW weight decay, none on norms, biases and embeddings (GCRL 4.1: 1e-4)")
+    betas: tuple[float, float] = common.arg((0.9, 0.999), "AdamW betas (GCRL states none: PyTorch defaults)")
+    clip_grad: float = common.arg(1.0, "max gradient norm, 0 = off (GCRL 4.1: 1.0)")
+    amp: bool = common.arg(True, "bf16 autocast for the transformer (quantization and cross-entropy stay fp32)")
+    compile: bool = common.arg(False, "torch.compile the model")
     # --- logging
-    log_every: int = arg(50, "log every N steps")
-    eval_every: int = arg(5000, "bits per token on train / test images and a sample grid every N steps (and at end)")
-    ckpt_every: int = arg(1000, "checkpoint every N steps (and at the end)")
-    eval_images: int = arg(0, "images of each split scored for bits per token (0 = the whole test split)")
+    log_every: int = common.arg(50, "log every N steps")
+    eval_every: int = common.arg(
+        5000, "bits per token on train / test images and a sample grid every N steps (and at end)"
+    )
+    ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    eval_images: int = common.arg(0, "images of each split scored for bits per token (0 = the whole test split)")
     # --- sampling
-    temperature: float = arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
-    num_samples: int = arg(64, "images in each sample grid (0 = no samples during training)")
-    sample_only: bool = arg(False, "do not train: sample --num-samples images from --ckpt and write a PNG beside it")
-    ckpt: str = arg("", "checkpoint to sample from with --sample-only")
+    temperature: float = common.arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
+    num_samples: int = common.arg(64, "images in each sample grid (0 = no samples during training)")
+    sample_only: bool = common.arg(
+        False, "do not train: sample --num-samples images from --ckpt and write a PNG beside it"
+    )
+    ckpt: str = common.arg("", "checkpoint to sample from with --sample-only")
 
+
+# ======================================================================================================================
+# Model: pixel-token transformer (GCRL 3.2, eq. 4)
+# ======================================================================================================================
+
+
+class ImageGPT(nn.Module):
+    """Token transformer over an H x W grid of palette tokens.
+
+    quantizer: the palette (buffer `quantizer.centers` (K, 3), saved in checkpoints); embed: common.PixelEmbedding
+    (token embedding K -> D, learned SOS, learned row + column positions); blocks: pre-LN common.Block with dense
+    causal or axial attention; norm: final LayerNorm; head: Linear D -> K (untied, zero-initialized as iGPT's wtet).
+    forward(tokens (B, L), keep=None) -> logits (B, L, K) with L = H*W:
+      objective "ar":   input [SOS, t_0 .. t_{L-2}] (+ positions), causal: logits[:, p] depend on t_0 .. t_{p-1} only;
+      objective "bert": input tokens with the embeddings of keep == False zeroed, no shift, bidirectional."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        dim, depth, heads = IGPT_ARCHS[args.arch]
+        H = W = args.image_size
+        self.height, self.width, self.depth = H, W, depth
+        self.causal = args.objective == "ar"
+        self.quantizer = common.ColorQuantizer(common.grid_palette(args.num_colors))
+        self.embed = common.PixelEmbedding(args.num_colors, dim, H, W)
+        if not self.causal:  # BERT inputs have no SOS: freeze the unused vector (DDP waits for every trainable grad)
+            self.embed.sos.requires_grad_(False)
+        self.blocks = nn.ModuleList(
+            common.Block(dim, heads, 4.0, args.dropout, attention=args.attention, grid=(H, W)) for _ in range(depth)
+        )
+        for block in self.blocks:
+            block.attn.attn_drop = 0.0  # GCRL 4.1 states dropout before residual connections only (see header)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, args.num_colors, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 / minGPT: Linear N(0, 0.02), zero biases, the two residual projections of each block scaled by
+        1/sqrt(2 * depth) so the residual stream's variance does not grow with depth; head zero (iGPT ref code: the
+        untrained model predicts the uniform distribution, exactly log2 K bits per token). PixelEmbedding initializes
+        itself (iGPT ref code: tokens and SOS N(0, 0.02), positions N(0, 0.01))."""
+        for name, m in self.blocks.named_modules():
+            if isinstance(m, nn.Linear):
+                residual = name.endswith(("attn.proj", "mlp.fc2"))
+                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * self.depth) if residual else 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def hidden_states(self, tokens: torch.Tensor, keep: torch.Tensor | None = None, num_blocks: int | None = None):
+        """tokens (B, L) -> the output (B, L, D) of the first `num_blocks` blocks (all when None), before any norm."""
+        if tokens.shape[1] != self.height * self.width:
+            raise ValueError(f"expected {self.height}x{self.width} = {self.height * self.width} tokens per image, "
+                             f"got {tokens.shape[1]}")  # fmt: skip
+        h = self.embed(tokens, shift=self.causal, keep=None if self.causal else keep)
+        for block in self.blocks[:num_blocks]:
+            h = block(h, is_causal=self.causal)
+        return h
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.norm(self.hidden_states(tokens, keep)))
+
+
+def build_model(args: Args) -> ImageGPT:
+    """The iGPT model of `args` (also used by eval_probe.py with Args(**checkpoint["args"])); its palette is a
+    placeholder until the checkpoint's (or the fitted one) is loaded into `quantizer.centers`."""
+    return ImageGPT(args)
+
+
+def default_feature_layer(model: nn.Module) -> int:
+    """GCRL's "half" position (4.1, Table 4): the output of the first half of the blocks (block depth/2 - 1, 0-based),
+    where iGPT 4.1 finds the representation near its best (the last block costs 2.4 points on CIFAR-10)."""
+    return max(0, common.unwrap(model).depth // 2 - 1)
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, pool: str | None = None):
+    """Frozen representation for probing (iGPT 3.4): images float (B, 3, S, S) in [0, 1] -> quantized tokens ->
+    the output of block `layer` (0-based; None = default_feature_layer, the middle) -> LayerNorm over the width
+    without learned parameters -> average over the L positions (pool "mean", the only one) -> (B, D) float32. Runs
+    in eval mode on the input the model was trained on: the SOS-shifted sequence for "ar", the tokens for "bert"."""
+    if (pool or "mean") != "mean":
+        raise ValueError(f"unknown pool '{pool}': a token transformer's representation is the mean over positions")
+    n_layers = num_feature_layers(model)
+    layer = default_feature_layer(model) if layer is None else layer
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+    with common.eval_mode(model) as m:
+        h = m.hidden_states(common.quantize(m, images), num_blocks=layer + 1).float()
+    return F.layer_norm(h, h.shape[-1:], eps=1e-6).mean(dim=1)
+
+
+def num_feature_layers(model: nn.Module) -> int:
+    return common.unwrap(model).depth
+
+
+# eval_probe.py's unsupervised OOD hook (GCRL Table 6): log p(x) in nats and the token embeddings it is differentiable
+# in; shared with gcrl.py (common.py section 9).
+log_likelihood = common.log_likelihood
+
+
+# ======================================================================================================================
+# Loss (THE PART TO READ): negative log-likelihood per palette token
+# ======================================================================================================================
+
+
+def igpt_loss(model: nn.Module, tokens: torch.Tensor, args: Args) -> dict[str, torch.Tensor]:
+    """The training objective in nats per token: ar = mean over all B x L tokens of -log p(t_p | t_<p) (iGPT ref code
+    gen_loss); bert = per image the mean NLL over its masked tokens, then the mean over images (iGPT ref code).
+    Returns {"ar" or "bert": loss, "total": loss}."""
+    nll, scored = common.token_nll(model, tokens, args)
+    if args.objective == "ar":
+        loss = nll.mean()
+    else:
+        w = scored.float()
+        loss = ((nll * w).sum(1) / w.sum(1).clamp(min=1)).mean()
+    return {args.objective: loss, "total": loss}
+
+
+def training_step_flops(args: Args) -> float:
+    """FLOPs per image of one forward + backward step (FlopCounterMode on the meta device with a 2-image batch: no
+    memory, no data, no RNG use, no process group). Quantization (a K x 3 distance per pixel) is not counted."""
+    args = dataclasses.replace(args, amp=False, objective="ar")
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build_model(args)
+        tokens = torch.zeros(2, args.image_size**2, dtype=torch.long)
+
+        def step():
+            igpt_loss(model, tokens, args)["total"].backward()
+
+        return common.count_flops(step) / 2
+
+
+def build_optimizer(model: ImageGPT, args: Args, lr: float, device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the >= 2-D weights of the blocks and the head; none on LayerNorm parameters, biases
+    (1-D, common.param_groups) and the embeddings (GCRL 4.1; "embed." = tokens, SOS, positions)."""
+    return common.make_adamw(
+        common.param_groups(model, args.weight_decay, no_decay=("embed.",)), lr, args.betas, device
+    )
+
+
+# ======================================================================================================================
+# Data: weakly augmented images (GCRL 4.1 "iGPT"), quantized on the device
+# ======================================================================================================================
+
+
+def load_split(args: Args, train: bool):
+    """The train or test split, held in memory at the training resolution (uint8 (N, 3, S, S))."""
+    kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
+    ds = common.build_dataset(
+        args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
+    )
+    if not hasattr(ds, "images"):
+        raise ValueError(f"igpt.py needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
+    return ds
+
+
+def check_args(args: Args) -> None:
+    """Clear errors for settings that cannot run (ValueError / FileNotFoundError; main() turns them into one line)."""
+    if args.arch not in IGPT_ARCHS:
+        raise ValueError(f"unknown arch {args.arch!r}; choose one of: {', '.join(IGPT_ARCHS)}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.bert_mask_prob < 1:
+        raise ValueError(f"--bert-mask-prob must be in (0, 1), got {args.bert_mask_prob}")
+    if args.num_colors < 2 or args.image_size < 1:
+        raise ValueError(f"need --num-colors >= 2 and --image-size >= 1, got {args.num_colors}, {args.image_size}")
+    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
+        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.palette_pixels < args.num_colors and not args.palette:
+        raise ValueError(
+            f"--palette-pixels {args.palette_pixels} < --num-colors {args.num_colors}: k-means needs at least one "
+            f"pixel per center"
+        )
+    if args.num_samples < (1 if args.sample_only else 0):
+        raise ValueError(f"--num-samples must be >= 1 with --sample-only (>= 0 otherwise), got {args.num_samples}")
+    if args.sample_only and not args.ckpt:
+        raise ValueError("--sample-only needs --ckpt PATH (a checkpoint written by igpt.py)")
+    if args.palette and not args.sample_only and not os.path.exists(args.palette):
+        raise FileNotFoundError(f"--palette {args.palette}: no such file (a (K, 3) .npy in [-1, 1], e.g. iGPT's "
+                                f"kmeans_centers.npy; leave it empty to fit one)")  # fmt: skip
+
+
+VIEW = {"weak": "weak", "none": "eval"}  # --augment -> common's view ("eval" at the stored size: unchanged)
+
+
+def heldout_data(args: Args, train_set, test_set, device) -> dict:
+    """The monitors' fixed images: args.eval_images of each split (class balanced; 0 = the whole test split), and
+    a PNG of what the palette does to 8 test images (originals, then quantized)."""
+    n = args.eval_images or len(test_set)
+    return {"train": common.heldout_subset(train_set, n).images, "test": common.heldout_subset(test_set, n).images}
+
+
+def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str, info) -> dict:
+    """eval/{train,test}_bits_per_token (sharded over the ranks) and, on rank 0, samples_step*.png (ar) and at step 0
+    quantized.png (originals over their palette quantization)."""
+    dev = info.device
+    metrics = {f"eval/{split}_bits_per_token": common.bits_per_token(model, held[split], args, dev, info=info)
+               for split in ("train", "test")}  # fmt: skip
+    if info.is_main and step == 0:
+        shown = held["test"][:8].to(dev)
+        quantized = common.unwrap(model).quantizer.decode(
+            common.quantize(model, shown), args.image_size, args.image_size
+        )
+        common.save_image_grid(torch.cat([shown, quantized]), os.path.join(run_dir, "quantized.png"), nrow=8)
+    if info.is_main and args.objective == "ar" and args.num_samples > 0 and step > 0:
+        tokens = common.sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
+        common.save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))
+    return metrics
+
+
+def sample_from_checkpoint(args: Args) -> dict:
+    """--sample-only: rebuild the model from --ckpt alone, draw --num-samples images at --temperature (seed --seed)
+    and write <ckpt dir>/samples_t<temperature>_s<seed>.png. Returns {"samples_path", "tokens" (N, L) CPU}."""
+    with common.usage_errors(METHOD):
+        ckpt = common.load_checkpoint(args.ckpt, METHOD)
+        model = build_model(Args(**ckpt["args"]))
+        if not model.causal:
+            raise ValueError(f"{args.ckpt} is a BERT (--objective bert) model: only autoregressive models sample")
+    model.load_state_dict(ckpt["model"])
+    info = common.setup_distributed(args.device)
+    model.to(info.device)
+    t0 = time.perf_counter()
+    tokens = common.sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples_t{args.temperature:g}_s{args.seed}.png")
+    if info.is_main:
+        common.save_samples(model, tokens, path)
+    common.print0(f"{args.num_samples} samples at temperature {args.temperature} from step {ckpt['step']} in "
+           f"{time.perf_counter() - t0:.1f} s -> {path}")  # fmt: skip
+    return {"samples_path": path, "tokens": tokens.cpu()}
+
+
+# ======================================================================================================================
+# Presets and the training loop
+# ======================================================================================================================
 
 # Values a preset sets unless given on the command line. The dataclass defaults above ARE GCRL's CIFAR recipe for the
 # 10M model (Table 3); GCRL's 76M CIFAR runs fine-tune the ImageNet32 model for 15 epochs, so no CIFAR 76M preset.
@@ -248,338 +461,77 @@ PRESETS = {
 }
 
 
-# ======================================================================================================================
-# Model: pixel-token transformer (GCRL 3.2, eq. 4)
-# ======================================================================================================================
-
-
-class ImageGPT(nn.Module):
-    """Token transformer over an H x W grid of palette tokens.
-
-    quantizer: the palette (buffer `quantizer.centers` (K, 3), saved in checkpoints); embed: common.PixelEmbedding
-    (token embedding K -> D, learned SOS, learned row + column positions); blocks: pre-LN common.Block with dense
-    causal or axial attention; norm: final LayerNorm; head: Linear D -> K (untied, zero-initialized as iGPT's wtet).
-    forward(tokens (B, L), keep=None) -> logits (B, L, K) with L = H*W:
-      objective "ar":   input [SOS, t_0 .. t_{L-2}] (+ positions), causal: logits[:, p] depend on t_0 .. t_{p-1} only;
-      objective "bert": input tokens with the embeddings of keep == False zeroed, no shift, bidirectional."""
-
-    def __init__(self, args: Args):
-        super().__init__()
-        dim, depth, heads = IGPT_ARCHS[args.arch]
-        H = W = args.image_size
-        self.height, self.width, self.depth = H, W, depth
-        self.causal = args.objective == "ar"
-        self.quantizer = ColorQuantizer(grid_palette(args.num_colors))
-        self.embed = PixelEmbedding(args.num_colors, dim, H, W)
-        if not self.causal:  # BERT inputs have no SOS: freeze the unused vector (DDP waits for every trainable grad)
-            self.embed.sos.requires_grad_(False)
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, 4.0, args.dropout, attention=args.attention, grid=(H, W)) for _ in range(depth)
-        )
-        for block in self.blocks:
-            block.attn.attn_drop = 0.0  # GCRL 4.1 states dropout before residual connections only (see header)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, args.num_colors, bias=False)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """GPT-2 / minGPT: Linear N(0, 0.02), zero biases, the two residual projections of each block scaled by
-        1/sqrt(2 * depth) so the residual stream's variance does not grow with depth; head zero (iGPT ref code: the
-        untrained model predicts the uniform distribution, exactly log2 K bits per token). PixelEmbedding initializes
-        itself (iGPT ref code: tokens and SOS N(0, 0.02), positions N(0, 0.01))."""
-        for name, m in self.blocks.named_modules():
-            if isinstance(m, nn.Linear):
-                residual = name.endswith(("attn.proj", "mlp.fc2"))
-                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * self.depth) if residual else 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.head.weight)
-
-    def hidden_states(self, tokens: torch.Tensor, keep: torch.Tensor | None = None, num_blocks: int | None = None):
-        """tokens (B, L) -> the output (B, L, D) of the first `num_blocks` blocks (all when None), before any norm."""
-        if tokens.shape[1] != self.height * self.width:
-            raise ValueError(f"expected {self.height}x{self.width} = {self.height * self.width} tokens per image, "
-                             f"got {tokens.shape[1]}")  # fmt: skip
-        h = self.embed(tokens, shift=self.causal, keep=None if self.causal else keep)
-        for block in self.blocks[:num_blocks]:
-            h = block(h, is_causal=self.causal)
-        return h
-
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.norm(self.hidden_states(tokens, keep)))
-
-
-def build_model(args: Args) -> ImageGPT:
-    """The iGPT model of `args` (also used by eval_probe.py with Args(**checkpoint["args"])); its palette is a
-    placeholder until the checkpoint's (or the fitted one) is loaded into `quantizer.centers`."""
-    return ImageGPT(args)
-
-
-def default_feature_layer(model: nn.Module) -> int:
-    """GCRL's "half" position (4.1, Table 4): the output of the first half of the blocks (block depth/2 - 1, 0-based),
-    where iGPT 4.1 finds the representation near its best (the last block costs 2.4 points on CIFAR-10)."""
-    return max(0, unwrap(model).depth // 2 - 1)
-
-
-@torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-    """Frozen representation for probing (iGPT 3.4): images float (B, 3, S, S) in [0, 1] -> quantized tokens ->
-    the output of block `layer` (0-based; None = default_feature_layer, the middle) -> LayerNorm over the width
-    without learned parameters -> average over the L positions -> (B, D) float32. Runs in eval mode (no dropout) on
-    the input the model was trained on: the SOS-shifted sequence for "ar", the unmasked tokens for "bert"."""
-    model = unwrap(model)
-    n_layers = num_feature_layers(model)
-    if layer is None:
-        layer = default_feature_layer(model)
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
-    was_training = model.training
-    model.eval()
-    h = model.hidden_states(quantize(model, images), num_blocks=layer + 1).float()
-    model.train(was_training)
-    return F.layer_norm(h, h.shape[-1:], eps=1e-6).mean(dim=1)
-
-
-def num_feature_layers(model: nn.Module) -> int:
-    return unwrap(model).depth
-
-
-# eval_probe.py's unsupervised OOD hook (GCRL Table 6): log p(x) in nats and the token embeddings it is differentiable
-# in; shared with gcrl.py (common.py section 9).
-log_likelihood = common.log_likelihood
-
-
-# ======================================================================================================================
-# Loss (THE PART TO READ): negative log-likelihood per palette token
-# ======================================================================================================================
-
-
-def igpt_loss(model: nn.Module, tokens: torch.Tensor, args: Args) -> dict[str, torch.Tensor]:
-    """The training objective in nats per token: ar = mean over all B x L tokens of -log p(t_p | t_<p) (iGPT ref code
-    gen_loss); bert = per image the mean NLL over its masked tokens, then the mean over images (iGPT ref code).
-    Returns {"ar" or "bert": loss, "total": loss}."""
-    nll, scored = token_nll(model, tokens, args)
-    if args.objective == "ar":
-        loss = nll.mean()
-    else:
-        w = scored.float()
-        loss = ((nll * w).sum(1) / w.sum(1).clamp(min=1)).mean()
-    return {args.objective: loss, "total": loss}
-
-
-def training_step_flops(args: Args) -> float:
-    """FLOPs per image of one forward + backward step (FlopCounterMode on the meta device with a 2-image batch: no
-    memory, no data, no RNG use, no process group). Quantization (a K x 3 distance per pixel) is not counted."""
-    args = dataclasses.replace(args, amp=False, objective="ar")
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = build_model(args)
-        tokens = torch.zeros(2, args.image_size**2, dtype=torch.long)
-
-        def step():
-            igpt_loss(model, tokens, args)["total"].backward()
-
-        return count_flops(step) / 2
-
-
-def build_optimizer(model: ImageGPT, args: Args, lr: float, device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the >= 2-D weights of the blocks and the head; none on LayerNorm parameters, biases
-    (1-D, common.param_groups) and the embeddings (GCRL 4.1; "embed." = tokens, SOS, positions)."""
-    return make_adamw(param_groups(model, args.weight_decay, no_decay=("embed.",)), lr, args.betas, device)
-
-
-# ======================================================================================================================
-# Data: weakly augmented images (GCRL 4.1 "iGPT"), quantized on the device
-# ======================================================================================================================
-
-
-def load_split(args: Args, train: bool):
-    """The train or test split, held in memory at the training resolution (uint8 (N, 3, S, S))."""
-    kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
-    ds = common.build_dataset(
-        args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
-    )
-    if not hasattr(ds, "images"):
-        raise ValueError(f"igpt.py needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
-    return ds
-
-
-def check_args(args: Args) -> None:
-    """Clear errors for settings that cannot run (ValueError / FileNotFoundError; main() turns them into one line)."""
-    if args.arch not in IGPT_ARCHS:
-        raise ValueError(f"unknown arch {args.arch!r}; choose one of: {', '.join(IGPT_ARCHS)}")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 < args.bert_mask_prob < 1:
-        raise ValueError(f"--bert-mask-prob must be in (0, 1), got {args.bert_mask_prob}")
-    if args.num_colors < 2 or args.image_size < 1:
-        raise ValueError(f"need --num-colors >= 2 and --image-size >= 1, got {args.num_colors}, {args.image_size}")
-    if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
-        raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.palette_pixels < args.num_colors and not args.palette:
-        raise ValueError(
-            f"--palette-pixels {args.palette_pixels} < --num-colors {args.num_colors}: k-means needs at least one "
-            f"pixel per center"
-        )
-    if args.num_samples < (1 if args.sample_only else 0):
-        raise ValueError(f"--num-samples must be >= 1 with --sample-only (>= 0 otherwise), got {args.num_samples}")
-    if args.sample_only and not args.ckpt:
-        raise ValueError("--sample-only needs --ckpt PATH (a checkpoint written by igpt.py)")
-    if args.palette and not args.sample_only and not os.path.exists(args.palette):
-        raise FileNotFoundError(f"--palette {args.palette}: no such file (a (K, 3) .npy in [-1, 1], e.g. iGPT's "
-                                f"kmeans_centers.npy; leave it empty to fit one)")  # fmt: skip
-
-
-def sample_from_checkpoint(args: Args) -> dict:
-    """--sample-only: rebuild the model from --ckpt alone, draw --num-samples images at --temperature (seed --seed)
-    and write <ckpt dir>/samples_t<temperature>_s<seed>.png. Returns {"samples_path", "tokens" (N, L) CPU}."""
-    with usage_errors("igpt.py"):
-        ckpt = load_checkpoint(args.ckpt, METHOD)
-        model = build_model(Args(**ckpt["args"]))
-        if not model.causal:
-            raise ValueError(f"{args.ckpt} is a BERT (--objective bert) model: only autoregressive models sample")
-    model.load_state_dict(ckpt["model"])
-    info = setup_distributed(args.device)
-    model.to(info.device)
-    t0 = time.perf_counter()
-    tokens = sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples_t{args.temperature:g}_s{args.seed}.png")
-    if info.is_main:
-        save_samples(model, tokens, path)
-    print0(f"{args.num_samples} samples at temperature {args.temperature} from step {ckpt['step']} in "
-           f"{time.perf_counter() - t0:.1f} s -> {path}")  # fmt: skip
-    return {"samples_path": path, "tokens": tokens.cpu()}
-
-
-# ======================================================================================================================
-# Training loop
-# ======================================================================================================================
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv, PRESETS)
-    with usage_errors("igpt.py"):
+    args = common.parse_args(Args, argv, PRESETS)
+    with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
     if args.sample_only:
         return sample_from_checkpoint(args)
-    # --- boilerplate: ranks, seeds, run folder
-    info = setup_distributed(args.device)
-    dev = info.device
-    seed_everything(args.seed + info.rank)
-    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
-
-    # --- data and palette: one palette on every rank (rank 0 fits or loads it, then broadcasts)
-    with usage_errors("igpt.py"):
-        per_rank = batch_per_rank(args.batch_size, info.world_size)
+    # --- boilerplate: ranks, seeds, data and palette (rank 0 fits or loads it, then broadcasts), model, optimizer
+    info = common.setup_distributed(args.device)
+    common.seed_everything(args.seed + info.rank)
+    run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
+    with common.usage_errors(METHOD):
+        per_rank = common.batch_per_rank(args.batch_size, info.world_size)
         train_set, test_set = load_split(args, train=True), load_split(args, train=False)
-        kind = {"weak": "weak", "none": "eval"}[args.augment]  # "eval" at the stored size = the images unchanged
-        batches = TrainBatches(train_set, [kind], args.image_size, per_rank, info, seed=args.seed,
-                               num_workers=args.num_workers)  # fmt: skip
-        palette = shared_palette(args, train_set.images, run_dir, info, METHOD)
+        batches = common.TrainBatches(train_set, [VIEW[args.augment]], args.image_size, per_rank, info, seed=args.seed,
+                                      num_workers=args.num_workers)  # fmt: skip
+        palette = common.shared_palette(args, train_set.images, run_dir, info, METHOD)
     args.num_colors = palette.shape[0]  # saved in args.json / the checkpoint: build_model needs it
-    flops_per_image = training_step_flops(args)
-    logger = RunLogger(run_dir, args, info.is_main)
-    n_eval = args.eval_images or len(test_set)
-    eval_train = common.heldout_subset(train_set, n_eval).images  # class balanced, fixed
-    eval_test = common.heldout_subset(test_set, n_eval).images
-    print0(f"iGPT training step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")
-
-    # --- model, optimizer (boilerplate)
+    flops_per_image = training_step_flops(args)  # (the meta-device count needs no process group)
+    held = heldout_data(args, train_set, test_set, info.device)
     model = build_model(args)
-    model.quantizer.centers.copy_(palette)
-    model = model.to(dev)
-    if info.is_main:  # what the palette does to real images: originals (top row), quantized (bottom row)
-        shown = eval_test[:8].to(dev)
-        quantized = model.quantizer.decode(quantize(model, shown), args.image_size, args.image_size)
-        common.save_image_grid(torch.cat([shown, quantized]), os.path.join(run_dir, "quantized.png"), nrow=8)
-    if info.world_size > 1:  # the only buffer is the palette (6 KB), identical on every rank: DDP's syncs are free
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    peak_lr = args.lr if args.lr is not None else scaled_lr(args.base_lr, args.batch_size)
-    optimizer = build_optimizer(unwrap(model), args, peak_lr, dev)
+    model.quantizer.centers.copy_(palette)  # the only buffer (6 KB), identical on every rank
+    model = common.distribute(model, info, args.compile)
+    peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
+    optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_epochs * steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
-    step = 0
-    with usage_errors("igpt.py"):  # a missing --resume PATH, or another method's checkpoint
-        resume_path = resolve_resume(args.resume, run_dir)
-        if resume_path:
-            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
-            print0(f"resumed from {resume_path} at step {step}")
-    n_params = sum(p.numel() for p in unwrap(model).parameters())
-    print0(f"{args.arch} ({n_params / 1e6:.2f}M parameters, {args.attention} attention, {args.objective}) on "
-           f"{args.dataset} {args.image_size}x{args.image_size} = {args.image_size**2} tokens, K = {args.num_colors}: "
-           f"{info.world_size} x {per_rank} images/step, {steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, "
-           f"steps {step} -> {stop_step}")  # fmt: skip
+    with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
+    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step)
+    n_params = sum(p.numel() for p in common.unwrap(model).parameters())
+    common.print0(f"{METHOD} {args.arch} ({n_params / 1e6:.2f}M parameters, {args.attention} attention, "
+                  f"{args.objective}) on {args.dataset}: {args.image_size}x{args.image_size} tokens, K = "
+                  f"{args.num_colors}, {info.world_size} x {per_rank} images/step, {steps_per_epoch} steps/epoch, "
+                  f"peak lr {peak_lr:.3g}, steps {step} -> {stop_step}, "
+                  f"{flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")  # fmt: skip
+
+    def evaluate(step: int) -> dict:  # bits per token is sharded over the ranks: every rank evaluates
+        monitor = lambda: monitors(model, held, args, step, run_dir, info)  # noqa: E731
+        return common.run_monitors(step, monitor, logger, info, all_ranks=True)
+
+    final = {k.replace("eval/", "init/"): v for k, v in evaluate(0).items()} if step == 0 else {}
 
     # --- the training loop (THE PART TO READ is igpt_loss above)
     model.train()
     epoch = step // steps_per_epoch
-    meter = Throughput(stop_step, step)
-    images_since_log, final = 0, {}
     while step < stop_step:
         for views, _ in batches.epoch(epoch, start_step=step % steps_per_epoch):
-            set_lr(optimizer, lr := cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
-            tokens = quantize(model, views[0])  # (B, H*W) raster order
-            terms = igpt_loss(model, tokens, args)
-            # one host sync per step: the loss is checked before the update (no NaN reaches a checkpoint)
-            values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
-            check_finite(step, values)
+            common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
+            terms = igpt_loss(model, common.quantize(model, views[0]), args)  # tokens (B, H*W) in raster order
+            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if args.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
             step += 1
-            images_since_log += args.batch_size
             last = step >= stop_step
-
-            # --- logging, evaluation, pictures, checkpoints (boilerplate)
-            if step % args.log_every == 0 or last:
-                mean = common.all_reduce_mean(torch.tensor(list(values.values()), device=dev)).tolist()
-                ips, eta = meter.tick(step, images_since_log)
-                images_since_log = 0
-                row = {f"loss/{k}": v for k, v in zip(values, mean)}  # nats per token
-                row.update({"lr": lr, "epoch": step / steps_per_epoch, "perf/images_per_s": ips})
-                util = common.mfu(flops_per_image, ips / info.world_size, dev)
-                if util is not None:
-                    row["perf/mfu"] = util
-                logger.log(step, row)
-                final.update(row)
-                unit = "bits per palette token" if args.objective == "ar" else "bits per masked token"
-                print0(f"step {step}/{stop_step} ep {epoch} loss {row['loss/total']:.4f} nats/token "
-                       f"({row['loss/total'] / math.log(2):.4f} {unit}) lr {lr:.3g} {ips:.1f} img/s"
-                       + (f" mfu {util:.1%}" if util is not None else "") + f" eta {eta}")  # fmt: skip
-            if step % args.eval_every == 0 or last:
-                metrics = {
-                    "eval/train_bits_per_token": bits_per_token(model, eval_train, args, dev, info=info),
-                    "eval/test_bits_per_token": bits_per_token(model, eval_test, args, dev, info=info),
-                }
-                if info.is_main and args.objective == "ar" and args.num_samples > 0:
-                    tokens = sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
-                    save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))
-                label = "bits per palette token" if args.objective == "ar" else "masked-token bits (BERT)"
-                print0(f"step {step}: {label} on {len(eval_test)} images: train "
-                       f"{metrics['eval/train_bits_per_token']:.4f}, test {metrics['eval/test_bits_per_token']:.4f} "
-                       f"(uniform: {math.log2(args.num_colors):.2f})")  # fmt: skip
-                logger.log(step, metrics)
-                final.update(metrics)
-                if info.world_size > 1:
-                    dist.barrier()
-            if step % args.ckpt_every == 0 or last:
-                save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
-            if step % args.eval_every == 0 or step % args.ckpt_every == 0:
-                meter.t0 = time.perf_counter()  # images/s measures training only, not evaluation or checkpoints
+            # --- logging, monitors, checkpoints (boilerplate)
+            final.update(logger.step(step, terms, lr, step / steps_per_epoch, args.batch_size))
+            with logger.paused():  # images/s counts training time only
+                if step % args.eval_every == 0 or last:
+                    final.update(evaluate(step))
+                if step % args.ckpt_every == 0 or last:
+                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
             if last:
                 break
         epoch += 1
     logger.close()
-    cleanup_distributed()
-    final.update({"step": step, "flops_per_image": flops_per_image, "run_dir": run_dir})
-    return final
+    common.cleanup_distributed()
+    return {**final, "step": step, "flops_per_image": flops_per_image, "run_dir": run_dir}
 
 
 if __name__ == "__main__":

@@ -105,15 +105,15 @@ def test_ar_loss_is_the_mean_nll_over_all_tokens_with_the_sos_shift(attention):
     assert terms["total"].item() == pytest.approx(hand.item(), rel=1e-5)
     # bits per token = the same mean NLL / ln 2 (eval mode, no dropout), over uint8 images through the palette
     images = torch.randint(256, (3, 3, 8, 8), dtype=torch.uint8)
-    nll = igpt.igpt_loss(model, igpt.quantize(model, images), args)["total"].item()
-    assert igpt.bits_per_token(model, images, args, "cpu", batch_size=2) == pytest.approx(nll / math.log(2), rel=1e-5)
+    nll = igpt.igpt_loss(model, common.quantize(model, images), args)["total"].item()
+    assert common.bits_per_token(model, images, args, "cpu", batch_size=2) == pytest.approx(nll / math.log(2), rel=1e-5)
 
 
 def test_untrained_model_is_uniform_nine_bits_per_token():
     args = tiny_args()
     model = igpt.build_model(args)  # zero-initialized head (iGPT ref code)
     images = common.synthetic_shapes(16, 8, seed=3)[0]
-    assert igpt.bits_per_token(model, images, args, "cpu") == pytest.approx(9.0, abs=1e-5)  # log2(512)
+    assert common.bits_per_token(model, images, args, "cpu") == pytest.approx(9.0, abs=1e-5)  # log2(512)
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_decay_skips_norms_and_embeddings():
@@ -173,7 +173,7 @@ def test_bert_masks_15_percent_and_scores_only_the_masked_tokens():
     tokens = random_tokens(4, 64)
     torch.manual_seed(5)
     keep = common.bert_keep_mask(tokens, 0.15)
-    nll, scored = igpt.token_nll(model, tokens, args, generator=torch.Generator().manual_seed(9))
+    nll, scored = common.token_nll(model, tokens, args, generator=torch.Generator().manual_seed(9))
     assert torch.equal(scored, ~common.bert_keep_mask(tokens, 0.15, torch.Generator().manual_seed(9)))
     with torch.no_grad():
         logits = model(tokens, keep)
@@ -203,7 +203,7 @@ def test_bert_masks_15_percent_and_scores_only_the_masked_tokens():
     grad = seen["logits"].grad
     assert grad[keep].abs().max() == 0 and grad[~keep].abs().amax(-1).min() > 0  # only masked tokens are scored
     with pytest.raises(ValueError, match="autoregressive"):
-        igpt.sample(model, 1)
+        common.sample(model, 1)
 
 
 # ---------------------------------------------------------------- sampling
@@ -211,10 +211,10 @@ def test_samples_follow_the_model_at_the_temperature_and_decode_to_a_png(tmp_pat
     args = tiny_args("--image-size", "2")  # 4 tokens per image: thousands of samples in a few forward passes
     model = random_model(args)
     N, T = 2000, 0.7
-    tokens = igpt.sample(model, N, temperature=T, seed=0)
+    tokens = common.sample(model, N, temperature=T, seed=0)
     assert tokens.shape == (N, 4) and tokens.dtype == torch.long and 0 <= tokens.min() and tokens.max() < K
     torch.manual_seed(0)
-    again = [igpt.sample(model, 50, temperature=T, seed=s) for s in (0, 0, 1)]
+    again = [common.sample(model, 50, temperature=T, seed=s) for s in (0, 0, 1)]
     assert torch.equal(again[0], again[1]) and not torch.equal(again[0], again[2])  # its own seeded generator
     assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # global RNG kept
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_samples_follow_the_model_at_the_temperature_and_decode_to_a_png(tmp_pat
     assert abs((rows[:, 1] == t1).float().mean() - p1[t1]) < 4 * math.sqrt(p1[t1] * (1 - p1[t1]) / len(rows))
     # PNG grid of the decoded samples (8 per row, 1 px padding)
     path = tmp_path / "samples.png"
-    igpt.save_samples(model, tokens[:16], str(path))
+    common.save_samples(model, tokens[:16], str(path))
     grid = read_png(path)
     assert grid.shape == (3, 1 + 2 * 3, 1 + 8 * 3)
     torch.testing.assert_close(grid[:, 1:3, 1:3], model.quantizer.decode(tokens[:1], 2, 2)[0], rtol=0, atol=0)
@@ -245,7 +245,7 @@ def test_features_of_every_block_are_pooled_layer_normed_block_outputs():
     args = tiny_args()
     model = random_model(args).train()
     images = torch.rand(3, 3, 8, 8)
-    tokens = igpt.quantize(model, images)
+    tokens = common.quantize(model, images)
     assert igpt.num_feature_layers(model) == 2
     feats = []
     with torch.no_grad():
@@ -270,8 +270,8 @@ def test_log_likelihood_is_minus_the_summed_nll_and_differentiable_in_the_token_
         p.requires_grad_(False)  # frozen, as eval_probe uses it
     images = torch.rand(3, 3, 8, 8)
     log_px, emb = igpt.log_likelihood(model, images)
-    tokens = igpt.quantize(model, images)
-    nll, _ = igpt.token_nll(model, tokens, args)
+    tokens = common.quantize(model, images)
+    nll, _ = common.token_nll(model, tokens, args)
     assert log_px.shape == (3,)
     torch.testing.assert_close(log_px, -nll.sum(1), rtol=1e-5, atol=1e-4)  # nats per image, summed over 64 tokens
     assert emb.shape == (3, 64, 64) and emb.is_leaf and emb.requires_grad
@@ -332,7 +332,7 @@ def test_presets_and_bad_input_give_one_line_errors(tmp_path, capsys):
 # ---------------------------------------------------------------- palette: a given .npy file
 def test_palette_file_sets_the_vocabulary_and_is_used_for_tokens(tmp_path):
     path = tmp_path / "kmeans_centers.npy"
-    np.save(path, igpt.grid_palette(27))  # a 3 x 3 x 3 RGB grid in [-1, 1], iGPT's file format
+    np.save(path, common.grid_palette(27))  # a 3 x 3 x 3 RGB grid in [-1, 1], iGPT's file format
     flags = ["--palette", str(path), "--steps", "1", "--batch-size", "16", "--synthetic-size", "64", "--eval-images"]
     final = igpt.main(TINY + flags + ["16", "--num-samples", "2", "--output-dir", str(tmp_path), "--run-name", "pal"])
     assert final["loss/total"] == pytest.approx(math.log(27), abs=1e-6)  # the zero head: uniform over 27 colors
@@ -343,14 +343,14 @@ def test_palette_file_sets_the_vocabulary_and_is_used_for_tokens(tmp_path):
     model = igpt.build_model(igpt.Args(**ckpt["args"]))
     model.load_state_dict(ckpt["model"])
     pixel = torch.tensor([10, 130, 250], dtype=torch.uint8).view(1, 3, 1, 1)  # nearest levels 0, 127.5, 255
-    assert igpt.quantize(model, pixel).item() == 0 * 9 + 1 * 3 + 2  # raster index of (R, G, B) levels (0, 1, 2)
+    assert common.quantize(model, pixel).item() == 0 * 9 + 1 * 3 + 2  # raster index of (R, G, B) levels (0, 1, 2)
 
 
 # ---------------------------------------------------------------- end to end
 def test_end_to_end_run_folder_checkpoint_and_sample_only(tmp_path):
     flags = ["--steps", "3", "--log-every", "1", "--synthetic-size", "256", "--num-samples", "4", "--device", "cpu"]
     proc = run_script(["igpt.py", *TINY, *flags, "--run-name", "e2e"], cwd=tmp_path)
-    assert "k-means on 4096 training pixels" in proc.stdout and "bits per palette token" in proc.stdout
+    assert "k-means on 4096 training pixels" in proc.stdout and "eval/test_bits_per_token" in proc.stdout
     run = tmp_path / "runs" / "e2e"
     args = json.load(open(run / "args.json"))
     assert (args["num_colors"], args["attention"], args["objective"]) == (512, "axial", "ar")
@@ -361,8 +361,9 @@ def test_end_to_end_run_folder_checkpoint_and_sample_only(tmp_path):
         assert key in losses[-1]
     assert losses[0]["loss/total"] == pytest.approx(math.log(K), abs=1e-5)  # step 1 scores the untrained model
     evals = [r for r in rows if "eval/test_bits_per_token" in r]
-    assert len(evals) == 1 and "eval/train_bits_per_token" in evals[0]
-    assert 5 < evals[0]["eval/test_bits_per_token"] < 9.01
+    assert [r["step"] for r in evals] == [0, 3] and all("eval/train_bits_per_token" in r for r in evals)
+    assert evals[0]["eval/test_bits_per_token"] == pytest.approx(9.0, abs=1e-5)  # at init: uniform, log2(512)
+    assert 5 < evals[1]["eval/test_bits_per_token"] < 9.0
     for png in ("quantized.png", "samples_step0000003.png"):
         assert (run / png).exists()
     palette = np.load(run / "palette.npy")
@@ -452,7 +453,7 @@ def test_ddp_gradients_on_two_processes_equal_one_process(tmp_path, attention):
 def test_torchrun_two_processes(tmp_path):
     flags = ["--steps", "2", "--batch-size", "8", "--synthetic-size", "64", "--eval-images", "16", "--num-samples", "2"]
     proc = run_script(["igpt.py", *TINY, *flags, "--run-name", "ddp", "--device", "cpu"], cwd=tmp_path, torchrun=2)
-    assert "2 x 4 images/step" in proc.stdout and "bits per palette token" in proc.stdout
+    assert "2 x 4 images/step" in proc.stdout and "eval/test_bits_per_token" in proc.stdout
     ckpt = common.load_checkpoint(str(tmp_path / "runs" / "ddp" / "checkpoint.pt"), "igpt")
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
