@@ -2088,7 +2088,7 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
             tp = next(a for a in targs if a is not type(None))
             origin, targs = typing.get_origin(tp), typing.get_args(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name in presets:
             helptext += f" (presets: {', '.join(presets[f.name])})"
         kw = dict(default=default, help=helptext, dest=f.name)
@@ -2769,4 +2769,3 @@ def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
         net.train(was_training)
     nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, L)
     return -nll.sum(dim=1), leaf["emb"]
-

@@ -1,90 +1,50 @@
 """Evaluate any checkpoint of this repository: linear, kNN, best-layer, OOD and low-shot probes with calibration.
-
-SPEC section 8; protocols from GCRL (Kim, Kim, Lee 2021, arXiv:2106.06162) sections 4.2-4.4 and Tables 5, 6, 8,
-MAE (He et al. 2022, arXiv:2111.06377) main_linprobe.py, and iGPT (Chen et al. 2020) section 4.1.
+SPEC section 8; protocols of GCRL (arXiv:2106.06162) 4.2-4.4 / Tables 5, 6, 8, MAE main_linprobe.py, iGPT 4.1.
 
 `python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn` rebuilds the model from the checkpoint
-alone (ckpt["method"] names the method file, ckpt["args"] its Args), freezes it (requires_grad False and eval mode,
-so BatchNorm statistics and dropout stay fixed), extracts features of the train and test split once, caches them next
-to the checkpoint, and runs the chosen protocols on the cached features:
+alone (ckpt["method"] names the method file, ckpt["args"] its Args), freezes it (requires_grad False, eval mode:
+BatchNorm statistics and dropout fixed), extracts and caches features next to the checkpoint, and runs:
 
-  linear   a linear classifier on frozen features, `--linear-protocol`:
-             gcrl  GCRL 4.2 (following iGPT / SimCLR): AdamW, lr 0.01 (CIFAR-size) or 0.1 (ImageNet), wd 1e-4,
-                   batch 512, 100 epochs, no augmentation.
-             mae   MAE main_linprobe.py (also CAN's protocol): BatchNorm1d(affine=False, eps 1e-6) + Linear with
-                   trunc-normal(std 0.01) weights, LARS with base lr 0.1 (x batch / 256), wd 0, 10 warmup epochs
-                   then half-cosine, 90 epochs.
-  linear_aug  MAE main_linprobe.py as it runs: the MAE head (BatchNorm without affine + Linear, LARS, warmup +
-           cosine, 90 epochs) trained on the frozen features of freshly augmented training images every epoch
-           (RandomResizedCrop(S, scale 0.08-1, bicubic) + flip); tested on the eval view. The `linear` protocols
-           train on cached features of un-augmented images (one extraction, minutes instead of hours); this one
-           pays a backbone forward per image per epoch and is the protocol behind MAE's and CAN's linear numbers.
-  knn      weighted kNN on cosine similarity (k 200, temperature 0.07; Wu et al. 2018), no training.
-  layers   iGPT 4.1's best-layer probe: the linear probe (or kNN, `--layers-probe knn`) on the output of every
-           block, each trained on the training split minus a class-balanced held-out part (`--layers-val-fraction`)
-           and scored on that part; the block with the best held-out accuracy is refit on the whole training split
-           and only its test accuracy is reported (the test split never chooses the block). iGPT 4.1: the
-           representation of a generative model peaks near the middle of the network, and the last block costs
-           2.4 points on CIFAR-10, so generative checkpoints (igpt, gcrl) are probed per block.
-  ood      supervised OOD score s(x) = max_c log N(z(x) | mu_c, Sigma_c) (class-conditional Gaussians fitted on the
-           training features; GCRL 4.3, Table 5) -> AUROC and AUPRC of the in-distribution test split vs the test
-           split of `--ood-dataset` (CIFAR-10 vs SVHN in GCRL). For methods with a likelihood (the optional
-           `log_likelihood` hook, below: igpt, gcrl) also the unsupervised score -||d log p(x) / d token embeddings||_2
-           (GCRL 4.3, Table 6).
-  lowshot  the linear probe trained on 1% / 5% / 10% of the training labels (class balanced, `--seeds`), evaluated
-           on the whole test split, mean +- std over seeds (GCRL Table 8).
+  linear      a linear head on cached features of un-augmented images. --linear-protocol gcrl (GCRL 4.2, after
+              iGPT / SimCLR): AdamW lr 0.01 (CIFAR-size) / 0.1 (ImageNet), wd 1e-4, batch 512, 100 epochs, constant
+              lr (GCRL states no schedule). mae (MAE main_linprobe.py, CAN): BatchNorm1d(affine=False) + Linear
+              (trunc-normal 0.01), LARS base lr 0.1 x batch / 256, wd 0, 10 warmup of 90 epochs, then cosine.
+  linear_aug  MAE main_linprobe.py as it runs: the mae head trained on frozen features of fresh
+              RandomResizedCrop(S, 0.08-1, bicubic) + flip views every epoch (a backbone forward per image and
+              epoch), tested on the eval view: the protocol behind MAE's and CAN's linear numbers.
+  knn         weighted kNN on cosine similarity, k 200, temperature 0.07 (Wu et al. 2018), no training.
+  layers      iGPT 4.1's best layer: the linear (or kNN) probe of every block, fit on the training split minus a
+              class-balanced 10% (--layers-val-fraction) and scored there; the chosen block is refit on the whole
+              training split and only its test accuracy is reported (iGPT 4.1 uses a validation split; the test
+              split never chooses). Generative models peak near the middle of the network.
+  ood         supervised score max_c log N(z | mu_c, Sigma_c) of class-conditional Gaussians (GCRL 4.3, Table 5) ->
+              AUROC / AUPRC of the test split vs --ood-dataset's; with the optional `log_likelihood` hook also the
+              unsupervised -||d log p(x) / d token embeddings||_2 (GCRL Table 6).
+  lowshot     the linear probe on 1 / 5 / 10% of the labels (class balanced, --seeds), mean +- std (GCRL Table 8).
 
-Eval view (`--eval-crop`): images of <= 64 px (CIFAR, STL-10 at 96, ImageNet32/64, MNIST) are probed as stored,
-resized to the model's size (GCRL / iGPT); from 224 px on, as the MAE / CAN / SimCLR papers do, the shorter side is
-resized to S / 0.875 (256 for 224) bicubic and the center S x S is cropped (MAE main_linprobe.py's
-Resize(256, interpolation=3) + CenterCrop(224); SimCLR's center crop of 87.5%).
+Every classifier reports its expected calibration error (15 equal-width bins, Guo et al. 2017; kNN: the normalized
+votes are the probabilities). Eval view (--eval-crop auto): the image at the model's size up to 64 px (GCRL / iGPT);
+from 224 px on Resize(S / 0.875, bicubic) + CenterCrop(S) as MAE / CAN / SimCLR (256 -> 224). Results go to
+<ckpt dir>/eval_results.jsonl and .csv (protocol, eval view and settings in every row) and a printed table;
+--untrained probes the same architecture freshly initialized: the "vs untrained" baseline.
 
-Every classifier reports its expected calibration error next to its accuracy (ECE with 15 equal-width confidence
-bins, Guo et al. 2017, as GCRL Tables 8-10); for kNN the normalized class votes are the probabilities. Results are
-appended to <ckpt dir>/eval_results.jsonl (one JSON object per protocol run: checkpoint, method, dataset, protocol,
-setting, metrics, date) and eval_results.csv (one row per metric), and printed as a table. `--untrained` evaluates
-the same architecture freshly initialized from the checkpoint's args: the "vs untrained" baseline.
-
-Interface of a method file (README, "Method files") that this script consumes:
-  build_model(args) -> nn.Module                                 rebuilt from Args(**ckpt["args"]) alone
-  features(model, images, layer=None[, pool=...]) -> (B, D)      images float (B, 3, S, S) in [0, 1]; layer=None is
-                                                                 the method's standard representation, layer=i the
-                                                                 output of block i; `pool` is passed only when the
-                                                                 function accepts it
-  num_feature_layers(model) -> int
-  log_likelihood(model, images) -> (log_px (B,), token_embeddings (B, L, D))      optional (generative methods):
-        log_px = log p(x) of each image in nats (sum over its tokens), differentiable w.r.t. token_embeddings, the
-        output of the token-embedding lookup that the rest of the forward consumes. The model is frozen, so the hook
-        makes that tensor a leaf that requires grad (e.g. `emb = model.tok_embed(tokens).detach().requires_grad_()`).
-        Images must not interact within the batch (eval mode), so d sum(log_px) / d emb gives per-image gradients.
+Method-file interface (README "Method files"): build_model(args); features(model, images, layer=None, pool=None)
+-> (B, D) for float images in [0, 1] (layer=None: the method's representation; pool=None: its default pooling);
+num_feature_layers(model); optional log_likelihood(model, images) -> (log_px (B,) in nats, token_embeddings
+(B, L, D)) differentiable in the embeddings, which the hook makes a leaf that requires grad (the model is frozen).
 
 Launch:
-  python eval_probe.py --ckpt runs/simclr_synthetic_vit_micro_s0/checkpoint.pt --protocols linear,knn
-  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear --linear-protocol mae
+  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn [--untrained] [--epochs 3]
+  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear_aug --eval-crop resize_crop
   python eval_probe.py --ckpt runs/<igpt run>/checkpoint.pt --protocols layers,ood --ood-dataset svhn
   python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols lowshot --seeds 0,1,2,3,4
-  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn --untrained     # the baseline
-  python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn --epochs 3     # a quick look
 
-Known deviations and choices:
-  * GCRL states no learning-rate schedule for its linear probe: the gcrl protocol keeps the lr constant.
-  * MAE's linear probe runs a global batch of 16384 (512 per GPU x 32); the default here is 512 (one GPU of MAE's
-    setup; GCRL's batch), with MAE's scaling rule lr = 0.1 x batch / 256. With `--epochs` set, the warmup keeps MAE's
-    ratio (10 of 90 epochs) unless `--warmup-epochs` is given.
-  * Probe batches drop the last incomplete batch (MAE's drop_last); a set smaller than one batch is one batch.
-  * The Gaussian covariance is the maximum-likelihood estimate plus ridge x (mean per-dimension variance of the
-    training features) x I, so it stays invertible when a class has fewer images than feature dimensions.
-  * AUPRC is average precision (sum over distinct thresholds of recall increase x precision), in-distribution as the
-    positive class (consistent with GCRL Table 6: with 10k CIFAR-10 vs 26k SVHN images, AUPRC < AUROC).
-  * `layers` holds out 10% of the training split (class balanced, seeded by --seed) to choose the block, as iGPT
-    4.1 does with a validation split; iGPT Fig. 2 plots test accuracy per block, which is not a result to quote.
-  * `linear_aug` freezes the backbone in eval mode (MAE's main_linprobe leaves the frozen ViT in train mode, where
-    it has no dropout or BatchNorm, so the two agree for ViTs; for BatchNorm backbones eval mode is the only
-    frozen choice). Its other settings come from --epochs / --lr / --batch-size / --weight-decay like `linear`.
-  * `--untrained` re-initializes every parameter and BatchNorm statistic; other buffers (e.g. iGPT's color palette,
-    fitted data preprocessing rather than learned weights) are taken from the checkpoint.
-  * Low-shot: GCRL does not state its low-shot classifier; the chosen linear protocol is used. std is the sample
-    standard deviation over seeds (ddof 1).
+Choices where the papers are silent: MAE's linear probe runs a global batch of 16384; the default here is 512
+(GCRL's, one GPU of MAE's setup) with MAE's scaling rule. Probe batches drop the last incomplete batch (MAE). The
+Gaussians' covariance is the ML estimate plus ridge x mean feature variance x I. AUPRC is average precision with
+the in-distribution split positive. --untrained re-initializes parameters and BatchNorm statistics; other buffers
+(iGPT's fitted palette) come from the checkpoint. linear_aug keeps the frozen backbone in eval mode (MAE leaves a
+ViT without dropout in train mode: the same thing). Low-shot std is the sample std over seeds (ddof 1).
 """
 
 from __future__ import annotations
@@ -95,7 +55,6 @@ import datetime
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -128,9 +87,7 @@ class Args:
 
     # experiment
     ckpt: str = arg("", "checkpoint.pt written by a method script (required)")
-    protocols: str = arg(
-        "linear,knn", "comma-separated protocols to run: linear, linear_aug, knn, layers, ood, lowshot (or all)"
-    )
+    protocols: str = arg("linear,knn", "comma-separated: linear, linear_aug, knn, layers, ood, lowshot (or all)")
     untrained: bool = arg(False, "evaluate the same architecture freshly initialized from the checkpoint's args")
     seed: int = arg(0, "seed of the probe heads, their data order and of the --untrained initialization")
     device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
@@ -140,12 +97,8 @@ class Args:
     data_root: str = arg("", "dataset folder ('' = the checkpoint's data_root, else 'data')")
     download: bool = arg(False, "download missing datasets (torchvision downloaders)")
     image_size: int = arg(0, "input size of the model (0 = the checkpoint's image_size)")
-    eval_crop: str = arg(
-        "auto",
-        "eval view: full (resize to S, bilinear) | resize_crop (shorter side to S/0.875 bicubic, center crop S: MAE "
-        "main_linprobe, CAN, SimCLR at 224 px) | auto (resize_crop from 224 px on, else full)",
-        choices=["auto", "full", "resize_crop"],
-    )
+    eval_crop: str = arg("auto", "eval view: full (resize to S) | resize_crop (S/0.875 bicubic, center S) | auto "
+                         "(resize_crop from 224 px on)", ["auto", "full", "resize_crop"])  # fmt: skip
     synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = the checkpoint's, else its default)")
     extract_batch_size: int = arg(256, "batch of the frozen forward passes that extract features")
     num_workers: int = arg(4, "DataLoader workers for datasets that are not kept in memory")
@@ -153,15 +106,11 @@ class Args:
     cache: bool = arg(True, "cache features in <ckpt dir>/feature_cache (keyed by checkpoint mtime/size, data, layer)")
     # features
     layer: int = arg(-1, "block whose output is the feature (0-based); -1 = the method's standard representation")
-    pool: str = arg(
-        "auto",
-        "token pooling passed to the method's features() when it accepts `pool` (auto = its default)",
-        choices=["auto", "mean", "cls"],
-    )
+    pool: str = arg("auto", "token pooling of the method's features() (auto = the method's default)",
+                    ["auto", "mean", "cls"])  # fmt: skip
     # linear probe (also used by layers and lowshot)
-    linear_protocol: str = arg(
-        "gcrl", "gcrl: AdamW 100 epochs (GCRL 4.2); mae: BN + LARS 90 epochs (MAE linprobe)", choices=["gcrl", "mae"]
-    )
+    linear_protocol: str = arg("gcrl", "gcrl: AdamW 100 epochs (GCRL 4.2); mae: BN + LARS 90 epochs (MAE linprobe)",
+                               ["gcrl", "mae"])  # fmt: skip
     epochs: int = arg(0, "probe epochs (0 = protocol default: gcrl 100, mae 90)")
     lr: float = arg(0.0, "probe learning rate (0 = protocol default: gcrl 0.01 / 0.1 ImageNet; mae 0.1 x batch/256)")
     batch_size: int = arg(512, "probe batch (GCRL 4.2: 512; MAE linprobe: 512 per GPU)")
@@ -171,26 +120,16 @@ class Args:
     knn_k: int = arg(200, "neighbours of the weighted kNN (Wu et al. 2018; DINO / SimCLR monitors)")
     knn_temperature: float = arg(0.07, "temperature of the kNN vote weights exp(cos / t)")
     # layers
-    layers_probe: str = arg(
-        "linear",
-        "classifier of the per-block sweep: linear (iGPT's protocol) or knn (cheap)",
-        choices=["linear", "knn"],
-    )
-    layers_val_fraction: float = arg(
-        0.1, "part of the training split held out (class balanced) to choose the block; the test split never does"
-    )
+    layers_probe: str = arg("linear", "per-block classifier: linear (iGPT) or knn (cheap)", ["linear", "knn"])
+    layers_val_fraction: float = arg(0.1, "held-out part of the training split (class balanced) choosing the block")
     # ood
     ood_dataset: str = arg("svhn", "out-of-distribution test set (GCRL 4.3: SVHN and STL-10)")
     ood_ridge: float = arg(1e-3, "ridge added to each class covariance, relative to the mean feature variance")
-    ood_grad: bool = arg(
-        True, "also the unsupervised -||d log p / d embeddings|| score when the method has a likelihood"
-    )
+    ood_grad: bool = arg(True, "also the unsupervised -||d log p / d embeddings|| score (methods with a likelihood)")
     ood_grad_batch_size: int = arg(32, "batch of the likelihood-gradient score (a forward + backward pass)")
     ood_max_images: int = arg(0, "likelihood-gradient score on the first N images of each test set (0 = all)")
     # lowshot
-    lowshot_fractions: str = arg(
-        "0.01,0.05,0.1", "label fractions, comma-separated (GCRL Table 8: 1, 5 and 10 percent)"
-    )
+    lowshot_fractions: str = arg("0.01,0.05,0.1", "label fractions, comma-separated (GCRL Table 8: 1, 5, 10 percent)")
     seeds: str = arg("0,1,2,3,4", "low-shot seeds, comma-separated (GCRL Table 8: five seeds 0-4)")
     # calibration
     ece_bins: int = arg(15, "equal-width confidence bins of the ECE (Guo et al. 2017)")
@@ -354,25 +293,15 @@ class LinearProtocol:
     schedule: str
 
     def describe(self) -> str:
+        common_part = f"wd {self.weight_decay:g}, batch {self.batch_size}, {self.epochs} epochs"
         if self.name == "gcrl":
-            return (
-                f"GCRL protocol (GCRL 4.2): Linear head, AdamW lr {self.lr:g} constant, wd {self.weight_decay:g}, "
-                f"batch {self.batch_size}, {self.epochs} epochs, no augmentation"
-            )
-        return (
-            f"MAE protocol (MAE main_linprobe.py): BatchNorm1d(affine=False) + Linear, LARS lr {self.lr:g}, "
-            f"wd {self.weight_decay:g}, batch {self.batch_size}, warmup {self.warmup_epochs:g} + cosine, "
-            f"{self.epochs} epochs"
-        )
+            return f"GCRL protocol (GCRL 4.2): Linear head, AdamW lr {self.lr:g} constant, {common_part}"
+        return (f"MAE protocol (MAE main_linprobe.py): BatchNorm1d(affine=False) + Linear, LARS lr {self.lr:g}, "
+                f"warmup {self.warmup_epochs:g} + cosine, {common_part}")  # fmt: skip
 
     def setting(self) -> dict:
-        return {
-            "linear_protocol": self.name,
-            "lr": self.lr,
-            "wd": self.weight_decay,
-            "batch": self.batch_size,
-            "epochs": self.epochs,
-        }
+        return {"linear_protocol": self.name, "lr": self.lr, "wd": self.weight_decay, "batch": self.batch_size,
+                "epochs": self.epochs}  # fmt: skip
 
 
 def linear_protocol(args: Args, dataset: str) -> LinearProtocol:
@@ -624,14 +553,8 @@ def load_model(ckpt_path: str, untrained: bool = False, seed: int = 0, device="c
 
 
 def call_features(module, model, images, layer: int | None, pool: str):
-    """module.features(model, images, layer[, pool]); pool only when set and accepted by the method."""
-    if pool and "pool" in inspect.signature(module.features).parameters:
-        return module.features(model, images, layer=layer, pool=pool)
-    return module.features(model, images, layer=layer)
-
-
-def accepts_pool(module) -> bool:
-    return "pool" in inspect.signature(module.features).parameters
+    """module.features(model, images, layer, pool); pool "" = the method's default (None)."""
+    return module.features(model, images, layer=layer, pool=pool or None)
 
 
 @torch.no_grad()
@@ -706,62 +629,35 @@ class FeatureStore:
         self.extracted = 0  # number of (split, layer) extractions that missed the cache (tests use it)
 
     def dataset(self, name: str, split: str):
-        key = (name, split)
-        if key not in self.datasets:
-            kw = {}
-            if name == "synthetic" and self.data["synthetic_size"]:
-                kw["synthetic_size"] = self.data["synthetic_size"]
-            self.datasets[key] = common.build_dataset(
-                name,
-                root=self.data["data_root"],
-                train=split == "train",
-                download=self.args.download,
-                image_size=self.data["image_size"],
-                **kw,
+        if (name, split) not in self.datasets:
+            kw = (
+                {"synthetic_size": self.data["synthetic_size"]}
+                if name == "synthetic" and self.data["synthetic_size"]
+                else {}
             )
-        return self.datasets[key]
+            self.datasets[name, split] = common.build_dataset(name, root=self.data["data_root"], train=split == "train",
+                download=self.args.download, image_size=self.data["image_size"], **kw)  # fmt: skip
+        return self.datasets[name, split]
 
     def batches(self, name: str, split: str, batch_size: int):
-        return common.eval_batches(
-            self.dataset(name, split),
-            self.data["image_size"],
-            batch_size,
-            self.device,
-            num_workers=self.args.num_workers,
-            **self.data["eval_view"],
-        )
+        return common.eval_batches(self.dataset(name, split), self.data["image_size"], batch_size, self.device,
+                                   num_workers=self.args.num_workers, **self.data["eval_view"])  # fmt: skip
 
     def get(self, name: str, split: str, layer: int | None, pool: str, keep: bool = True):
         """(feats (N, D) float32, labels (N,), num_classes) on the probe device. keep=False: not held in memory
         after the call (the per-block sweep would otherwise hold every block's features at once)."""
-        pool = pool if accepts_pool(self.module) else ""
-        ident = {
-            **self.ckpt_ident,
-            "untrained": self.args.untrained,
-            "seed": self.args.seed if self.args.untrained else None,
-            "dataset": name,
-            "data_root": os.path.abspath(self.data["data_root"]),
-            "synthetic_size": self.data["synthetic_size"] if name == "synthetic" else 0,
-            "image_size": self.data["image_size"],
-            "eval_view": self.data["eval_view"],
-            "split": split,
-            "layer": layer,
-            "pool": pool,
-        }
+        ident = {**self.ckpt_ident, "untrained": self.args.untrained, "seed": self.args.seed if self.args.untrained
+                 else None, "dataset": name, "data_root": os.path.abspath(self.data["data_root"]), "synthetic_size":
+                 self.data["synthetic_size"] if name == "synthetic" else 0, "image_size": self.data["image_size"],
+                 "eval_view": self.data["eval_view"], "split": split, "layer": layer, "pool": pool}  # fmt: skip
         mkey = json.dumps(ident, sort_keys=True)
         if mkey not in self.memory:
 
             def compute():
                 self.extracted += 1
                 ds = self.dataset(name, split)
-                feats, labels = extract_features(
-                    self.module,
-                    self.model,
-                    self.batches(name, split, self.args.extract_batch_size),
-                    layer,
-                    pool,
-                    self.args.amp,
-                )
+                batches = self.batches(name, split, self.args.extract_batch_size)
+                feats, labels = extract_features(self.module, self.model, batches, layer, pool, self.args.amp)
                 num_classes = getattr(ds, "num_classes", None) or int(labels.max()) + 1
                 return feats, labels, int(num_classes)
 
@@ -827,7 +723,7 @@ def run_linear_aug(store: FeatureStore, args: Args, name: str, layer, pool) -> d
     return {"protocol": "linear_aug", "setting": setting, "metrics": metrics}
 
 
-def run_layers(store: FeatureStore, args: Args, name: str, pool) -> dict:
+def run_layers(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
     """iGPT 4.1: probe every block on a held-out part of the training split, pick the best, report its test score."""
     depth = int(store.module.num_feature_layers(store.model))
     proto = linear_protocol(args, name)
@@ -888,7 +784,7 @@ def run_lowshot(store: FeatureStore, args: Args, name: str, layer, pool) -> dict
     tr_x, tr_y, C = store.get(name, "train", layer, pool)
     te_x, te_y, _ = store.get(name, "test", layer, pool)
     proto = linear_protocol(args, name)
-    fractions, seeds = parse_floats(args.lowshot_fractions), parse_ints(args.seeds)
+    fractions, seeds = parse_list(args.lowshot_fractions), parse_list(args.seeds, int)
     print(f"lowshot: fractions {fractions}, seeds {seeds}, class balanced; linear probe: {proto.describe()}")
     metrics = {}
     for frac in fractions:
@@ -914,18 +810,12 @@ def run_lowshot(store: FeatureStore, args: Args, name: str, layer, pool) -> dict
 # ======================================================================================
 
 
-def parse_ints(s: str) -> list[int]:
+def parse_list(s: str, kind=float) -> list:
+    """'0.01,0.05' -> [0.01, 0.05] (kind float or int), or a ProbeError naming the text."""
     try:
-        return [int(v) for v in re.split(r"[,\s]+", str(s).strip()) if v]
+        return [kind(v) for v in re.split(r"[,\s]+", str(s).strip()) if v]
     except ValueError as e:
-        raise ProbeError(f"expected comma-separated integers, got '{s}'") from e
-
-
-def parse_floats(s: str) -> list[float]:
-    try:
-        return [float(v) for v in re.split(r"[,\s]+", str(s).strip()) if v]
-    except ValueError as e:
-        raise ProbeError(f"expected comma-separated numbers, got '{s}'") from e
+        raise ProbeError(f"expected comma-separated {kind.__name__} values, got '{s}'") from e
 
 
 def parse_protocols(s: str) -> list[str]:
@@ -957,9 +847,8 @@ def append_results(out_dir: str, rows: list[dict]) -> None:
         for row in rows:
             setting = ";".join(f"{k}={v}" for k, v in row["setting"].items())
             for metric, value in row["metrics"].items():
-                writer.writerow(
-                    {**{k: row[k] for k in CSV_FIELDS[:7]}, "setting": setting, "metric": metric, "value": value}
-                )
+                writer.writerow({**{k: row[k] for k in CSV_FIELDS[:7]}, "setting": setting, "metric": metric,
+                                 "value": value})  # fmt: skip
 
 
 def format_table(rows: list[dict]) -> str:
@@ -999,12 +888,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
 
     ck = ckpt["args"]
-    data = {
-        "dataset": args.dataset or ck.get("dataset") or "",
-        "data_root": args.data_root or ck.get("data_root") or "data",
-        "image_size": args.image_size or ck.get("image_size") or 0,
-        "synthetic_size": args.synthetic_size or ck.get("synthetic_size") or 0,
-    }
+    data = {"dataset": args.dataset or ck.get("dataset") or "", "data_root": args.data_root or ck.get("data_root")
+            or "data", "image_size": args.image_size or ck.get("image_size") or 0,
+            "synthetic_size": args.synthetic_size or ck.get("synthetic_size") or 0}  # fmt: skip
     data["eval_view"] = eval_view(args.eval_crop, data["image_size"])
     if not data["dataset"]:
         raise ProbeError("the checkpoint's args name no dataset: pass --dataset")
@@ -1014,8 +900,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pool = "" if args.pool == "auto" else args.pool
     if layer is not None and layer >= module.num_feature_layers(model):
         raise ProbeError(f"--layer {layer}: {ckpt['method']} has {module.num_feature_layers(model)} blocks (0-based)")
-    if pool and not accepts_pool(module):
-        print(f"note: {ckpt['method']}.features takes no `pool` argument; --pool {pool} is ignored")
 
     weights = "untrained" if args.untrained else "trained"
     print(
@@ -1028,32 +912,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = data["dataset"]
     rows = []
     for protocol in protocols:
-        if protocol == "linear":
-            row = run_linear(store, args, name, layer, pool)
-        elif protocol == "linear_aug":
-            row = run_linear_aug(store, args, name, layer, pool)
-        elif protocol == "knn":
-            row = run_knn(store, args, name, layer, pool)
-        elif protocol == "layers":
-            row = run_layers(store, args, name, pool)
-        elif protocol == "ood":
-            row = run_ood(store, args, name, layer, pool)
-        else:
-            row = run_lowshot(store, args, name, layer, pool)
+        run = {"linear": run_linear, "linear_aug": run_linear_aug, "knn": run_knn, "layers": run_layers,
+               "ood": run_ood, "lowshot": run_lowshot}[protocol]  # fmt: skip
+        row = run(store, args, name, layer, pool)
         if protocol != "layers":
             row["setting"] = {"layer": "std" if layer is None else layer, "pool": args.pool, **row["setting"]}
         row["setting"]["eval_view"] = "resize_crop" if data["eval_view"] else "full"
-        rows.append(
-            {
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "checkpoint": os.path.abspath(args.ckpt),
-                "method": ckpt["method"],
-                "weights": weights,
-                "step": ckpt.get("step"),
-                "dataset": name,
-                **row,
-            }
-        )
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        rows.append({"date": date, "checkpoint": os.path.abspath(args.ckpt), "method": ckpt["method"],
+                     "weights": weights, "step": ckpt.get("step"), "dataset": name, **row})  # fmt: skip
     out_dir = args.output_dir or ckpt_dir
     append_results(out_dir, rows)
     print(

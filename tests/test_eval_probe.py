@@ -52,7 +52,8 @@ def build_model(args):
     MODELS.append(model)
     return model
 
-def features(model, images, layer=None, pool="mean"):
+def features(model, images, layer=None, pool=None):
+    pool = pool or "mean"
     CALLS.append((model.training, any(p.requires_grad for p in model.parameters())))
     h0 = model.stem(images)
     h = h0 if layer == 0 else model.block(h0)
@@ -522,7 +523,7 @@ def test_linear_aug_trains_the_mae_head_on_fresh_augmented_views_every_epoch(sta
     seen = []
     real_features = module.features
 
-    def recording(model, images, layer=None, pool="mean"):
+    def recording(model, images, layer=None, pool=None):
         seen.append(images.sum((1, 2, 3)))
         return real_features(model, images, layer, pool)
 
