@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 from torchvision.transforms import v2
 
@@ -178,13 +179,14 @@ class AxialAttention(Attention):
         H, W = self.height, self.width
         if L != H * W:
             raise ValueError(f"axial attention built for a {H}x{W} grid got a sequence of {L} tokens")
-        h = x.view(B, H, W, D)
-        a = self.attend(h.reshape(B * H, W, D), is_causal=False).view(B, H, W, D)
-        a = self.attend(a.transpose(1, 2).reshape(B * W, H, D), is_causal=is_causal).view(B, W, H, D).transpose(1, 2)
+        rows = rearrange(x, "b (h w) d -> (b h) w d", h=H)
+        a = self.attend(rows, is_causal=False)  # each row attends within itself
+        a = self.attend(rearrange(a, "(b h) w d -> (b w) h d", b=B), is_causal=is_causal)  # up each column
+        a = rearrange(a, "(b w) h d -> b h w d", b=B)
         if is_causal:
             a = F.pad(a, (0, 0, 0, 0, 1, 0))[:, :H]  # shift down by one row
-        out = self.attend((h + a).reshape(B * H, W, D), is_causal=is_causal)
-        return self.proj_drop(out.reshape(B, L, D))
+        out = self.attend(rows + rearrange(a, "b h w d -> (b h) w d"), is_causal=is_causal)
+        return self.proj_drop(rearrange(out, "(b h) w d -> b (h w) d", b=B))
 
 
 class Mlp(nn.Module):
@@ -373,21 +375,19 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, L, p*p*C); patches row-major, inside a patch (row, col, channel) with the channel
     fastest (MAE 'nchpwq->nhwpqc')."""
-    N, C, H, W = imgs.shape
+    H, W = imgs.shape[-2:]
     if H % p or W % p:
         raise ValueError(f"image {H}x{W} is not divisible by patch size {p}")
-    x = imgs.reshape(N, C, H // p, p, W // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(N, (H // p) * (W // p), p * p * C)
+    return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
 
 
 def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
     """Inverse of patchify for a square grid: (N, L, p*p*C) -> (N, C, H, W)."""
-    N, L, _ = x.shape
+    L = x.shape[1]
     g = int(round(math.sqrt(L)))
     if g * g != L:
         raise ValueError(f"unpatchify expects a square grid, got {L} patches")
-    x = x.reshape(N, g, g, p, p, channels)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(N, channels, g * p, g * p)
+    return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=g, p=p, q=p, c=channels)
 
 
 class MaskedDecoder(nn.Module):
