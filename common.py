@@ -8,7 +8,8 @@ method runs anywhere. Sections, top to bottom:
    and the masked-autoencoder plumbing shared by MAE and CAN (random_masking, patchify, decoder).
 2. Axial attention (GCRL Appendix Algorithm 1) and the pixel-token embedding of iGPT / GCRL.
 3. Color quantizer (iGPT's 512-color palette).
-4. Contrastive pieces shared by SimCLR, CAN, GCRL: NT-Xent, projection heads, LARS, kNN monitor.
+4. Contrastive pieces shared by SimCLR, CAN, GCRL: gather_with_grad beside NT-Xent, projection heads, LARS,
+   the kNN monitor and its class-balanced held-out data.
 5. Augmentations: per-image torchvision v2 pipelines and a batched on-device version.
 6. Datasets.
 7. Training batches (on-device or DataLoader), distributed helpers.
@@ -571,6 +572,31 @@ class ColorQuantizer(nn.Module):
 # ======================================================================================
 # 4. Contrastive pieces (SimCLR, CAN, GCRL)
 # ======================================================================================
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on my slice: sum their gradients
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 that keeps gradients: (n, ...) -> (n * world, ...) ordered by rank; backward
+    returns to each rank the sum over ranks of the upstream gradient of its own slice. (Plain dist.all_gather
+    returns tensors without grad_fn, which silently drops the negatives' gradients.) Identity when not
+    distributed. Every rank must pass the same n."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -1832,31 +1858,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on my slice: sum their gradients
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 that keeps gradients: (n, ...) -> (n * world, ...) ordered by rank; backward
-    returns to each rank the sum over ranks of the upstream gradient of its own slice. (Plain dist.all_gather
-    returns tensors without grad_fn, which silently drops the negatives' gradients.) Identity when not
-    distributed. Every rank must pass the same n."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a (metric) tensor, no gradient."""
     if dist.is_available() and dist.is_initialized():
@@ -2058,14 +2059,6 @@ def arg(default, help: str, choices: list | None = None):
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got '{s}'")
 
 
 def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, dict]] | None = None):
