@@ -2340,13 +2340,14 @@ def run_monitors(step: int, monitors, logger, info: DistInfo, all_ranks: bool = 
     """The evaluation pattern of every method file: rank 0 runs monitors() -> {"eval/<name>": value}, logs the row
     and prints it; the other ranks wait at a barrier (the monitors use the unwrapped model, no collectives).
     all_ranks: every rank runs monitors() (they shard the work and reduce it; rank 0 logs)."""
-    metrics = monitors() if info.is_main or all_ranks else {}
+    with logger.paused():  # monitors never count as training time (the step-0 evaluation included)
+        metrics = monitors() if info.is_main or all_ranks else {}
+        if info.world_size > 1:
+            dist.barrier()
     metrics = metrics if info.is_main else {}
     if metrics:
         logger.log(step, metrics)
         print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if info.world_size > 1:
-        dist.barrier()
     return metrics
 
 
@@ -2414,18 +2415,20 @@ class Throughput:
 
     def __init__(self, total_steps: int, start_step: int = 0):
         self.total, self.last_step, self.t0, self.images = total_steps, start_step, time.perf_counter(), 0
-        self.paused_s = 0.0
+        self.paused_s, self.depth = 0.0, 0
 
     def add(self, images: int) -> None:
         self.images += images
 
     @contextlib.contextmanager
     def paused(self):
-        t = time.perf_counter()
+        t, self.depth = time.perf_counter(), self.depth + 1
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - t
+            self.depth -= 1
+            if self.depth == 0:  # nested pauses count once
+                self.paused_s += time.perf_counter() - t
 
     def rate(self, step: int) -> tuple[float, str]:
         now = time.perf_counter()

@@ -254,6 +254,8 @@ def test_training_progress_logs_every_n_steps_and_images_per_s_excludes_paused_t
         rows.append(log.step(step, {"mse": torch.tensor(float(step)), "total": 2.0 * step}, 0.1, step / 5, 64))
         with log.paused():
             clock[0] += 10.0  # a long evaluation / checkpoint after every step
+            with log.paused():  # nested (run_monitors pauses inside main's pause): counted once
+                clock[0] += 5.0
     log.close()
     assert [bool(r) for r in rows] == [False, True, False, True, True]  # steps 2, 4 and the last (5)
     assert rows[1]["loss/mse"] == 2.0 and rows[1]["loss/total"] == 4.0
