@@ -490,13 +490,14 @@ class ColorQuantizer(nn.Module):
         """pixels (M, 3) in [-1, 1] -> index of the nearest center (M,), chunked to bound memory; argmin of
         |c|^2 - 2 p.c (|p|^2 is constant per pixel). The matmul runs in full fp32 even where setup_distributed allows
         TF32 (Ampere+ GPUs): TF32 sends ~0.5% of pixels to another center than a CPU does, so GPU training and CPU
-        evaluation would tokenize differently."""
+        evaluation would tokenize differently. Autocast is off here (under bf16 ~8% of pixels change center)."""
         c = self.centers.to(pixels.device).float()
         c2 = (c * c).sum(1)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            out = [torch.argmin(c2[None] - 2 * p @ c.T, dim=1) for p in pixels.float().split(chunk)]
+            with fp32_only(pixels):
+                out = [torch.argmin(c2[None] - 2 * p @ c.T, dim=1) for p in pixels.float().split(chunk)]
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         return torch.cat(out) if out else pixels.new_zeros(0, dtype=torch.long)
@@ -607,7 +608,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
         loss_i = -log( exp(z_i.z_pos / t) / sum_{k != i} exp(z_i.Z_k / t) ),
     the positive being the other view of the same image; the result is the mean over the 2n local anchors.
     Averaged over ranks (as DDP does with gradients) it equals the loss of one process on the concatenated
-    batch. The TF reference reports 2x this value (mean of each direction, summed). Computed in fp32."""
+    batch. The TF reference reports 2x this value (mean of each direction, summed). Always fp32, also when called
+    under autocast (bf16 logits at t = 0.1 lose about two digits): autocast is switched off here."""
+    with fp32_only(z1):
+        return _nt_xent(z1, z2, temperature)
+
+
+def fp32_only(x: torch.Tensor):
+    """A region where autocast is off for x's device (CPU for the meta tensors of FLOP counting)."""
+    return torch.autocast(device_type="cuda" if x.is_cuda else "cpu", enabled=False)
+
+
+def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -239,8 +239,7 @@ def contrastive_loss(z: torch.Tensor, temperature: float) -> torch.Tensor:
     averaging then gives the mean over all 2N anchors). The TF reference reports 2x this (mean of each view's
     anchors, summed). Always fp32, also when called under autocast: bf16 logits at tau = 0.1 lose ~2 digits."""
     n = z.shape[0] // 2
-    with torch.autocast(device_type="cuda" if z.is_cuda else "cpu", enabled=False):  # (meta tensors: FLOP count)
-        return common.nt_xent(z[:n].float(), z[n:].float(), temperature)
+    return common.nt_xent(z[:n], z[n:], temperature)
 
 
 def simclr_losses(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor | None, args: Args):

@@ -373,3 +373,19 @@ def test_batch_per_rank_splits_the_global_batch_or_says_how_to_fix_it():
     assert common.batch_per_rank(512, 8) == 64
     with pytest.raises(ValueError, match=r"--batch-size 10 \(global\) is not divisible by the 4 processes"):
         common.batch_per_rank(10, 4)
+
+
+# ---------------------------------------------------------------- fp32 islands under bf16 autocast
+def test_nt_xent_and_the_quantizer_switch_autocast_off_themselves():
+    """Called inside a bf16 autocast region (as a training step is), NT-Xent and the palette's nearest-center search
+    give exactly their fp32 results: they turn autocast off themselves instead of relying on the caller."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    q = common.ColorQuantizer(torch.rand(512, 3, generator=g) * 2 - 1)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    loss, tokens = common.nt_xent(z1, z2, 0.1), q.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert common.nt_xent(z1, z2, 0.1).item() == loss.item()
+        assert torch.equal(q.encode(images), tokens)
+        # negative control: the same computation without the guard does move under bf16 autocast
+        assert abs(common._nt_xent(z1, z2, 0.1).item() - loss.item()) > 1e-5
