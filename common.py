@@ -1231,6 +1231,7 @@ class BatchedAugment:
 # labels), which TrainBatches keeps whole on the GPU when it is small (fits_on_device, SPEC 1.5); ImageNet-style
 # folders come back as an ImageFolderDataset decoded image by image in DataLoader workers.
 
+IMAGENET_DATASETS = ("imagenet32", "imagenet64", "imagefolder")  # ImageNet and its downsampled versions
 DATASET_NAMES = (
     "cifar10",
     "cifar100",

@@ -72,7 +72,7 @@ from common import arg
 
 METHOD = "eval_probe"
 PROTOCOLS = ("linear", "linear_aug", "knn", "layers", "ood", "lowshot")
-IMAGENET_LIKE = ("imagenet32", "imagenet64", "imagefolder")  # GCRL 4.2 uses lr 0.1 for ImageNet, 0.01 for CIFAR
+IMAGENET_LIKE = common.IMAGENET_DATASETS  # GCRL 4.2 uses lr 0.1 for ImageNet, 0.01 for CIFAR
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

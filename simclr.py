@@ -91,7 +91,7 @@ class Args:
     grad_checkpointing: bool = common.arg(False, "ViT: recompute each block in backward (less memory)")
     head: str = common.arg("bn", "projection head: bn (SimCLR v2 / CAN, 3 layers) | ln (GCRL, 2 layers)", ["bn", "ln"])
     proj_hidden: int = common.arg(0, "head hidden width (0 = auto: bn ResNet = backbone width, bn ViT 4096, ln 1024)")
-    proj_dim: int = common.arg(0, "head output width (0 = auto: 128; ln at <= 32 px: 64 (GCRL 4.1))")
+    proj_dim: int = common.arg(0, "head output width (0 = auto: 128; ln: 64, 128 on ImageNet (GCRL 4.1))")
     # --- optimization
     optimizer: str = common.arg("lars", "lars (SimCLR) | adamw (CAN Table 6)", ["lars", "adamw"])
     epochs: int = common.arg(1000, "training epochs (SimCLR README CIFAR-10: 1000)")
@@ -183,8 +183,8 @@ def head_dims(args: Args, width: int) -> tuple[int, int]:
         hidden = width if args.arch in RESNETS else 4096
         out = 128
     else:
-        hidden = 1024  # GCRL 4.1: LayerNorm head, hidden 1024, output 64 (CIFAR) / 128 (ImageNet)
-        out = 64 if args.image_size <= 32 else 128
+        hidden = 1024  # GCRL 4.1: LayerNorm head, hidden 1024, output 64 (CIFAR) / 128 (ImageNet32): by dataset
+        out = 128 if args.dataset in common.IMAGENET_DATASETS else 64
     return args.proj_hidden or hidden, args.proj_dim or out
 
 

@@ -210,7 +210,11 @@ def test_projection_heads_per_preset():
     assert simclr.head_dims(imagenet, 768) == (4096, 128)  # CAN App. C
     linears, _ = head("--head", "ln")  # GCRL: 2 layers, hidden 1024, output 64 at CIFAR size
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 1024), (1024, 64)]
-    assert simclr.head_dims(common.parse_args(simclr.Args, ["--head", "ln", "--image-size", "224"]), 768) == (1024, 128)
+    ln = ["--head", "ln"]  # GCRL 4.1: output 64 for CIFAR, 128 for ImageNet32, although both are 32 px
+    assert simclr.head_dims(common.parse_args(simclr.Args, [*ln, "--dataset", "imagenet32"]), 768) == (1024, 128)
+    assert simclr.head_dims(common.parse_args(simclr.Args, [*ln, "--dataset", "cifar100"]), 768) == (1024, 64)
+    assert simclr.head_dims(common.parse_args(simclr.Args, [*ln, "--dataset", "imagefolder", "--image-size", "224"]),
+                            768) == (1024, 128)  # fmt: skip
 
 
 def test_features_representation_layers_and_mode():
