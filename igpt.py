@@ -97,7 +97,6 @@ from common import (  # the pixel-token helpers (palette, quantize, token NLL, b
     Throughput,
     TrainBatches,
     arg,
-    autocast,
     batch_per_rank,
     bits_per_token,
     check_finite,
