@@ -631,9 +631,10 @@ def main(argv: list[str] | None = None) -> dict:
                     if args.alpha > 0 and args.num_samples > 0:
                         tokens = sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
                         save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))
+                    uniform = math.log2(args.num_colors)
+                    unit = f" (bits per palette token on {len(eval_test)} images; uniform {uniform:.2f})"
                     print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                           + f" (bits per palette token on {len(eval_test)} images; uniform "
-                           f"{math.log2(args.num_colors):.2f})")  # fmt: skip
+                           + (unit if args.alpha > 0 else ""))  # fmt: skip
                 logger.log(step, metrics)
                 final.update(metrics)
                 if info.world_size > 1:
