@@ -1880,18 +1880,21 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def distribute(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Module:
+def distribute(model: nn.Module, info: DistInfo, compile: bool = False, find_unused_parameters: bool = False):
     """The model on its device, wrapped for training: BatchNorm -> SyncBatchNorm (statistics over the global batch,
     SimCLR's global BN) and DistributedDataParallel when running on several processes; torch.compile with
     `compile`. Every method builds its models so that each trainable parameter gets a gradient every step (parts
-    whose loss is off are not built), so DDP needs no find_unused_parameters. Checkpoints save unwrap(model).
+    whose loss is off are not built), so DDP needs no find_unused_parameters, unless a method's graph changes during
+    training (GCRL's two phases) and it says so. Checkpoints save unwrap(model).
     Models without BatchNorm are unaffected by the conversion; DDP's buffer broadcast then moves nothing."""
     dev = info.device
     model = model.to(dev)
     if info.world_size > 1:
         if dev.type == "cuda":  # PyTorch has no CPU SyncBatchNorm (DDP refuses it): on CPU ranks BN stays per rank
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+        )
     return torch.compile(model) if compile else model
 
 
@@ -2482,7 +2485,7 @@ class RunLogger:
     def paused(self):
         return self.meter.paused()
 
-    def step(self, step: int, terms: dict, lr: float, epoch: float, images: int) -> dict:
+    def step(self, step: int, terms: dict, lr: float, epoch: float, images: int, **extra) -> dict:
         self.meter.add(images)
         if step % self.args.log_every and step < self.stop_step:
             return {}
@@ -2491,12 +2494,12 @@ class RunLogger:
         means = all_reduce_mean(local.to(self.info.device)).tolist()
         ips, eta = self.meter.rate(step)
         row = {f"loss/{n}": v for n, v in zip(names, means)}
-        row.update({"lr": lr, "epoch": epoch, "perf/images_per_s": ips})
+        row.update({"lr": lr, "epoch": epoch, **extra, "perf/images_per_s": ips})
         util = mfu(self.flops_per_image, ips / self.info.world_size, self.info.device)
         if util is not None:
             row["perf/mfu"] = util
         self.log(step, row)
-        loss = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        loss = "".join(f"{k} {v} | " for k, v in extra.items()) + " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
         print0(f"step {step}/{self.stop_step} ep {epoch:.2f} | {loss} | lr {lr:.3g} | {ips:.1f} img/s"
                + (f" | mfu {util:.1%}" if util is not None else "") + f" | eta {eta}")  # fmt: skip
         return row

@@ -69,52 +69,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import (
-    Block,
-    ColorQuantizer,
-    PixelEmbedding,
-    ProjectionHead,
-    RunLogger,
-    Throughput,
-    TrainBatches,
-    arg,
-    autocast,
-    batch_per_rank,
-    bits_per_token,
-    check_finite,
-    cleanup_distributed,
-    cosine_lr,
-    count_flops,
-    default_run_name,
-    grid_palette,
-    load_training_state,
-    make_adamw,
-    nt_xent,
-    param_groups,
-    parse_args,
-    print0,
-    quantize,
-    resolve_resume,
-    sample,
-    save_samples,
-    save_training_state,
-    scaled_lr,
-    seed_everything,
-    set_lr,
-    setup_distributed,
-    shared_palette,
-    unwrap,
-    usage_errors,
-)
 
 METHOD = "gcrl"
 
@@ -132,118 +93,84 @@ class Args:
     GCRL Table 3, CIFAR-10, (5+5)M (batch 512, 200 generative + 200 hybrid epochs, peak lr 1.6e-3 / 4.8e-4)."""
 
     # --- experiment
-    run_name: str = arg("", "run folder name under --output-dir (default: gcrl_<dataset>_<arch>_s<seed>)")
-    output_dir: str = arg("runs", "where run folders are written")
-    seed: int = arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
-    device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
-    resume: str = arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)")
+    run_name: str = common.arg("", "run folder name under --output-dir (default: gcrl_<dataset>_<arch>_s<seed>)")
+    output_dir: str = common.arg("runs", "where run folders are written")
+    seed: int = common.arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
+    device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
+    resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    steps: int = common.arg(
+        0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)"
+    )
     # --- data
-    dataset: str = arg("cifar10", "in-memory datasets of small images: cifar10 | cifar100 | svhn | stl10 | mnist | "
-                       "fashion_mnist | imagenet32 | imagenet64 | synthetic")  # fmt: skip
-    data_root: str = arg("data", "dataset root folder")
-    download: bool = arg(False, "download the dataset when torchvision can")
-    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
-    image_size: int = arg(32, "image side in pixels = tokens per row (GCRL: 32, i.e. 1024 tokens)")
-    augment: str = arg("weak", "the generative stream's view: weak = reflect-pad + crop + flip (GCRL 4.1) | none",
-                       ["weak", "none"])  # fmt: skip
-    weak_pad: int = arg(4, "reflect padding of the weak view (GCRL 4.1 / iGPT: 4 at 32 px)")
-    num_workers: int = arg(8, "DataLoader workers per rank for datasets not kept on the device")
+    dataset: str = common.arg("cifar10", f"an in-memory dataset of <= 64 px: one of {', '.join(common.DATASET_NAMES)}")
+    data_root: str = common.arg("data", "dataset root folder")
+    download: bool = common.arg(False, "download the dataset when torchvision can")
+    synthetic_size: int = common.arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
+    image_size: int = common.arg(32, "image side in pixels = tokens per row (GCRL: 32, i.e. 1024 tokens)")
+    augment: str = common.arg("weak", "the generative stream's view: weak = reflect-pad + crop + flip (GCRL 4.1) "
+                              "| none", ["weak", "none"])  # fmt: skip
+    weak_pad: int = common.arg(4, "reflect padding of the weak view (GCRL 4.1 / iGPT: 4 at 32 px)")
+    num_workers: int = common.arg(8, "DataLoader workers per rank for datasets not kept on the device")
     # --- model
-    preset: str = arg("cifar", "bundle of defaults: cifar (Table 3) | imagenet32 | imagenet32_38_38 | tiny (CPU)",
-                      ["cifar", "imagenet32", "imagenet32_38_38", "tiny"])  # fmt: skip
-    arch: str = arg("gcrl_5_5", "token transformer (width x depth, heads): " + ", ".join(
+    preset: str = common.arg("cifar", "a named group of defaults (see PRESETS)",
+                             ["cifar", "imagenet32", "imagenet32_38_38", "tiny"])  # fmt: skip
+    arch: str = common.arg("gcrl_5_5", "token transformer (width x depth, heads): " + ", ".join(
         f"{k} {w}x{d}/{h}" for k, (w, d, h) in GCRL_ARCHS.items()), list(GCRL_ARCHS))  # fmt: skip
-    enc_blocks: int = arg(0, "blocks in the encoder (0 = half, GCRL; = depth: hybrid loss on the last block, Table 7)")
-    attention: str = arg("axial", "axial (GCRL App. Algorithm 1) | dense (causal over the whole sequence)",
-                         ["axial", "dense"])  # fmt: skip
-    dropout: float = arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
-    num_colors: int = arg(512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given")
-    palette: str = arg("", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start")
-    palette_pixels: int = arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
-    kmeans_iters: int = arg(20, "k-means iterations of the palette fit")
-    proj_hidden: int = arg(1024, "projection head hidden width (GCRL 4.1: 1024)")
-    proj_dim: int = arg(0, "projection head output (0 = auto: 128 for imagenet32/64, else 64; GCRL 4.1)")
+    enc_blocks: int = common.arg(
+        0, "blocks in the encoder (0 = half, GCRL; = depth: hybrid loss on the last block, Table 7)"
+    )
+    attention: str = common.arg("axial", "axial (GCRL App. Algorithm 1) | dense (causal over the whole sequence)",
+                                ["axial", "dense"])  # fmt: skip
+    dropout: float = common.arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
+    num_colors: int = common.arg(
+        512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given"
+    )
+    palette: str = common.arg(
+        "", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start"
+    )
+    palette_pixels: int = common.arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
+    kmeans_iters: int = common.arg(20, "k-means iterations of the palette fit")
+    proj_hidden: int = common.arg(1024, "projection head hidden width (GCRL 4.1: 1024)")
+    proj_dim: int = common.arg(0, "projection head output (0 = auto: 128 for imagenet32/64, else 64; GCRL 4.1)")
     # --- optimization
-    epochs: float = arg(400, "training epochs, both phases (GCRL Table 3, CIFAR (5+5)M: 200 + 200); may be fractional")
-    gen_only_epochs: float = arg(-1, "epochs of L_g alone first (-1 = half (GCRL 4.1); all when --beta 0; 0 when "
-                                 "--alpha 0)")  # fmt: skip
-    batch_size: int = arg(512, "GLOBAL batch of images (2 views each), split over ranks (GCRL Table 3, CIFAR: 512)")
-    gen_base_lr: float = arg(8e-4, "generative phase: lr per 256 images (Table 3: peak 1.6e-3 at batch 512)")
-    base_lr: float = arg(2.4e-4, "hybrid (or contrastive-only) phase: lr per 256 images (Table 3: 4.8e-4 at 512)")
-    gen_lr: float | None = arg(None, "absolute peak lr of the generative phase; overrides --gen-base-lr scaling")
-    lr: float | None = arg(None, "absolute peak lr of the hybrid phase; overrides --base-lr scaling")
-    min_lr: float = arg(0.0, "final learning rate of each cosine phase")
-    warmup_epochs: float = arg(5, "linear warmup epochs at the start of each phase (GCRL 4.1: 5)")
-    weight_decay: float = arg(1e-4, "AdamW weight decay, none on norms, biases and embeddings (GCRL 4.1: 1e-4)")
-    betas: tuple[float, float] = arg((0.9, 0.999), "AdamW betas (GCRL states none: PyTorch defaults)")
-    clip_grad: float = arg(1.0, "max gradient norm, 0 = off (GCRL 4.1: 1.0)")
-    amp: bool = arg(True, "bf16 autocast for the transformer (quantization, similarities, cross-entropy stay fp32)")
-    compile: bool = arg(False, "torch.compile the model")
+    epochs: float = common.arg(
+        400, "training epochs, both phases (GCRL Table 3, CIFAR (5+5)M: 200 + 200); may be fractional"
+    )
+    gen_only_epochs: float = common.arg(-1, "epochs of L_g alone first (-1 = half (GCRL 4.1); all when --beta 0; "
+                                        "0 when --alpha 0)")  # fmt: skip
+    batch_size: int = common.arg(
+        512, "GLOBAL batch of images (2 views each), split over ranks (GCRL Table 3, CIFAR: 512)"
+    )
+    gen_base_lr: float = common.arg(8e-4, "generative phase: lr per 256 images (Table 3: peak 1.6e-3 at batch 512)")
+    base_lr: float = common.arg(
+        2.4e-4, "hybrid (or contrastive-only) phase: lr per 256 images (Table 3: 4.8e-4 at 512)"
+    )
+    gen_lr: float | None = common.arg(None, "absolute peak lr of the generative phase; overrides --gen-base-lr scaling")
+    lr: float | None = common.arg(None, "absolute peak lr of the hybrid phase; overrides --base-lr scaling")
+    min_lr: float = common.arg(0.0, "final learning rate of each cosine phase")
+    warmup_epochs: float = common.arg(5, "linear warmup epochs at the start of each phase (GCRL 4.1: 5)")
+    weight_decay: float = common.arg(1e-4, "AdamW weight decay, none on norms, biases and embeddings (GCRL 4.1: 1e-4)")
+    betas: tuple[float, float] = common.arg((0.9, 0.999), "AdamW betas (GCRL states none: PyTorch defaults)")
+    clip_grad: float = common.arg(1.0, "max gradient norm, 0 = off (GCRL 4.1: 1.0)")
+    amp: bool = common.arg(
+        True, "bf16 autocast for the transformer (quantization, similarities, cross-entropy stay fp32)"
+    )
+    compile: bool = common.arg(False, "torch.compile the model")
     # --- logging
-    log_every: int = arg(50, "log every N steps")
-    eval_every: int = arg(5000, "bits per token, kNN monitor and a sample grid every N steps (and at the end)")
-    ckpt_every: int = arg(1000, "checkpoint every N steps (and at the end)")
-    eval_images: int = arg(0, "test images scored for bits per token and kNN queries (0 = the whole test split)")
-    knn_bank: int = arg(10000, "training images (un-augmented) in the kNN memory bank; 0 disables the kNN monitor")
-    knn_k: int = arg(200, "neighbours of the kNN monitor (SPEC 8: 200; at most the bank size)")
-    temperature: float = arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
-    num_samples: int = arg(64, "images in each sample grid (0 = no samples)")
+    log_every: int = common.arg(50, "log every N steps")
+    eval_every: int = common.arg(5000, "bits per token, kNN monitor and a sample grid every N steps (and at the end)")
+    ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    eval_images: int = common.arg(0, "test images scored for bits per token and kNN queries (0 = the whole test split)")
+    knn_bank: int = common.arg(
+        10000, "training images (un-augmented) in the kNN memory bank; 0 disables the kNN monitor"
+    )
+    knn_k: int = common.arg(200, "neighbours of the kNN monitor (SPEC 8: 200; at most the bank size)")
+    temperature: float = common.arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
+    num_samples: int = common.arg(64, "images in each sample grid (0 = no samples)")
     # --- GCRL
-    alpha: float = arg(1.0, "weight of the generative loss L_g (GCRL 4.1: 1.0; 0 = SimCLR on this architecture)")
-    beta: float = arg(1.0, "weight of the contrastive loss L_c (GCRL 4.1: 1.0; 0 = iGPT on this architecture)")
-    tau: float = arg(0.5, "NT-Xent temperature (GCRL states none: SimCLR's CIFAR-10 0.5)")
-
-
-# Values a preset sets unless given on the command line; the dataclass defaults ARE the CIFAR (5+5)M recipe.
-PRESETS = {
-    "preset": {
-        "cifar": {},
-        "imagenet32": dict(
-            dataset="imagenet32",
-            batch_size=1024,  # GCRL Table 3, ImageNet32, (5+5)M
-            epochs=100,  # GCRL Table 3: 50 + 50 (merged cells, see the header)
-            gen_base_lr=4e-4 * 256 / 1024,  # GCRL Table 3: peak lr 4.0e-4 / 4.0e-4 at batch 1024
-            base_lr=4e-4 * 256 / 1024,
-            eval_images=10000,  # a fixed 10k of the 50k validation images per evaluation
-        ),
-        "imagenet32_38_38": dict(
-            dataset="imagenet32",
-            arch="gcrl_38_38",
-            batch_size=768,  # GCRL Table 3, ImageNet32, (38+38)M
-            epochs=100,  # GCRL Table 3: 50 + 50
-            gen_base_lr=4e-4 * 256 / 768,  # GCRL Table 3: peak lr 4.0e-4 / 4.0e-4
-            base_lr=4e-4 * 256 / 768,
-            eval_images=10000,
-        ),
-        # CPU tests and smoke runs: 8x8 synthetic shapes = 64 tokens, 64 wide x 4 blocks (2 + 2); tuned so that
-        # tests/test_gcrl.py's short runs learn something measurable; nothing here is a recommendation for real data.
-        "tiny": dict(
-            dataset="synthetic",
-            synthetic_size=2000,
-            image_size=8,
-            weak_pad=1,  # 4 px of 32 = 1 px of 8
-            arch="gcrl_tiny",
-            dropout=0.0,
-            palette_pixels=4096,  # k-means++ seeding is sequential over the K centers: keep the CPU fit under 1 s
-            kmeans_iters=5,
-            batch_size=32,
-            epochs=10,
-            gen_base_lr=2.4e-2,  # peak lr 3e-3 at batch 32 (igpt.py's tiny preset)
-            base_lr=8e-3,  # peak lr 1e-3 at batch 32
-            amp=False,  # bf16 matmuls are emulated (slow) on CPUs without AVX512-BF16 / AMX
-            warmup_epochs=0,
-            weight_decay=0.0,
-            log_every=10,
-            eval_every=1000,
-            ckpt_every=1000,
-            eval_images=256,
-            knn_bank=1000,
-            num_samples=8,
-            num_workers=0,
-        ),
-    },
-}
+    alpha: float = common.arg(1.0, "weight of the generative loss L_g (GCRL 4.1: 1.0; 0 = SimCLR on this architecture)")
+    beta: float = common.arg(1.0, "weight of the contrastive loss L_c (GCRL 4.1: 1.0; 0 = iGPT on this architecture)")
+    tau: float = common.arg(0.5, "NT-Xent temperature (GCRL states none: SimCLR's CIFAR-10 0.5)")
 
 
 # ======================================================================================================================
@@ -265,11 +192,11 @@ class GCRL(nn.Module):
         self.height, self.width, self.depth = H, W, depth
         self.enc_blocks = args.enc_blocks or depth // 2
         self.causal = True  # common.sample / log_likelihood check it (igpt.py also has a BERT objective)
-        self.quantizer = ColorQuantizer(grid_palette(args.num_colors))
-        self.embed = PixelEmbedding(args.num_colors, dim, H, W)
+        self.quantizer = common.ColorQuantizer(common.grid_palette(args.num_colors))
+        self.embed = common.PixelEmbedding(args.num_colors, dim, H, W)
 
         def blocks(n):
-            return nn.ModuleList(Block(dim, heads, 4.0, args.dropout, attention=args.attention, grid=(H, W))
+            return nn.ModuleList(common.Block(dim, heads, 4.0, args.dropout, attention=args.attention, grid=(H, W))
                                  for _ in range(n))  # fmt: skip
 
         self.encoder, self.decoder = blocks(self.enc_blocks), blocks(depth - self.enc_blocks)
@@ -277,7 +204,7 @@ class GCRL(nn.Module):
             block.attn.attn_drop = 0.0  # GCRL 4.1 states dropout before residual connections only
         self.enc_norm = nn.LayerNorm(dim, eps=1e-6)  # Figure 1: LN -> GAP -> projection head
         out = args.proj_dim or (128 if args.dataset.startswith("imagenet") else 64)  # GCRL 4.1
-        self.projector = ProjectionHead(dim, args.proj_hidden, out, num_layers=2, kind="ln")
+        self.projector = common.ProjectionHead(dim, args.proj_hidden, out, num_layers=2, kind="ln")
         self.norm = nn.LayerNorm(dim, eps=1e-6)  # Figure 1: decoder -> LN -> logits
         self.head = nn.Linear(dim, args.num_colors, bias=False)
         self._init_weights()
@@ -345,28 +272,26 @@ def build_model(args: Args) -> GCRL:
 
 
 @torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, pool: str | None = None):
     """Frozen representation for probing, in eval mode: images float (B, 3, S, S) in [0, 1] -> tokens ->
     layer=None: GAP(LN(encoder output)) with the contrastive branch's trained LayerNorm, the projection head's input
     (GCRL 4.1, "half" in Table 4); layer=i (0-based over encoder then decoder blocks): iGPT's convention, the output of
-    block i -> LayerNorm without parameters -> mean over the L positions. -> (B, D) float32."""
-    net = unwrap(model)
+    block i -> LayerNorm without parameters -> mean over the L positions (pool "mean", the only one). -> (B, D)."""
+    if (pool or "mean") != "mean":
+        raise ValueError(f"unknown pool '{pool}': GCRL's representation is the mean over positions (GAP)")
+    net = common.unwrap(model)
     if layer is not None and not 0 <= layer < net.depth:
         raise ValueError(f"layer {layer} out of range: the model has {net.depth} blocks (0..{net.depth - 1})")
-    was_training = net.training
-    net.eval()
-    tokens = quantize(net, images)
-    if layer is None:
-        out = net.represent(net.encode(tokens)).float()
-    else:
+    with common.eval_mode(net):
+        tokens = common.quantize(net, images)
+        if layer is None:
+            return net.represent(net.encode(tokens)).float()
         h = net.hidden_states(tokens, num_blocks=layer + 1).float()
-        out = F.layer_norm(h, h.shape[-1:], eps=1e-6).mean(dim=1)
-    net.train(was_training)
-    return out
+    return F.layer_norm(h, h.shape[-1:], eps=1e-6).mean(dim=1)
 
 
 def num_feature_layers(model: nn.Module) -> int:
-    return unwrap(model).depth
+    return common.unwrap(model).depth
 
 
 # eval_probe.py's unsupervised OOD hook (GCRL Table 6): log p(x) in nats of the decoder and the token embeddings it
@@ -387,14 +312,14 @@ def gcrl_loss(model: nn.Module, weak: torch.Tensor, strong: torch.Tensor, args: 
     A term whose weight is 0 is not computed (no decoder under --alpha 0). Returns {"generative", "contrastive"
     (those computed), "total"}; the network runs under bf16 autocast, both losses in fp32."""
     use_g, use_c = args.alpha > 0, hybrid and args.beta > 0
-    with autocast(weak.device, args.amp):
+    with common.autocast(weak.device, args.amp):
         out = model(weak, strong=strong, generative=use_g) if use_c else {"logits": model(weak), "z": None}
     terms = {}
     if use_g:
         terms["generative"] = F.cross_entropy(out["logits"].float().transpose(1, 2), weak)  # (B, K, L) vs (B, L)
     if use_c:
         z = out["z"].float()
-        terms["contrastive"] = nt_xent(z[: weak.shape[0]], z[weak.shape[0] :], args.tau)
+        terms["contrastive"] = common.nt_xent(z[: weak.shape[0]], z[weak.shape[0] :], args.tau)
     terms["total"] = args.alpha * terms.get("generative", 0.0) + (args.beta * terms["contrastive"] if use_c else 0.0)
     return terms
 
@@ -413,29 +338,27 @@ def learning_rate(step: int, gen_steps: int, total_steps: int, warmup: int, gen_
     """-> (lr, hybrid): warmup + cosine over [0, gen_steps) at gen_lr (L_g alone), then a fresh warmup + cosine over
     [gen_steps, total_steps) at lr (full objective): Table 3's two peak learning rates per GCRL run."""
     if step < gen_steps:
-        return cosine_lr(step, gen_steps, min(warmup, gen_steps), gen_lr, min_lr), False
+        return common.cosine_lr(step, gen_steps, min(warmup, gen_steps), gen_lr, min_lr), False
     rest = total_steps - gen_steps
-    return cosine_lr(step - gen_steps, rest, min(warmup, rest), lr, min_lr), True
+    return common.cosine_lr(step - gen_steps, rest, min(warmup, rest), lr, min_lr), True
 
 
 def training_step_flops(args: Args) -> float:
-    """FLOPs per image of one hybrid forward + backward step (both views; FlopCounterMode on the meta device, 2-image
-    batch: no memory, data, RNG or process group). Quantization and the generative-only phase are not counted."""
+    """FLOPs per image of one hybrid forward + backward step, both views (common.count_step_flops: meta device, no
+    memory or RNG). Quantization and the generative-only phase are not counted."""
     args = dataclasses.replace(args, amp=False)
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = build_model(args)
-        tokens = torch.zeros(2, args.image_size**2, dtype=torch.long)
-
-        def step():
-            gcrl_loss(model, tokens, tokens, args, hybrid=True)["total"].backward()
-
-        return count_flops(step) / 2
+    tokens = lambda: torch.zeros(2, args.image_size**2, dtype=torch.long)  # noqa: E731
+    return common.count_step_flops(
+        lambda: build_model(args), lambda m: gcrl_loss(m, tokens(), tokens(), args, True)["total"]
+    )
 
 
 def build_optimizer(model: GCRL, args: Args, lr: float, device) -> torch.optim.Optimizer:
     """AdamW, weight decay on the >= 2-D weights of blocks, heads and projector; none on LayerNorm parameters, biases
     and the embeddings (GCRL 4.1; "embed." = tokens, SOS, positions)."""
-    return make_adamw(param_groups(model, args.weight_decay, no_decay=("embed.",)), lr, args.betas, device)
+    return common.make_adamw(
+        common.param_groups(model, args.weight_decay, no_decay=("embed.",)), lr, args.betas, device
+    )
 
 
 # ======================================================================================================================
@@ -445,10 +368,7 @@ def build_optimizer(model: GCRL, args: Args, lr: float, device) -> torch.optim.O
 
 def load_split(args: Args, train: bool):
     """The train or test split, held in memory at the training resolution (uint8 (N, 3, S, S))."""
-    kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
-    ds = common.build_dataset(
-        args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
-    )
+    ds = common.load_split(args, train)
     if not hasattr(ds, "images"):
         raise ValueError(f"gcrl.py needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
     return ds
@@ -467,8 +387,8 @@ class TwoViews:
         weak_kind = {"weak": "weak", "none": "eval"}[args.augment]  # "eval" at the stored size = the image unchanged
         kw = dict(seed=args.seed, num_workers=args.num_workers)
         weak_kw = {"pad": args.weak_pad} if weak_kind == "weak" else None
-        self.weak = TrainBatches(dataset, [weak_kind], args.image_size, per_rank, info, aug_kwargs=weak_kw, **kw)
-        self.strong = TrainBatches(dataset, ["simclr"], args.image_size, per_rank, info, **kw)
+        self.weak = common.TrainBatches(dataset, [weak_kind], args.image_size, per_rank, info, aug_kwargs=weak_kw, **kw)
+        self.strong = common.TrainBatches(dataset, ["simclr"], args.image_size, per_rank, info, **kw)
         self.steps_per_epoch = self.weak.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -477,19 +397,31 @@ class TwoViews:
             yield weak, strong
 
 
-@torch.no_grad()
-def knn_monitor(model: nn.Module, train_set, test_images: torch.Tensor, test_labels, args: Args, device) -> float:
-    """Weighted kNN (SPEC 8: k 200, t 0.07, cosine) on features(layer=None): memory bank = the first --knn-bank
-    un-augmented training images, queries = the evaluation test images. -> top-1 accuracy in [0, 1]."""
+def heldout_data(args: Args, train_set, test_set, device) -> dict:
+    """The monitors' fixed data (class balanced, common.heldout_subset): --eval-images of each split for bits per
+    token (0 = the whole test split), and the kNN bank (--knn-bank training images) and queries (the test images)."""
+    n = args.eval_images or len(test_set)
+    test = common.heldout_subset(test_set, n)
+    return {"train": common.heldout_subset(train_set, n).images, "test": test.images, "queries": test,
+            "bank": common.heldout_subset(train_set, args.knn_bank)}  # fmt: skip
 
-    def embed(images):
-        return torch.cat([features(model, x.to(device)) for x in images.split(256)])
 
-    bank, bank_labels = embed(train_set.images[: args.knn_bank]), train_set.labels[: args.knn_bank].to(device)
-    queries, labels = embed(test_images), test_labels.to(device)
-    classes = int(max(bank_labels.max(), labels.max())) + 1
-    scores = common.knn_predict(bank, bank_labels, queries, classes, k=args.knn_k, temperature=0.07)
-    return (scores.argmax(1) == labels).float().mean().item()
+def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str, info) -> dict:
+    """eval/{train,test}_bits_per_token of the decoder (sharded over the ranks; not under --alpha 0, which trains no
+    decoder), eval/knn_top1 on the representation (weighted kNN, k --knn-k, t 0.07), and on rank 0 a sample grid."""
+    metrics = {}
+    if args.alpha > 0:
+        for split in ("train", "test"):
+            metrics[f"eval/{split}_bits_per_token"] = common.bits_per_token(
+                model, held[split], args, info.device, info=info
+            )
+    if info.is_main and args.knn_bank > 0:
+        embedded = common.embed_heldout(lambda x: features(model, x), held, args, info.device)
+        metrics["eval/knn_top1"] = common.knn_top1(embedded, args)
+    if info.is_main and args.alpha > 0 and args.num_samples > 0 and step > 0:
+        tokens = common.sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
+        common.save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))
+    return metrics
 
 
 def check_args(args: Args) -> None:
@@ -522,134 +454,137 @@ def check_args(args: Args) -> None:
 
 
 # ======================================================================================================================
-# Training loop
+# Presets and the training loop
 # ======================================================================================================================
+
+# Values a preset sets unless given on the command line; the dataclass defaults ARE the CIFAR (5+5)M recipe.
+PRESETS = {
+    "preset": {
+        "cifar": {},
+        "imagenet32": dict(
+            dataset="imagenet32",
+            batch_size=1024,  # GCRL Table 3, ImageNet32, (5+5)M
+            epochs=100,  # GCRL Table 3: 50 + 50 (merged cells, see the header)
+            gen_base_lr=4e-4 * 256 / 1024,  # GCRL Table 3: peak lr 4.0e-4 / 4.0e-4 at batch 1024
+            base_lr=4e-4 * 256 / 1024,
+            eval_images=10000,  # a fixed 10k of the 50k validation images per evaluation
+        ),
+        "imagenet32_38_38": dict(
+            dataset="imagenet32",
+            arch="gcrl_38_38",
+            batch_size=768,  # GCRL Table 3, ImageNet32, (38+38)M
+            epochs=100,  # GCRL Table 3: 50 + 50
+            gen_base_lr=4e-4 * 256 / 768,  # GCRL Table 3: peak lr 4.0e-4 / 4.0e-4
+            base_lr=4e-4 * 256 / 768,
+            eval_images=10000,
+        ),
+        # CPU tests and smoke runs: 8x8 synthetic shapes = 64 tokens, 64 wide x 4 blocks (2 + 2); tuned so that
+        # tests/test_gcrl.py's short runs learn something measurable; nothing here is a recommendation for real data.
+        "tiny": dict(
+            dataset="synthetic",
+            synthetic_size=2000,
+            image_size=8,
+            weak_pad=1,  # 4 px of 32 = 1 px of 8
+            arch="gcrl_tiny",
+            dropout=0.0,
+            palette_pixels=4096,  # k-means++ seeding is sequential over the K centers: keep the CPU fit under 1 s
+            kmeans_iters=5,
+            batch_size=32,
+            epochs=10,
+            gen_base_lr=2.4e-2,  # peak lr 3e-3 at batch 32 (igpt.py's tiny preset)
+            base_lr=8e-3,  # peak lr 1e-3 at batch 32
+            amp=False,  # bf16 matmuls are emulated (slow) on CPUs without AVX512-BF16 / AMX
+            warmup_epochs=0,
+            weight_decay=0.0,
+            log_every=10,
+            eval_every=1000,
+            ckpt_every=1000,
+            eval_images=256,
+            knn_bank=1000,
+            num_samples=8,
+            num_workers=0,
+        ),
+    },
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv, PRESETS)
-    with usage_errors("gcrl.py"):
+    args = common.parse_args(Args, argv, PRESETS)
+    with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
-    # --- boilerplate: ranks, seeds, run folder
-    info = setup_distributed(args.device)
-    dev = info.device
-    seed_everything(args.seed + info.rank)
-    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(METHOD, args))
-
-    # --- data and palette: one palette on every rank (rank 0 fits or loads it, then broadcasts)
-    with usage_errors("gcrl.py"):
-        per_rank = batch_per_rank(args.batch_size, info.world_size)
+    # --- boilerplate: ranks, seeds, data and palette (rank 0 fits or loads it, then broadcasts), model, optimizer
+    info = common.setup_distributed(args.device)
+    common.seed_everything(args.seed + info.rank)
+    run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
+    with common.usage_errors(METHOD):
+        per_rank = common.batch_per_rank(args.batch_size, info.world_size)
         train_set, test_set = load_split(args, train=True), load_split(args, train=False)
         batches = TwoViews(train_set, args, per_rank, info)
-        palette = shared_palette(args, train_set.images, run_dir, info, METHOD)
+        palette = common.shared_palette(args, train_set.images, run_dir, info, METHOD)
     args.num_colors = palette.shape[0]  # saved in args.json / the checkpoint: build_model needs it
-    flops_per_image = training_step_flops(args)
-    logger = RunLogger(run_dir, args, info.is_main)
-    n_eval = args.eval_images or len(test_set)
-    eval_train, eval_test, eval_labels = train_set.images[:n_eval], test_set.images[:n_eval], test_set.labels[:n_eval]
-    print0(f"GCRL hybrid step: {flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward, both views)")
-
-    # --- model, optimizer (boilerplate)
+    flops_per_image = training_step_flops(args)  # (the meta-device count needs no process group)
+    held = heldout_data(args, train_set, test_set, info.device)
     model = build_model(args)
-    model.quantizer.centers.copy_(palette)
-    model = model.to(dev)
-    if info.world_size > 1:  # unused parameters: the projector in the generative phase, the decoder under --alpha 0
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
-        )
-    if args.compile:
-        model = torch.compile(model)
-    gen_lr = args.gen_lr if args.gen_lr is not None else scaled_lr(args.gen_base_lr, args.batch_size)
-    peak_lr = args.lr if args.lr is not None else scaled_lr(args.base_lr, args.batch_size)
-    optimizer = build_optimizer(unwrap(model), args, peak_lr, dev)
+    model.quantizer.centers.copy_(palette)  # the only buffer (6 KB), identical on every rank
+    # the projector gets no gradient in the generative phase, the decoder none under --alpha 0: DDP must know
+    model = common.distribute(model, info, args.compile, find_unused_parameters=True)
+    gen_lr = args.gen_lr if args.gen_lr is not None else common.scaled_lr(args.gen_base_lr, args.batch_size)
+    peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
+    optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch
     gen_steps, total_steps, warmup_steps = phase_steps(args, steps_per_epoch)
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
-    step = 0
-    with usage_errors("gcrl.py"):  # a missing --resume PATH, another method's or architecture's checkpoint
-        resume_path = resolve_resume(args.resume, run_dir)
-        if resume_path:
-            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
-            print0(f"resumed from {resume_path} at step {step}")
-    net = unwrap(model)
+    with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
+    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step)
+    net = common.unwrap(model)
     n_enc = sum(p.numel() for m in (net.embed, net.encoder, net.enc_norm, net.projector) for p in m.parameters())
     n_dec = sum(p.numel() for m in (net.decoder, net.norm, net.head) for p in m.parameters())
-    print0(f"{args.arch} ({n_enc / 1e6:.2f}M + {n_dec / 1e6:.2f}M parameters, {net.enc_blocks} + "
-           f"{net.depth - net.enc_blocks} blocks, {args.attention} attention) on {args.dataset} {args.image_size}x"
-           f"{args.image_size}, K = {args.num_colors}: {info.world_size} x {per_rank} images/step, {steps_per_epoch} "
-           f"steps/epoch; alpha {args.alpha} beta {args.beta}: L_g alone for steps [0, {gen_steps}) at peak lr "
-           f"{gen_lr:.3g}, full objective for [{gen_steps}, {total_steps}) at {peak_lr:.3g}; steps {step} -> "
-           f"{stop_step}")  # fmt: skip
+    common.print0(f"{METHOD} {args.arch} ({n_enc / 1e6:.2f}M + {n_dec / 1e6:.2f}M parameters, {net.enc_blocks} + "
+                  f"{net.depth - net.enc_blocks} blocks, {args.attention} attention) on {args.dataset}: "
+                  f"{args.image_size}x{args.image_size} tokens, K = {args.num_colors}, {info.world_size} x {per_rank} "
+                  f"images/step, {steps_per_epoch} steps/epoch; alpha {args.alpha} beta {args.beta}: L_g alone for "
+                  f"steps [0, {gen_steps}) at peak lr {gen_lr:.3g}, full objective for [{gen_steps}, {total_steps}) at "
+                  f"{peak_lr:.3g}; steps {step} -> {stop_step}, {flops_per_image / 1e9:.3f} GFLOPs per image "
+                  f"(forward + backward, both views)")  # fmt: skip
+
+    def evaluate(step: int) -> dict:  # bits per token is sharded over the ranks: every rank evaluates
+        monitor = lambda: monitors(model, held, args, step, run_dir, info)  # noqa: E731
+        return common.run_monitors(step, monitor, logger, info, all_ranks=True)
+
+    final = {k.replace("eval/", "init/"): v for k, v in evaluate(0).items()} if step == 0 else {}
 
     # --- the training loop (THE PART TO READ is gcrl_loss above)
     model.train()
     epoch = step // steps_per_epoch
-    meter = Throughput(stop_step, step)
-    images_since_log, final = 0, {}
     while step < stop_step:
         for weak, strong in batches.epoch(epoch, start_step=step % steps_per_epoch):
             lr, hybrid = learning_rate(step, gen_steps, total_steps, warmup_steps, gen_lr, peak_lr, args.min_lr)
-            set_lr(optimizer, lr)
-            weak_tokens = quantize(model, weak)  # (B, H*W) raster order
-            strong_tokens = quantize(model, strong) if hybrid and args.beta > 0 else None
+            common.set_lr(optimizer, lr)
+            weak_tokens = common.quantize(model, weak)  # (B, H*W) raster order
+            strong_tokens = common.quantize(model, strong) if hybrid and args.beta > 0 else None
             terms = gcrl_loss(model, weak_tokens, strong_tokens, args, hybrid)
-            # one host sync per step: the loss is checked before the update (no NaN reaches a checkpoint)
-            values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
-            check_finite(step, values)
+            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if args.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
             step += 1
-            images_since_log += args.batch_size
             last = step >= stop_step
-
-            # --- logging, evaluation, pictures, checkpoints (boilerplate)
-            if step % args.log_every == 0 or last:
-                mean = common.all_reduce_mean(torch.tensor(list(values.values()), device=dev)).tolist()
-                ips, eta = meter.tick(step, images_since_log)
-                images_since_log = 0
-                row = {f"loss/{k}": v for k, v in zip(values, mean)}  # generative: nats per token
-                row.update({"lr": lr, "epoch": step / steps_per_epoch, "phase": 1 + hybrid, "perf/images_per_s": ips})
-                util = common.mfu(flops_per_image, ips / info.world_size, dev)
-                if util is not None:
-                    row["perf/mfu"] = util
-                logger.log(step, row)
-                final.update(row)
-                parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("loss/"))
-                print0(f"step {step}/{stop_step} ep {epoch} phase {1 + hybrid} {parts} lr {lr:.3g} {ips:.1f} img/s"
-                       + (f" mfu {util:.1%}" if util is not None else "") + f" eta {eta}")  # fmt: skip
-            if step % args.eval_every == 0 or last:
-                metrics = {}
-                if args.alpha > 0:  # no trained decoder under --alpha 0 (SimCLR): no bits, no samples
-                    metrics["eval/train_bits_per_token"] = bits_per_token(model, eval_train, args, dev, info=info)
-                    metrics["eval/test_bits_per_token"] = bits_per_token(model, eval_test, args, dev, info=info)
-                if info.is_main:
-                    if args.knn_bank > 0:
-                        metrics["eval/knn_top1"] = knn_monitor(model, train_set, eval_test, eval_labels, args, dev)
-                    if args.alpha > 0 and args.num_samples > 0:
-                        tokens = sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
-                        save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))
-                    uniform = math.log2(args.num_colors)
-                    unit = f" (bits per palette token on {len(eval_test)} images; uniform {uniform:.2f})"
-                    print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                           + (unit if args.alpha > 0 else ""))  # fmt: skip
-                logger.log(step, metrics)
-                final.update(metrics)
-                if info.world_size > 1:
-                    dist.barrier()
-            if step % args.ckpt_every == 0 or last:
-                save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
-            if step % args.eval_every == 0 or step % args.ckpt_every == 0:
-                meter.t0 = time.perf_counter()  # images/s measures training only, not evaluation or checkpoints
+            # --- logging, monitors, checkpoints (boilerplate)
+            final.update(logger.step(step, terms, lr, step / steps_per_epoch, args.batch_size, phase=1 + hybrid))
+            with logger.paused():  # images/s counts training time only
+                if step % args.eval_every == 0 or last:
+                    final.update(evaluate(step))
+                if step % args.ckpt_every == 0 or last:
+                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
             if last:
                 break
         epoch += 1
     logger.close()
-    cleanup_distributed()
-    final.update({"step": step, "gen_steps": gen_steps, "flops_per_image": flops_per_image, "run_dir": run_dir})
-    return final
+    common.cleanup_distributed()
+    return {**final, "step": step, "gen_steps": gen_steps, "flops_per_image": flops_per_image, "run_dir": run_dir}
 
 
 if __name__ == "__main__":

@@ -433,6 +433,7 @@ SMOKE = {
     "mae": ["--preset", "tiny"],
     "igpt": ["--preset", "tiny"],
     "can": ["--preset", "tiny"],
+    "gcrl": ["--preset", "tiny"],
 }
 
 

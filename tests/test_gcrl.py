@@ -223,7 +223,7 @@ def test_features_log_likelihood_and_bits_per_token_hooks():
     args = tiny_args()
     model = random_model(args).train()
     images = torch.rand(3, 3, 8, 8)
-    tokens = gcrl.quantize(model, images)
+    tokens = common.quantize(model, images)
     assert gcrl.num_feature_layers(model) == 4
     with torch.no_grad():
         model.eval()
@@ -394,7 +394,7 @@ def test_torchrun_two_processes(tmp_path):
     flags = ["--synthetic-size", "64", "--batch-size", "8", "--epochs", "0.5", "--eval-images", "16"]
     flags += ["--knn-bank", "32", "--num-samples", "2", "--log-every", "1", "--device", "cpu"]
     proc = run_script(["gcrl.py", *TINY, *flags, "--run-name", "ddp"], cwd=tmp_path, torchrun=2)
-    assert "2 x 4 images/step" in proc.stdout and "phase 2 generative" in proc.stdout
+    assert "2 x 4 images/step" in proc.stdout and "phase 2 | generative" in proc.stdout
     ckpt = common.load_checkpoint(str(tmp_path / "runs" / "ddp" / "checkpoint.pt"), "gcrl")
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
