@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -175,6 +176,7 @@ class Args:
     warmup_epochs: int = arg(10, "linear warmup epochs (SimCLR: 10)")
     weight_decay: float = arg(1e-6, "weight decay (SimCLR tf2 default 1e-6; LARS skips biases and norms)")
     momentum: float = arg(0.9, "LARS momentum")
+    amp: bool = arg(True, "bf16 autocast for the networks where the hardware runs bf16 natively (losses stay fp32)")
     # --- method
     objective: str = arg("contrastive", "contrastive | supervised (same net and views, Tables 3-4 baseline)",
                          ["contrastive", "supervised"])  # fmt: skip
@@ -215,13 +217,18 @@ def _fp32(device):
     return torch.autocast(device_type="cuda" if device.type == "cuda" else "cpu", enabled=False)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16 network outputs are promoted; float64, used by the tests, is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def ntxent_terms(h1: torch.Tensor, h2: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
     """NT-Xent in the form of paper eq. 3. h1, h2 (n, d) local projections. With u = normalize([h1; h2]) and the
     candidates U = every rank's u (gathered with gradient), for the 2n local anchors i:
         align = -mean_i u_i . u_pos(i),   uniformity = mean_i log sum_{k != i} exp(u_i . U_k / tau),
     and NT-Xent = (align + tau * uniformity) / tau (= common.nt_xent, tests/test_contrastive_props.py)."""
     n = h1.shape[0]
-    u = F.normalize(torch.cat([h1, h2]).float(), dim=1)
+    u = F.normalize(_f32(torch.cat([h1, h2])), dim=1)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     candidates = gather_with_grad(u)  # (2n * world, d)
     logits = u @ candidates.T / temperature
@@ -236,7 +243,7 @@ def decoupled_terms(h1, h2, temperature: float, lam: float) -> dict[str, torch.T
     """Decoupled NT-Xent (eq. 4; colab get_logsumexp_loss): u = normalize(h); align = mean((u1 - u2)^2) / 2 over the
     n x d elements; distribution = mean_i logsumexp_j(u_i . U_j / tau) - log d over the local rows i and ALL 2N rows j
     of every rank, the diagonal (self) and the positive included as in the colab."""
-    u1, u2 = F.normalize(h1.float(), dim=1), F.normalize(h2.float(), dim=1)
+    u1, u2 = F.normalize(_f32(h1), dim=1), F.normalize(_f32(h2), dim=1)
     u = torch.cat([u1, u2])
     align = (u1 - u2).pow(2).mean() / 2
     dist = torch.logsumexp(u @ gather_with_grad(u).T / temperature, dim=1).mean() - math.log(u.shape[1])
@@ -264,7 +271,7 @@ def swd_terms(h1, h2, prior: str, lam: float, projection=None, prior_samples=Non
     orthogonal d x d matrix (fresh each step, the same on every rank): distribution = mean over the d projections and
     2N ranks of (sort(H W)[k] - sort(P W)[k])^2, sorting each projected coordinate over the batch. projection /
     prior_samples inject W and P (tests); otherwise they come from `generator`."""
-    h1, h2 = h1.float(), h2.float()
+    h1, h2 = _f32(h1), _f32(h2)
     if prior == "sphere":
         h1, h2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
     align = (h1 - h2).pow(2).mean() / 2
@@ -424,13 +431,14 @@ _FONT = [
 ]  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4)  # the studies train many models on the same digits in one process
 def drawn_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n procedural digits 0-9 in MNIST's format -> (uint8 (n, 1, 28, 28), labels int64 (n,)): the class's glyph of
     _FONT, about 20 px tall, with per-image random scale (0.8-1.1), rotation (+-15 deg), shear (+-0.3), offset (+-2
     px), stroke width (thin / thick) and ink intensity (0.6-1), on a black background. Deterministic for (n, seed)."""
     gen = torch.Generator().manual_seed(seed)
     glyphs = torch.tensor([[float(c == "#") for c in g.replace(" ", "")] for g in _FONT]).view(10, 1, 7, 5)
-    glyphs = F.interpolate(glyphs, scale_factor=8, mode="nearest")  # (10, 1, 56, 40): sharp strokes to resample
+    glyphs = F.interpolate(glyphs, scale_factor=4, mode="nearest")  # (10, 1, 28, 20): sharp strokes to resample
     labels = torch.randint(0, 10, (n,), generator=gen)
 
     def u(lo, hi):
@@ -650,13 +658,28 @@ def make_augment(args: Args) -> common.BatchedAugment:
 # ======================================================================================================================
 
 
-def training_losses(model, views: list[torch.Tensor], bits, targets, args: Args, generator=None) -> dict:
-    """One step's terms. views: two float (B, 3, S, S) augmentations of the same B images; bits (B, n_bits) or None
-    (the same for both views); targets: multi-hot (B, 10) or classes (B,) for the supervised objective.
-    contrastive: {"align", "distribution", "total"} of the generalized loss on z; supervised: {"supervised", "total"}
-    (cross-entropy, or binary cross-entropy on a multi-hot target, over both views' logits)."""
-    x = torch.cat([model_input(v, bits) for v in views])  # (2B, 3 + n_bits, S, S): BN sees both views together
-    with common.autocast(x.device, args.amp if hasattr(args, "amp") else False):
+def two_views(images, bits, augment) -> torch.Tensor:
+    """Network input of one batch: images uint8 (B, C, S, S), bits (B, n_bits) 0/1 or None -> (2B, 3 + n_bits, S, S),
+    view-1 rows then view-2 rows. Only the RGB channels are augmented (independently per view); the bit channels are
+    appended unchanged, so both views of an image carry the same bits (paper 4.1)."""
+    return torch.cat([model_input(augment(images), bits), model_input(augment(images), bits)])
+
+
+def train_batches(data: ImageSet, augment, epoch: int, start_step: int, seed: int, info, per_rank: int):
+    """This rank's batches of one epoch from step start_step on: (indices (B,), network input (2B, C, S, S)). The
+    order is common.epoch_indices (seeded by (seed, epoch)), so a resumed run sees the batches it would have seen."""
+    idx = epoch_indices(len(data), epoch, seed, info.rank, info.world_size, per_rank).to(data.images.device)
+    for b in idx[start_step * per_rank :].split(per_rank):
+        bits = data.bits[b] if data.bits is not None and data.bits.shape[1] else None
+        yield b, two_views(data.images[b], bits, augment)
+
+
+def training_losses(model, x: torch.Tensor, targets, args: Args, generator=None) -> dict:
+    """One step's terms. x (2B, 3 + n_bits, S, S): the two views of B images (two_views); targets: multi-hot (B, 10)
+    or classes (B,) for the supervised objective. contrastive: {"align", "distribution", "total"} of the generalized
+    loss on z; supervised: {"supervised", "total"} (cross-entropy, or binary cross-entropy on a multi-hot target,
+    over both views' logits)."""
+    with common.autocast(x.device, args.amp):
         out = model(x)
     if args.objective == "supervised":
         logits, both = out["logits"].float(), torch.cat([targets, targets])
@@ -764,8 +787,7 @@ def train(argv: list[str] | None = None) -> dict:
            + f", probes {list(probes)} (generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
 
     # --- data on the device; the views
-    images = train_set.images.to(dev)
-    bits = train_set.bits.to(dev) if train_set.bits is not None and train_set.bits.shape[1] else None
+    data = ImageSet(train_set.images.to(dev), {}, bits=None if train_set.bits is None else train_set.bits.to(dev))
     targets = (train_set.multi_hot if train_set.multi_hot is not None else next(iter(train_set.targets.values())))
     targets = targets.to(dev)
     augment = make_augment(args)
@@ -802,14 +824,11 @@ def train(argv: list[str] | None = None) -> dict:
     model.train()
     epoch, final, t_log = step // steps_per_epoch, {}, time.perf_counter()
     while step < stop_step:
-        idx = epoch_indices(len(train_set), epoch, args.seed, info.rank, info.world_size, per_rank).to(dev)
-        for b in idx[(step % steps_per_epoch) * per_rank :].split(per_rank):
+        for b, x in train_batches(data, augment, epoch, step % steps_per_epoch, args.seed, info, per_rank):
             set_lr(optimizer, lr := cosine_lr(step, total_steps, warmup_steps, peak_lr))
-            x = images[b]
-            views = [augment(x), augment(x)]  # RGB only: the bit channels are added unchanged to both views
             # W and the prior samples of the SWD losses: the same on every rank and after a resume
             gen = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step)
-            terms = training_losses(model, views, None if bits is None else bits[b], targets[b], args, gen)
+            terms = training_losses(model, x, targets[b], args, gen)
             values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
             check_finite(step, values)
             optimizer.zero_grad(set_to_none=True)
