@@ -138,7 +138,8 @@ class Args:
     data_seed: int = arg(0, "seed of the generated datasets (digit placement, assignments, random bits)")
     device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)")
+    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs); more than the epochs hold extends the "
+                        "LR schedule to end at this step")
     preset: str = arg("paper", "bundle of defaults: paper (paper A.1, ResNet-18) | tiny (CPU: colab ConvNet, Adam)",
                       ["paper", "tiny"])  # fmt: skip
     # --- data
@@ -806,7 +807,7 @@ def train(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed + info.rank)
     optimizer, peak_lr = build_optimizer(unwrap(model), args)
     steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = max(args.epochs * steps_per_epoch, args.steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     step = 0
@@ -883,11 +884,199 @@ def main(argv: list[str] | None = None):
     return train(argv)
 
 
-STUDIES: dict = {}
+# ======================================================================================================================
+# Studies (paper sections 3-4, Appendix B): one sub-command each, a fresh model per point, CSV + PNG
+# ======================================================================================================================
 
 
-def run_study(name: str, argv: list[str]):
-    raise NotImplementedError
+@dataclass
+class StudyArgs:
+    """A study of the paper at a chosen scale: trains one model per point (or skips a point already in the CSV;
+    an interrupted point resumes from its run folder), probes it and its untrained twin, appends the rows to
+    <out>/<study>.csv and draws <out>/<study>.png (matplotlib, when installed)."""
+
+    scale: str = arg("tiny", "tiny: 2-core CPU, minutes (ConvNet, small sets) | paper: ResNet-18 as the paper (GPU)",
+                     ["tiny", "paper"])  # fmt: skip
+    out: str = arg("results", "folder of <study>.csv, <study>.png and the runs/ of every point")
+    values: str = arg("", "comma-separated values of the swept variable ('' = the scale's default sweep)")
+    temperatures: str = arg("", "comma-separated NT-Xent temperatures ('' = the scale's default)")
+    losses: str = arg("", "comma-separated losses (losses / randbit studies; '' = the scale's default)")
+    steps: int = arg(0, "training steps per point (0 = the scale's default; paper scale: whole epochs)")
+    seed: int = arg(0, "training seed of every point")
+    train_args: str = arg("", "extra training flags for every point, e.g. \"--digits fashion_mnist --device cuda\"")
+
+
+CSV_COLUMNS = ["study", "scale", "method", "temperature", "variable", "value", "target", "accuracy", "untrained",
+               "steps", "wall_s", "run"]  # fmt: skip
+
+# Per study: the swept variable (a training flag), the targets probed, and per scale the default sweep and the
+# training flags of every point. tiny: minutes on 2 CPU cores, nothing here is tuned; paper: the paper's setup
+# (sections 3-4: ResNet-18, 2-layer head, LARS) for GPUs, where the text still has its numbers.
+STUDY_SPECS = {
+    "losses": dict(variable="steps", plot_x="training steps", log_x=False, tiny=dict(values=[40, 160], flags=[
+        "--dataset", "plain", "--train-size", "10000", "--test-size", "2000"]),
+        paper=dict(values=[100, 200, 400, 800], flags=["--dataset", "plain", "--base", "cifar10",
+                                                       "--batch-size", "128"]), figure="Figure 1 / Table A.1"),
+    "multidigits": dict(variable="num_digits", plot_x="digits per training image", log_x=False,
+                        tiny=dict(values=[1, 4, 16], flags=["--dataset", "multidigits", "--train-size", "4000",
+                                                             "--test-size", "1000"]),
+                        paper=dict(values=[1, 2, 4, 8, 12, 16], flags=["--dataset", "multidigits", "--epochs", "100"]),
+                        figure="Table 3"),
+    "suppression-size": dict(variable="large_size", plot_x="side of the second digit (px)", log_x=False,
+                             tiny=dict(values=[10, 20, 30, 40], flags=["--dataset", "multidigits_size",
+                                                                       "--train-size", "4000", "--test-size", "1000"]),
+                             paper=dict(values=[20, 30, 40, 50, 60, 70, 80], flags=[
+                                 "--dataset", "multidigits_size", "--batch-size", "1024", "--epochs", "100"]),
+                             figure="Table 4"),
+    "digit-on": dict(variable="unique_digits", plot_x="unique digits U", log_x=True,
+                     tiny=dict(values=[1, 100, 5000], flags=["--dataset", "digit_on", "--train-size", "5000",
+                                                              "--test-size", "2000"]),
+                     paper=dict(values=[1, 10, 100, 1000, 10000, 60000], flags=[
+                         "--dataset", "digit_on", "--base", "stl10", "--image-size", "64", "--digit-size", "16",
+                         "--epochs", "100"]), figure="Figure 6"),
+    "randbit": dict(variable="bits", plot_x="random bits", log_x=False,
+                    tiny=dict(values=[0, 1, 2, 4, 8, 16], flags=["--dataset", "randbit", "--train-size", "5000",
+                                                                  "--test-size", "2000"]),
+                    paper=dict(values=[0, 1, 2, 4, 8, 16, 24], flags=["--dataset", "randbit", "--base", "cifar10",
+                                                                       "--epochs", "100"]), figure="Figure 7"),
+}  # fmt: skip
+TINY_STEPS = {"losses": 0, "multidigits": 60, "suppression-size": 60, "digit-on": 80, "randbit": 80}
+DEFAULT_TEMPERATURES = {"tiny": [0.2], "paper": [0.2]}
+
+
+def _split(text: str, kind=str) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def study_points(study: str, sa: StudyArgs) -> list[tuple[dict, list[str]]]:
+    """(CSV key, training argv) of every point of a study, in the order they run."""
+    spec, scale = STUDY_SPECS[study], sa.scale
+    values = _split(sa.values, int) or spec[scale]["values"]
+    temps = _split(sa.temperatures, float) or ({"randbit": [0.1, 0.5], "suppression-size": [0.1, 0.5]}.get(study)
+                                              or DEFAULT_TEMPERATURES[scale])  # fmt: skip
+    if study == "losses":
+        methods = [(loss, None) for loss in (_split(sa.losses) or LOSSES)]
+    elif study == "randbit":
+        methods = [(loss, t) for loss in (_split(sa.losses) or ["ntxent"]) for t in (temps if loss == "ntxent" else [None])]
+    elif study in ("multidigits", "suppression-size"):
+        methods = [("ntxent", t) for t in temps] + [("supervised", None)]
+    else:
+        methods = [("ntxent", t) for t in temps]
+    base = ["--preset", "tiny" if scale == "tiny" else "paper", *spec[scale]["flags"], "--seed", str(sa.seed),
+            "--probe-untrained", "--output-dir", os.path.join(sa.out, "runs")]  # fmt: skip
+    steps = sa.steps or (TINY_STEPS[study] if scale == "tiny" else 0)
+    points = []
+    placements = ["random", "grid"] if study == "multidigits" else [None]
+    for method, t in methods:
+        for placement in placements:
+            for v in values:
+                argv = list(base)
+                if method == "supervised":
+                    argv += ["--objective", "supervised"]
+                else:
+                    argv += ["--loss", method] + (["--temperature", str(t)] if t is not None else [])
+                if study == "losses":
+                    argv += ["--steps", str(v)] if scale == "tiny" else ["--epochs", str(v)]
+                else:
+                    argv += [f"--{spec['variable'].replace('_', '-')}", str(v)] + (["--steps", str(steps)] if steps else [])
+                if placement:
+                    argv += ["--placement", placement]
+                label = "simclr" if method == "ntxent" and study != "losses" else method
+                label += f" ({placement})" if placement else ""
+                run = f"{study}_{scale}_{label.replace(' ', '').replace('(', '_').replace(')', '')}"
+                run += (f"_t{t:g}" if t is not None else "") + f"_{spec['variable']}{v}_s{sa.seed}"
+                key = {"study": study, "scale": scale, "method": label, "temperature": "" if t is None else t,
+                       "variable": spec["variable"], "value": v, "run": run}  # fmt: skip
+                points.append((key, argv + ["--run-name", run] + sa.train_args.split()))
+    return points
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_study(study: str, argv: list[str]) -> list[dict]:
+    """Run (or continue) a study: points already in <out>/<study>.csv are skipped; returns all rows of the CSV."""
+    sa = parse_args(StudyArgs, argv)
+    os.makedirs(sa.out, exist_ok=True)
+    path = os.path.join(sa.out, f"{study.replace('-', '_')}.csv")
+    done = {r["run"] for r in read_rows(path)}
+    points = study_points(study, sa)
+    print(f"{study} ({STUDY_SPECS[study]['figure']}), scale {sa.scale}: {len(points)} points, "
+          f"{sum(k['run'] in done for k, _ in points)} already in {path}")  # fmt: skip
+    for i, (key, train_argv) in enumerate(points):
+        if key["run"] in done:
+            continue
+        print(f"[{i + 1}/{len(points)}] {key['method']} t={key['temperature']} {key['variable']}={key['value']}")
+        t0 = time.perf_counter()
+        result = train(train_argv)
+        wall = time.perf_counter() - t0
+        rows = [{**key, "target": k.split("/")[1], "accuracy": round(v, 4),
+                 "untrained": round(result.get(f"probe_untrained/{k.split('/')[1]}", float("nan")), 4),
+                 "steps": result["step"], "wall_s": round(wall, 1)}
+                for k, v in result.items() if k.startswith("probe/")]  # fmt: skip
+        new_file = not os.path.exists(path)
+        with open(path, "a", newline="") as f:  # one run's rows at once: a killed sweep leaves whole points
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+    rows = read_rows(path)
+    print(format_rows(rows))
+    plot_study(study, rows, os.path.join(sa.out, f"{study.replace('-', '_')}.png"))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'method':<22} {'temp':>5} {'variable':>13} {'value':>6} {'target':>7} {'acc':>7} {'untrained':>9} "
+             f"{'steps':>6} {'wall_s':>7}"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r['method']:<22} {r['temperature']:>5} {r['variable']:>13} {r['value']:>6} {r['target']:>7} "
+                     f"{float(r['accuracy']):>7.3f} {float(r['untrained']):>9.3f} {r['steps']:>6} {r['wall_s']:>7}")
+    return "\n".join(lines)
+
+
+def plot_study(study: str, rows: list[dict], path: str) -> bool:
+    """Accuracy vs the swept variable, one panel per probe target, one line per method / temperature, the untrained
+    network dashed (as Figure 7's random-network line). Returns False (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not drawn (pip install matplotlib, then rerun the same command: "
+              f"finished points are read from the CSV)")  # fmt: skip
+        return False
+    spec = STUDY_SPECS[study]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        sel = [r for r in rows if r["target"] == target]
+        for label in dict.fromkeys((r["method"], r["temperature"]) for r in sel):
+            pts = sorted((float(r["value"]), float(r["accuracy"])) for r in sel if (r["method"], r["temperature"]) == label)
+            name = label[0] + (f", t={label[1]}" if label[1] else "")
+            ax.plot(*zip(*pts), marker="o", label=name)
+        base = {}
+        for r in sel:
+            base.setdefault(float(r["value"]), []).append(float(r["untrained"]))
+        xs = sorted(base)
+        ax.plot(xs, [sum(base[x]) / len(base[x]) for x in xs], "k--", label="untrained network")
+        ax.set_xscale("log" if spec["log_x"] else "linear")
+        ax.set(xlabel=spec["plot_x"], ylabel=f"linear probe accuracy ({target})", title=f"{study}: {target}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study} (paper {spec['figure']}), scale {rows[0]['scale'] if rows else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
+STUDIES = tuple(STUDY_SPECS)
 
 
 if __name__ == "__main__":

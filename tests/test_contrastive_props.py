@@ -354,12 +354,12 @@ def test_torchrun_two_processes(tmp_path):
 
 
 # ---------------------------------------------------------------- smoke: every loss beats the untrained network
-SMOKE = ["--dataset", "plain", "--train-size", "2000", "--test-size", "1000", "--steps", "40", "--batch-size", "128",
+SMOKE = ["--dataset", "plain", "--train-size", "2000", "--test-size", "1000", "--steps", "15", "--batch-size", "128",
          "--probe-epochs", "30"]  # fmt: skip
 
 
 def test_every_loss_beats_the_untrained_network(tmp_path):
-    """40 steps of batch 128 (the tiny ConvNet on Fashion-MNIST, Debian package) with each of the five losses: the
+    """15 steps of batch 128 (the tiny ConvNet on Fashion-MNIST, Debian package) with each of the five losses: the
     linear probe of h on 1000 held-out images beats the same architecture untrained (same probe, same data)."""
     results = {}
     for loss in cp.LOSSES:
@@ -372,3 +372,59 @@ def test_every_loss_beats_the_untrained_network(tmp_path):
     for loss, (trained, base) in results.items():
         assert trained > base + 0.01, (loss, trained, base)
     assert math.isfinite(sum(t for t, _ in results.values()))
+
+
+# ---------------------------------------------------------------- studies (issue 16)
+STUDY_TINY = ["--scale", "tiny", "--steps", "2", "--temperatures", "0.2",
+              "--train-args", "--train-size 128 --test-size 64 --batch-size 64 --probe-epochs 1"]  # fmt: skip
+FIRST_VALUE = {"losses": "2", "multidigits": "1", "suppression-size": "10", "digit-on": "1", "randbit": "0"}
+SECOND_VALUE = {"losses": "3", "multidigits": "2", "suppression-size": "20", "digit-on": "5", "randbit": "2"}
+
+
+@pytest.mark.parametrize("study", cp.STUDIES)
+def test_study_writes_csv_and_plot_and_a_rerun_continues(study, tmp_path, monkeypatch, capsys):
+    """The smallest sweep of every sub-command: a CSV with the documented columns (one row per point and probe target),
+    a PNG when matplotlib is installed (else the note saying how to get it); a rerun with one more value trains only
+    the new points, and a rerun of the same command trains nothing."""
+    import importlib.util
+
+    calls = []
+    real_train = cp.train
+    monkeypatch.setattr(cp, "train", lambda argv: calls.append(argv) or real_train(argv))
+    extra = ["--losses", "ntxent,swd_cube"] if study == "losses" else []
+    argv = [*STUDY_TINY, *extra, "--out", str(tmp_path)]
+    rows = cp.main([study, *argv, "--values", FIRST_VALUE[study]])
+    first = len(calls)
+    methods = {"losses": 2, "multidigits": 4, "suppression-size": 2, "digit-on": 1, "randbit": 1}[study]
+    assert first == methods  # one training run per point
+    csv_path = tmp_path / f"{study.replace('-', '_')}.csv"
+    header = open(csv_path).readline().strip().split(",")
+    assert header == cp.CSV_COLUMNS
+    targets = {"losses": {"rgb"}, "multidigits": {"digit"}, "suppression-size": {"small", "large"},
+               "digit-on": {"digit", "base"}, "randbit": {"rgb"}}[study]  # fmt: skip
+    assert {r["target"] for r in rows} == targets and len(rows) == first * len(targets)
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["untrained"]) <= 1 and r["steps"] == "2"
+    cp.main([study, *argv, "--values", f"{FIRST_VALUE[study]},{SECOND_VALUE[study]}"])
+    assert len(calls) == 2 * first  # only the new value's points were trained
+    assert all(SECOND_VALUE[study] in " ".join(a) for a in calls[first:])
+    rows = cp.main([study, *argv, "--values", f"{FIRST_VALUE[study]},{SECOND_VALUE[study]}"])
+    assert len(calls) == 2 * first and len(rows) == 2 * first * len(targets)  # nothing retrained, nothing duplicated
+    png = tmp_path / f"{study.replace('-', '_')}.png"
+    if importlib.util.find_spec("matplotlib"):
+        assert png.exists() and png.stat().st_size > 1000
+    else:
+        assert not png.exists() and "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_study_points_follow_the_paper_setups():
+    sa = common.parse_args(cp.StudyArgs, ["--scale", "paper"])
+    points = cp.study_points("suppression-size", sa)
+    methods = {k["method"] for k, _ in points}
+    assert methods == {"simclr", "supervised"}  # SimCLR at two temperatures and the supervised baseline (Table 4)
+    assert sorted({k["value"] for k, _ in points}) == [20, 30, 40, 50, 60, 70, 80]
+    assert len(points) == 3 * 7 and all("--batch-size" in a and "1024" in a for _, a in points)
+    args = common.parse_args(cp.Args, points[0][1], cp.PRESETS)
+    assert (args.arch, args.canvas, args.digit_size, args.optimizer) == ("resnet18", 112, 20, "lars")
+    grid = [a for k, a in cp.study_points("multidigits", sa) if "grid" in k["method"]]
+    assert len(grid) == 2 * 6  # simclr + supervised, n in {1, 2, 4, 8, 12, 16}
