@@ -351,7 +351,10 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.in_channels, size = 3 + args.bits, input_size(args)
         self.is_resnet = args.arch == "resnet18"
-        self.backbone = resnet18(self.in_channels, size) if self.is_resnet else ConvNet(self.in_channels, size, args.width)
+        if self.is_resnet:
+            self.backbone = resnet18(self.in_channels, size)
+        else:
+            self.backbone = ConvNet(self.in_channels, size, args.width)
         width = 512 if self.is_resnet else self.backbone.width
         hidden = args.proj_hidden or (width if self.is_resnet else 256)
         self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
@@ -394,7 +397,8 @@ def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, b
     A RandBit model (3 + bits input channels) needs bits (B, n_bits); 3-channel images alone are refused."""
     model = unwrap(model)
     if model.in_channels > 3 and (bits is None or bits.shape[1] != model.in_channels - 3):
-        raise ValueError(f"this model takes 3 + {model.in_channels - 3} bit channels: pass bits (B, {model.in_channels - 3})")
+        n_bits = model.in_channels - 3
+        raise ValueError(f"this model takes 3 + {n_bits} bit channels: pass bits (B, {n_bits})")
     n_layers = num_feature_layers(model)
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range: the backbone has {n_layers} feature layers (0..{n_layers - 1})")
@@ -615,7 +619,7 @@ def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet
                         for d, lab, n, gen in ((dtr, ltr, ntr, g[1]), (dte, lte, nte, g[2])))
             for name, s in sizes.items()
         }  # fmt: skip
-        probes = {name: tuple(ImageSet(p.images, {name: p.targets["digit"]}) for p in pair) for name, pair in probes.items()}
+        probes = {n: tuple(ImageSet(p.images, {n: p.targets["digit"]}) for p in pair) for n, pair in probes.items()}
         return train, probes
     (btr, ytr), (bte, yte) = base_split(args, True), base_split(args, False)
     ntr, nte = min(count(len(btr), True), len(btr)), min(count(len(bte), False), len(bte))
@@ -623,7 +627,8 @@ def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet
     if args.dataset == "digit_on":
         (dtr, ltr), (dte, lte) = digit_split(args, True), digit_split(args, False)
         if not 1 <= args.unique_digits <= len(dtr):
-            raise ValueError(f"--unique-digits must be in 1..{len(dtr)} (the digit training split), got {args.unique_digits}")
+            raise ValueError(f"--unique-digits must be in 1..{len(dtr)} (the digit training split), "
+                             f"got {args.unique_digits}")
         # each base image gets one of the first U training digits (colab: the first 16), every one of them used
         assign = (torch.arange(ntr) % args.unique_digits)[torch.randperm(ntr, generator=g[0])]
         train = digit_on(btr, ytr, dtr, ltr, assign, args.digit_size, args.composite)
@@ -781,7 +786,8 @@ def train(argv: list[str] | None = None) -> dict:
         train_set, probes = build_sets(args)
     run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
     digits = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST (standing in for MNIST digits)",
-              "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}[args.digits]  # fmt: skip
+              "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}  # fmt: skip
+    digits = digits[args.digits]
     uses_digits = args.dataset in ("multidigits", "multidigits_size", "digit_on")
     print0(f"{args.dataset}: {len(train_set)} training images {tuple(train_set.images.shape[1:])}"
            + (f", digits from {digits}" if uses_digits else f", base {args.base}")
@@ -957,7 +963,8 @@ def study_points(study: str, sa: StudyArgs) -> list[tuple[dict, list[str]]]:
     if study == "losses":
         methods = [(loss, None) for loss in (_split(sa.losses) or LOSSES)]
     elif study == "randbit":
-        methods = [(loss, t) for loss in (_split(sa.losses) or ["ntxent"]) for t in (temps if loss == "ntxent" else [None])]
+        losses = _split(sa.losses) or ["ntxent"]  # Appendix B.1: other losses suppress too (their own defaults)
+        methods = [(loss, t) for loss in losses for t in (temps if loss == "ntxent" else [None])]
     elif study in ("multidigits", "suppression-size"):
         methods = [("ntxent", t) for t in temps] + [("supervised", None)]
     else:
@@ -978,7 +985,8 @@ def study_points(study: str, sa: StudyArgs) -> list[tuple[dict, list[str]]]:
                 if study == "losses":
                     argv += ["--steps", str(v)] if scale == "tiny" else ["--epochs", str(v)]
                 else:
-                    argv += [f"--{spec['variable'].replace('_', '-')}", str(v)] + (["--steps", str(steps)] if steps else [])
+                    argv += [f"--{spec['variable'].replace('_', '-')}", str(v)]
+                    argv += ["--steps", str(steps)] if steps else []
                 if placement:
                     argv += ["--placement", placement]
                 label = "simclr" if method == "ntxent" and study != "losses" else method
@@ -1057,7 +1065,8 @@ def plot_study(study: str, rows: list[dict], path: str) -> bool:
     for ax, target in zip(axes[0], targets):
         sel = [r for r in rows if r["target"] == target]
         for label in dict.fromkeys((r["method"], r["temperature"]) for r in sel):
-            pts = sorted((float(r["value"]), float(r["accuracy"])) for r in sel if (r["method"], r["temperature"]) == label)
+            pts = sorted((float(r["value"]), float(r["accuracy"])) for r in sel
+                         if (r["method"], r["temperature"]) == label)  # fmt: skip
             name = label[0] + (f", t={label[1]}" if label[1] else "")
             ax.plot(*zip(*pts), marker="o", label=name)
         base = {}

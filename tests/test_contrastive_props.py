@@ -115,7 +115,10 @@ def _rank_loss(rank, world, loss, h1, h2, w, p):
     a = h1[rank * m : (rank + 1) * m].clone().requires_grad_()
     b = h2[rank * m : (rank + 1) * m].clone().requires_grad_()
     args = tiny_args("--loss", loss)
-    inject = {"projection": torch.tensor(w, dtype=torch.float64), "prior_samples": torch.tensor(p, dtype=torch.float64)} if loss.startswith("swd") else {}
+    inject = {}
+    if loss.startswith("swd"):
+        inject = {"projection": torch.tensor(w, dtype=torch.float64)}
+        inject["prior_samples"] = torch.tensor(p, dtype=torch.float64)
     terms = cp.generalized_contrastive_loss(a, b, args, **inject)
     terms["total"].backward()
     return {**{k: v.item() for k, v in terms.items()}, "g1": a.grad.tolist(), "g2": b.grad.tolist()}
@@ -145,7 +148,8 @@ def test_loss_on_two_ranks_equals_one_process_on_the_concatenated_batch(tmp_path
             assert (r0[k] + r1[k]) / 2 == pytest.approx(single[k], rel=1e-9), (loss, k)
         for g in ("g1", "g2"):
             ranks = torch.tensor(r0[g] + r1[g], dtype=torch.float64) / 2
-            torch.testing.assert_close(ranks, torch.tensor(single[g], dtype=torch.float64), rtol=1e-9, atol=1e-12, msg=f"{loss} {g}")
+            expected = torch.tensor(single[g], dtype=torch.float64)
+            torch.testing.assert_close(ranks, expected, rtol=1e-9, atol=1e-12, msg=f"{loss} {g}")
         # the other rank's rows matter: a rank alone gives a different distribution term
         half = (h1[: n // 2].tolist(), h2[: n // 2].tolist(), w.tolist(), priors[loss][:n].tolist())
         assert _rank_loss(0, 1, loss, *half)["distribution"] != pytest.approx(r0["distribution"], rel=1e-6), loss
