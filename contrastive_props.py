@@ -144,7 +144,7 @@ class Args:
                       ["paper", "tiny"])  # fmt: skip
     # --- data
     dataset: str = arg("randbit", "multidigits | multidigits_size | digit_on | randbit | plain", DATASETS)
-    base: str = arg("cifar10", "base images of digit_on / randbit / plain: any common.py dataset name")
+    base: str = arg("cifar10", "base images of digit_on / randbit / plain: a common.py dataset name (imagefolder too)")
     digits: str = arg("mnist", "digit source: mnist (disk or --download) | fashion_mnist | drawn (procedural)",
                       ["mnist", "fashion_mnist", "drawn"])  # fmt: skip
     data_root: str = arg("data", "dataset root folder")
@@ -484,9 +484,14 @@ def base_split(args: Args, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The --base images as uint8 (N, 3, S, S) at --image-size, labels (N,)."""
     ds = common.build_dataset(args.base, root=args.data_root, train=train, download=args.download,
                               image_size=args.image_size)  # fmt: skip
-    if not isinstance(ds, common.ImageArray):
-        raise ValueError(f"--base {args.base} is not an in-memory dataset; use one of <= 64 px (cifar10, stl10, ...)")
-    return ds.images, ds.labels
+    if isinstance(ds, common.ImageArray):
+        return ds.images, ds.labels
+    # an image folder: every image decoded once and resized (shorter side) + center-cropped to --image-size
+    views = [(common.BatchedAugment("eval", args.image_size)(img[None])[0], label) for img, label in ds]
+    if not views:
+        raise ValueError(f"--base {args.base}: no images under {args.data_root}")
+    images = torch.stack([(v * 255).round().to(torch.uint8) for v, _ in views])
+    return images, torch.tensor([label for _, label in views])
 
 
 def resize_digits(digits: torch.Tensor, size: int) -> torch.Tensor:
@@ -929,8 +934,8 @@ STUDY_SPECS = {
                         paper=dict(values=[1, 2, 4, 8, 12, 16], flags=["--dataset", "multidigits", "--epochs", "100"]),
                         figure="Table 3"),
     "suppression-size": dict(variable="large_size", plot_x="side of the second digit (px)", log_x=False,
-                             tiny=dict(values=[10, 20, 30, 40], flags=["--dataset", "multidigits_size",
-                                                                       "--train-size", "4000", "--test-size", "1000"]),
+                             tiny=dict(values=[10, 20, 40], flags=["--dataset", "multidigits_size", "--batch-size",
+                                                                   "128", "--train-size", "4000", "--test-size", "1000"]),
                              paper=dict(values=[20, 30, 40, 50, 60, 70, 80], flags=[
                                  "--dataset", "multidigits_size", "--batch-size", "1024", "--epochs", "100"]),
                              figure="Table 4"),
@@ -941,7 +946,7 @@ STUDY_SPECS = {
                          "--dataset", "digit_on", "--base", "stl10", "--image-size", "64", "--digit-size", "16",
                          "--epochs", "100"]), figure="Figure 6"),
     "randbit": dict(variable="bits", plot_x="random bits", log_x=False,
-                    tiny=dict(values=[0, 1, 2, 4, 8, 16], flags=["--dataset", "randbit", "--train-size", "5000",
+                    tiny=dict(values=[0, 2, 8, 16], flags=["--dataset", "randbit", "--train-size", "5000",
                                                                   "--test-size", "2000"]),
                     paper=dict(values=[0, 1, 2, 4, 8, 16, 24], flags=["--dataset", "randbit", "--base", "cifar10",
                                                                        "--epochs", "100"]), figure="Figure 7"),
@@ -1026,6 +1031,8 @@ def run_study(study: str, argv: list[str]) -> list[dict]:
                  "untrained": round(result.get(f"probe_untrained/{k.split('/')[1]}", float("nan")), 4),
                  "steps": result["step"], "wall_s": round(wall, 1)}
                 for k, v in result.items() if k.startswith("probe/")]  # fmt: skip
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank trains; rank 0 writes
+            continue
         new_file = not os.path.exists(path)
         with open(path, "a", newline="") as f:  # one run's rows at once: a killed sweep leaves whole points
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -1033,6 +1040,8 @@ def run_study(study: str, argv: list[str]) -> list[dict]:
                 writer.writeheader()
             writer.writerows(rows)
     rows = read_rows(path)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return rows
     print(format_rows(rows))
     plot_study(study, rows, os.path.join(sa.out, f"{study.replace('-', '_')}.png"))
     return rows

@@ -278,6 +278,22 @@ def test_digit_on_uses_exactly_u_distinct_digits():
     assert add.images.max() == 255 and mx.images.min() == 200 and (add.images >= mx.images).all()
 
 
+def test_digit_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    for cls, color in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(3):
+            for split in ("train", "val"):
+                Image.new("RGB", (48, 40), color).save(tmp_path / split / cls / f"{i}.png")
+    args = tiny_args("--dataset", "digit_on", "--base", "imagefolder", "--data-root", str(tmp_path),
+                     "--unique-digits", "2")  # fmt: skip
+    train, probes = cp.build_sets(args)
+    assert train.images.shape == (6, 3, 32, 32) and sorted(train.targets["base"].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert len(torch.unique(train.targets["digit_id"])) == 2 and probes["base"][1].images.shape == (6, 3, 32, 32)
+
+
 def test_drawn_digits_are_seeded_and_balanced():
     a, la = cp.drawn_digits(1000, 3)
     b, lb = cp.drawn_digits.__wrapped__(1000, 3)
