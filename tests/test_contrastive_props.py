@@ -4,6 +4,7 @@ distribution terms on 2 gloo ranks against one process on the concatenated batch
 datasets (grid placement, digit counts, RandBit bits, DigitOnX's U digits, Modified MultiDigits sizes), the script end
 to end (python, resume, torchrun), one-line errors, and a smoke test: every loss beats the untrained network."""
 
+import dataclasses
 import json
 import math
 
@@ -448,3 +449,12 @@ def test_study_points_follow_the_paper_setups():
     assert (args.arch, args.canvas, args.digit_size, args.optimizer) == ("resnet18", 112, 20, "lars")
     grid = [a for k, a in cp.study_points("multidigits", sa) if "grid" in k["method"]]
     assert len(grid) == 2 * 6  # simclr + supervised, n in {1, 2, 4, 8, 12, 16}
+
+
+def test_help_documents_every_field(capsys):
+    for argv, cls in (([], cp.Args), (["randbit"], cp.StudyArgs)):
+        with pytest.raises(SystemExit):
+            cp.main([*argv, "--help"])
+        out = capsys.readouterr().out
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
