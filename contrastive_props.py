@@ -711,6 +711,20 @@ def embed(model, part: ImageSet, device, batch: int = 500) -> torch.Tensor:
     return torch.cat(out)
 
 
+def eval_batches(args: Args, split: str, batch_size: int, device, target: str = ""):
+    """Probe data for an outside evaluator (proposed eval_probe.py hook; see README): un-augmented batches of the probe
+    set of `target` (default: the first of the dataset: digit, small, rgb) -> (images float (B, 3, S, S) in [0, 1],
+    labels (B,), {"bits": (B, n_bits)} or {} to pass to features)."""
+    _, probes = build_sets(args)
+    target = target or next(iter(probes))
+    part = probes[target][0 if split == "train" else 1]
+    for s in range(0, len(part), batch_size):
+        x = common.to_float_rgb(part.images[s : s + batch_size].to(device))
+        has_bits = part.bits is not None and part.bits.shape[1] > 0
+        extra = {"bits": part.bits[s : s + batch_size].to(device)} if has_bits else {}
+        yield x, part.targets[target][s : s + batch_size].to(device), extra
+
+
 def linear_probe(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0, num_classes: int = 10) -> float:
     """Test accuracy of a linear classifier on frozen features, GCRL protocol (eval_probe.py --linear-protocol gcrl):
     AdamW lr 0.01, wd 1e-4, batch 512, `epochs` epochs, constant lr, no augmentation. Seeded; global RNG untouched."""
@@ -934,8 +948,9 @@ STUDY_SPECS = {
                         paper=dict(values=[1, 2, 4, 8, 12, 16], flags=["--dataset", "multidigits", "--epochs", "100"]),
                         figure="Table 3"),
     "suppression-size": dict(variable="large_size", plot_x="side of the second digit (px)", log_x=False,
-                             tiny=dict(values=[10, 20, 40], flags=["--dataset", "multidigits_size", "--batch-size",
-                                                                   "128", "--train-size", "4000", "--test-size", "1000"]),
+                             tiny=dict(values=[10, 20, 40], flags=[
+                                 "--dataset", "multidigits_size", "--batch-size", "128", "--train-size", "4000",
+                                 "--test-size", "1000"]),
                              paper=dict(values=[20, 30, 40, 50, 60, 70, 80], flags=[
                                  "--dataset", "multidigits_size", "--batch-size", "1024", "--epochs", "100"]),
                              figure="Table 4"),

@@ -458,3 +458,13 @@ def test_help_documents_every_field(capsys):
         out = capsys.readouterr().out
         for f in dataclasses.fields(cls):
             assert "--" + f.name.replace("_", "-") in out, f.name
+
+
+def test_eval_batches_hook_gives_the_probe_data_with_bits():
+    args = tiny_args("--dataset", "randbit", "--bits", "4", "--train-size", "40", "--test-size", "24")
+    batches = list(cp.eval_batches(args, "test", 10, "cpu"))
+    assert [len(y) for _, y, _ in batches] == [10, 10, 4]
+    x, y, extra = batches[0]
+    assert x.shape == (10, 3, 28, 28) and extra["bits"].shape == (10, 4)
+    model = cp.build_model(args)
+    assert cp.features(model, x, **extra).shape == (10, 128)
