@@ -55,7 +55,10 @@ Launch:
     python contrastive_props.py --preset tiny --dataset multidigits --num-digits 4 --placement grid --loss swd_sphere
     python contrastive_props.py --dataset randbit --base cifar10 --bits 8             # ResNet-18, LARS, batch 512
     torchrun --nproc_per_node 8 contrastive_props.py --dataset digit_on --base stl10 --unique-digits 1000
-    python contrastive_props.py randbit --scale tiny --out results                   # a study (see README)
+    python contrastive_props.py randbit --scale tiny --out results                   # Figure 7 at CPU scale, ~20 min
+    python contrastive_props.py suppression-size --scale tiny --out results          # Table 4 at CPU scale
+    python contrastive_props.py losses --scale paper --out results --train-args "--download"   # GPU, Table A.1
+    python contrastive_props.py multidigits --scale tiny --values 1,16               # fewer points
 
 Choices where the paper and its code are silent, and deviations (with reasons):
   * NT-Xent is the mean over the 2N anchors (common.nt_xent's convention; the TF reference reports 2x).
@@ -74,6 +77,13 @@ Choices where the paper and its code are silent, and deviations (with reasons):
     the paper's CIFAR value was lost), or Adam lr 1e-3 (the colab) for the ConvNet; both with warmup + cosine (the
     colab decays linearly).
   * BatchNorm statistics stay per rank on CPU (no CPU SyncBatchNorm); SyncBatchNorm on GPUs.
+  * --scale paper of the studies: the setups the extracted text still states (ResNet-18, 2-layer head, LARS, Table 4's
+    batch 1024, Table A.1's batch 128 and epoch budgets); where the numbers were lost (MultiDigits / DigitOn / RandBit
+    epochs, temperatures) 100 epochs and tau in {0.1, 0.5} (Table 4, Figure 7) or 0.2 are this file's choice. The
+    DigitOnImageNet study runs on STL-10 at 64 px with 16 px digits (ImageNet does not fit the in-memory pipeline).
+  * Table 4's "untrained" row and Figure 7's random-network line: the same architecture and seed, not trained,
+    probed on the same data (--probe-untrained), recorded next to every point.
+  * --steps larger than the epochs hold extends the LR schedule to end at that step (the studies' tiny budgets).
   * RandBit integers are drawn per image from a seeded generator (the colab hashes the image's JPEG bytes: also a
     fixed random integer per image). Bit channels enter the network as 0 / 1 next to the standardized RGB channels.
 

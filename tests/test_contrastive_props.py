@@ -348,7 +348,7 @@ def test_end_to_end_run_writes_the_run_folder_and_eval_probe_reads_it(tmp_path):
     assert 0 <= json.load(open(run / "probe.json"))["probe/rgb"] <= 1
     import eval_probe  # the checkpoint is evaluated like any other method's
 
-    out = eval_probe.main(["--ckpt", str(run / "checkpoint.pt"), "--protocols", "knn", "--dataset", "fashion_mnist"])
+    out = eval_probe.main(["--ckpt", str(run / "checkpoint.pt"), "--protocols", "knn", "--dataset", "synthetic"])
     assert out and 0 <= out[0]["metrics"]["acc"] <= 1
 
 
