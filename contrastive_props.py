@@ -1,0 +1,1129 @@
+"""Intriguing Properties of Contrastive Losses (Chen, Luo, Li 2021, arXiv:2011.02803): the generalized contrastive loss,
+datasets with controllable competing features, training, and the paper's studies as sub-commands.
+
+What is implemented (SPEC section 7; REFERENCE_FACTS 3 restates the equations lost from the paper's text):
+  * the generalized contrastive loss L = L_align + lambda * L_distribution (paper eq. 2, Table 1) on the projections
+    h1, h2 (n, d) of the two views, `--loss`:
+      ntxent      NT-Xent (eq. 1), computed in its rewritten form (eq. 3): tau * L = -1/(2n) sum_i cos(z_i, z_i+)
+                  + tau * 1/(2n) sum_i log sum_{k != i} exp(cos(z_i, z_k) / tau), i.e. alignment + tau x LogSumExp
+                  uniformity, divided by tau;
+      decoupled   decoupled NT-Xent (eq. 4, colab `dist='logsumexp'`): align = mean((u1 - u2)^2) / 2 over all n x d
+                  elements of the normalized u, dist = mean_i logsumexp_j(u_i . u_j / tau) - log d over all 2n x 2n
+                  pairs (diagonal kept, as the colab), weighted by lambda, tau and lambda set separately;
+      swd_normal / swd_sphere / swd_cube   sliced-Wasserstein matching of the 2n hidden vectors to a prior: a fresh
+                  random orthogonal d x d matrix W each step, data and prior samples both projected by W, each
+                  coordinate sorted over the batch, dist = mean squared difference of the sorted values. Priors:
+                  N(0, I) (data not normalized), uniform on the hypersphere (normal samples l2-normalized, data
+                  normalized), uniform hypercube U(-1, 1)^d (data not normalized). W and the prior samples are drawn
+                  from a generator seeded by (seed, step): identical on every rank and after a resume; tests inject
+                  them.
+    Negatives / the distribution term use the GLOBAL batch: hidden vectors of every rank gathered with gradients
+    (common.gather_with_grad), so 2 ranks compute what one process computes on the concatenated batch (tested);
+  * backbones: ResNet-18 with SimCLR's CIFAR stem at <= 32 px (paper A.1) and the small ConvNet of the reference
+    colab randbits_mnist.ipynb (3 x [conv 3x3 stride 2 valid - BN - ReLU], 32/64/64 filters, flatten, Linear 128 - BN
+    - ReLU = h); input channels = 3 + --bits; 2-layer projection head (paper A.1: Linear - BN - ReLU - Linear, output
+    64 at CIFAR scale; hidden = the backbone width, 256 for the ConvNet as the colab);
+  * datasets built on the fly, seeded, from a digit source and a base dataset (section "Data"):
+      multidigits       n in {1, 2, 4, 8, 12, 16} digits on a --canvas (112) canvas, random or in-grid (4 x 4 cells,
+                        one digit per cell, no overlap) placement; probe: images with a single digit;
+      multidigits_size  two digits, one --digit-size (20 px), the other --large-size s (20, 30, ..., 80); probes on
+                        single small and single large digits;
+      digit_on          a digit tiled at 9 fixed places (offsets int(S * r), r in {0.15, 0.45, 0.75}) over an image of
+                        --base, composite `--composite add` (paper) or `max` (colab); each base image gets one of U
+                        = --unique-digits digit images; probes on the digit class and the base class;
+      randbit           --bits constant channels with the binary digits of a per-image random integer in
+                        [0, 2^bits), identical in both views and every epoch, never augmented; probe on the RGB class;
+      plain             --base as it is (a sanity baseline);
+    digits: --digits mnist (from disk, or --download) | fashion_mnist (Debian package) | drawn (procedural digits
+    0-9 from a 5x7 bitmap font with random scale, rotation, shear, stroke width, position and intensity); the choice
+    is printed and saved in args.json, nothing switches silently;
+  * augmentation batched on the device (common.BatchedAugment): crop-and-resize only for the MultiDigits sets (paper
+    3.1 / 4.3), SimCLR's full view on the RGB channels for randbit / digit_on / plain (`--augment crop` gives the
+    colab's crop-only view with area (0.5, 1));
+  * --objective supervised: the same network, augmentation and budget with a linear classifier on h and
+    cross-entropy (binary cross-entropy on the multi-hot digit set for the MultiDigits sets), Tables 3-4's baseline;
+  * at the end of training (and for the untrained network with --probe-untrained) a linear probe per target:
+    frozen h (eval mode), the GCRL protocol (AdamW lr 0.01, wd 1e-4, batch 512, --probe-epochs 100), results in
+    metrics.jsonl and probe.json;
+  * studies (issue 16): `python contrastive_props.py <study> --scale tiny|paper` with study in losses, multidigits,
+    suppression-size, digit-on, randbit; one run per point under <out>/runs, one CSV row per point in
+    <out>/<study>.csv (finished points are skipped on a rerun, an interrupted point resumes), a PNG when matplotlib
+    is installed.
+
+Launch:
+    python contrastive_props.py --preset tiny --dataset randbit --bits 4 --steps 200 --probe-untrained
+    python contrastive_props.py --preset tiny --dataset multidigits --num-digits 4 --placement grid --loss swd_sphere
+    python contrastive_props.py --dataset randbit --base cifar10 --bits 8             # ResNet-18, LARS, batch 512
+    torchrun --nproc_per_node 8 contrastive_props.py --dataset digit_on --base stl10 --unique-digits 1000
+    python contrastive_props.py randbit --scale tiny --out results                   # Figure 7 at CPU scale, ~20 min
+    python contrastive_props.py suppression-size --scale tiny --out results          # Table 4 at CPU scale
+    python contrastive_props.py losses --scale paper --out results --train-args "--download"   # GPU, Table A.1
+    python contrastive_props.py multidigits --scale tiny --values 1,16               # fewer points
+
+Choices where the paper and its code are silent, and deviations (with reasons):
+  * NT-Xent is the mean over the 2N anchors (common.nt_xent's convention; the TF reference reports 2x).
+  * MultiDigits digit size: the paper's numbers were lost in extraction; 20 px digits on a 112 px canvas (the size
+    kept fixed in 4.3, and a digit fits a 28 px grid cell of the 4 x 4 grid). A digit is its whole 28 px frame
+    resized to s x s (no tight crop); digits are composited by addition clipped at 255 (paper "channel addition").
+  * supervised baseline on several digits: multi-label (binary cross-entropy on the set of digit classes present);
+    the paper does not say how its supervised model saw n digits.
+  * digit_on probes use composites of the held-out base images with digits drawn from the WHOLE digit test split (not
+    only the U training digits), so the digit probe measures digit recognition, not memorization of U images.
+  * the paper's "scale the loss by 1000 when the hidden vector is normalized" (A.1) is --loss-scale, default 1: no
+    such constant is in the authors' code (REFERENCE_FACTS 3) and Adam / LARS steps barely depend on it.
+  * decoupled lambda default 0.003 ~ tau / d = 0.2 / 64: with the colab's per-element alignment (1 - cos) / d this is
+    eq. 3's balance between the two terms; the paper's tuned values were lost in extraction.
+  * optimizer: LARS with square-root scaling lr = base_lr * sqrt(batch) (paper A.1; 0.075 is SimCLR's ImageNet value,
+    the paper's CIFAR value was lost), or Adam lr 1e-3 (the colab) for the ConvNet; both with warmup + cosine (the
+    colab decays linearly).
+  * BatchNorm statistics stay per rank on CPU (no CPU SyncBatchNorm); SyncBatchNorm on GPUs.
+  * --scale paper of the studies: the setups the extracted text still states (ResNet-18, 2-layer head, LARS, Table 4's
+    batch 1024, Table A.1's batch 128 and epoch budgets); where the numbers were lost (MultiDigits / DigitOn / RandBit
+    epochs, temperatures) 100 epochs and tau in {0.1, 0.5} (Table 4, Figure 7) or 0.2 are this file's choice. The
+    DigitOnImageNet study runs on STL-10 at 64 px with 16 px digits (ImageNet does not fit the in-memory pipeline).
+  * Table 4's "untrained" row and Figure 7's random-network line: the same architecture and seed, not trained,
+    probed on the same data (--probe-untrained), recorded next to every point.
+  * --steps larger than the epochs hold extends the LR schedule to end at that step (the studies' tiny budgets).
+  * RandBit integers are drawn per image from a seeded generator (the colab hashes the image's JPEG bytes: also a
+    fixed random integer per image). Bit channels enter the network as 0 / 1 next to the standardized RGB channels.
+
+Measured (2-core CPU, fp32; commands and tables in README.md, section "contrastive_props.py"):
+  * the five losses, tiny ConvNet, 200 steps on 10k Fashion-MNIST images: linear probe 0.781-0.803 vs 0.698 untrained;
+  * randbit --scale tiny (tau 0.1): 0.778 (0 bits), 0.734 (2), 0.280 (8), 0.131 (16) vs untrained 0.57-0.69;
+  * suppression-size --scale tiny: not reproduced (the 10 px digit is not learned at this budget, see README).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+from common import (
+    LARS,
+    RunLogger,
+    arg,
+    batch_per_rank,
+    check_finite,
+    cleanup_distributed,
+    cosine_lr,
+    epoch_indices,
+    gather_with_grad,
+    load_training_state,
+    normalize,
+    parse_args,
+    print0,
+    resolve_resume,
+    save_training_state,
+    seed_everything,
+    set_lr,
+    setup_distributed,
+    unwrap,
+    usage_errors,
+)
+
+METHOD = "contrastive_props"
+LOSSES = ["ntxent", "decoupled", "swd_normal", "swd_sphere", "swd_cube"]
+DATASETS = ["multidigits", "multidigits_size", "digit_on", "randbit", "plain"]
+
+
+@dataclass
+class Args:
+    """Generalized contrastive losses on datasets with competing features (Chen, Luo, Li 2021). Defaults: the paper's
+    CIFAR-scale setup (ResNet-18, 2-layer head to 64, LARS with sqrt scaling); --preset tiny: the colab's ConvNet."""
+
+    # --- experiment
+    run_name: str = arg("", "run folder name under --output-dir (default: contrastive_props_<dataset>_<arch>_s<seed>)")
+    output_dir: str = arg("runs", "where run folders are written")
+    seed: int = arg(0, "random seed (model init, data order, augmentation; each rank adds its rank)")
+    data_seed: int = arg(0, "seed of the generated datasets (digit placement, assignments, random bits)")
+    device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
+    resume: str = arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs); more than the epochs hold extends the "
+                        "LR schedule to end at this step")
+    preset: str = arg("paper", "bundle of defaults: paper (paper A.1, ResNet-18) | tiny (CPU: colab ConvNet, Adam)",
+                      ["paper", "tiny"])  # fmt: skip
+    # --- data
+    dataset: str = arg("randbit", "multidigits | multidigits_size | digit_on | randbit | plain", DATASETS)
+    base: str = arg("cifar10", "base images of digit_on / randbit / plain: a common.py dataset name (imagefolder too)")
+    digits: str = arg("mnist", "digit source: mnist (disk or --download) | fashion_mnist | drawn (procedural)",
+                      ["mnist", "fashion_mnist", "drawn"])  # fmt: skip
+    data_root: str = arg("data", "dataset root folder")
+    download: bool = arg(False, "download missing datasets (torchvision)")
+    image_size: int = arg(32, "input size for digit_on / randbit / plain (the MultiDigits sets use --canvas)")
+    canvas: int = arg(112, "MultiDigits canvas side (paper 3.1 / 4.3: 112)")
+    digit_size: int = arg(20, "digit side: MultiDigits digits and the fixed digit of multidigits_size (20); digit_on")
+    num_digits: int = arg(1, "multidigits: digits per training image (paper Table 3: 1, 2, 4, 8, 12, 16)")
+    placement: str = arg("random", "multidigits: random | grid (4 x 4 cells, one digit per cell)", ["random", "grid"])
+    large_size: int = arg(40, "multidigits_size: side of the second digit (paper Table 4: 20, 30, ..., 80)")
+    unique_digits: int = arg(100, "digit_on: U, number of distinct digit images assigned to the base images")
+    composite: str = arg("add", "digit_on: add (paper: channel addition, clipped) | max (colab)", ["add", "max"])
+    bits: int = arg(0, "randbit: constant bit channels of a per-image random integer in [0, 2^bits)")
+    train_size: int = arg(0, "training images to generate (0 = the size of the digit / base training split)")
+    test_size: int = arg(0, "held-out probe images (0 = the size of the test split)")
+    augment: str = arg("simclr", "view of randbit / digit_on / plain: simclr (full) | crop (colab, area 0.5-1)",
+                       ["simclr", "crop"])  # fmt: skip
+    crop_min_scale: float = arg(0.08, "min crop area of the simclr view and of the MultiDigits crops (SimCLR: 0.08)")
+    jitter_strength: float = arg(0.5, "color jitter strength s (SimCLR CIFAR-10: 0.5)")
+    # --- model
+    arch: str = arg("resnet18", "resnet18 (CIFAR stem at <= 32 px) | convnet (the colab's)", ["resnet18", "convnet"])
+    width: int = arg(1, "convnet width multiplier (colab width_mult)")
+    proj_hidden: int = arg(0, "projection head hidden width (0 = backbone width; 256 for the convnet as the colab)")
+    proj_dim: int = arg(64, "projection output d (paper A.1: 64 for CIFAR-10, 128 for ImageNet)")
+    # --- optimization
+    optimizer: str = arg("lars", "lars (paper A.1, sqrt lr scaling) | adam (colab)", ["lars", "adam"])
+    epochs: int = arg(200, "training epochs (paper Figure 1: 100-800)")
+    batch_size: int = arg(512, "GLOBAL batch of images (2 views each), split over ranks")
+    base_lr: float = arg(0.075, "LARS: lr = base_lr * sqrt(batch) (SimCLR ImageNet 0.075); adam: lr = base_lr")
+    warmup_epochs: int = arg(10, "linear warmup epochs (SimCLR: 10)")
+    weight_decay: float = arg(1e-6, "weight decay (SimCLR tf2 default 1e-6; LARS skips biases and norms)")
+    momentum: float = arg(0.9, "LARS momentum")
+    amp: bool = arg(True, "bf16 autocast for the networks where the hardware runs bf16 natively (losses stay fp32)")
+    # --- method
+    objective: str = arg("contrastive", "contrastive | supervised (same net and views, Tables 3-4 baseline)",
+                         ["contrastive", "supervised"])  # fmt: skip
+    loss: str = arg("ntxent", "ntxent | decoupled | swd_normal | swd_sphere | swd_cube (paper Table 1)", LOSSES)
+    temperature: float = arg(0.5, "NT-Xent tau (SimCLR CIFAR-10: 0.5; paper Fig 7 / colab sweep 0.05-0.2)")
+    decoupled_temperature: float = arg(0.2, "decoupled NT-Xent: kernel temperature tau of the LogSumExp term")
+    decoupled_lambda: float = arg(0.003, "decoupled NT-Xent: weight lambda of the distribution term (~ tau / d)")
+    swd_lambda: float = arg(1.0, "SWD losses: weight lambda of the distribution term (colab default 1)")
+    loss_scale: float = arg(1.0, "multiply the generalized loss (paper A.1 mentions 1000 for normalized h; unverified)")
+    # --- logging / probing
+    log_every: int = arg(20, "log every N steps")
+    ckpt_every: int = arg(1000, "checkpoint every N steps (and at the end)")
+    probe_epochs: int = arg(100, "linear probe epochs at the end of training (GCRL protocol: 100); 0 = no probe")
+    probe_untrained: bool = arg(False, "also probe the same architecture untrained (seeded), for the baseline")
+
+
+PRESETS = {
+    "preset": {
+        "paper": {},  # the dataclass defaults are paper A.1's CIFAR-scale setup
+        # CPU runs (nothing here is a recommendation): the colab's ConvNet, Adam 1e-3 (randbits_mnist.ipynb), small
+        # generated sets, procedural digits (the machine has no MNIST), half-size MultiDigits canvases.
+        "tiny": dict(arch="convnet", optimizer="adam", base_lr=1e-3, warmup_epochs=0, weight_decay=0.0,
+                     batch_size=256, epochs=5, base="fashion_mnist", digits="drawn", image_size=28, canvas=56,
+                     digit_size=10, large_size=20, train_size=5000, test_size=2000, temperature=0.2,
+                     log_every=10, probe_epochs=50),  # fmt: skip
+    },
+    # digit_on: 9 digits must fit; 8 px digits at 32 px (the colab: 28 px digits at 224)
+    "dataset": {"digit_on": dict(digit_size=8, image_size=32)},
+}
+
+
+# ======================================================================================================================
+# Loss (THE PART TO READ): L = L_align + lambda * L_distribution on the global batch
+# ======================================================================================================================
+
+
+def _fp32(device):
+    return torch.autocast(device_type="cuda" if device.type == "cuda" else "cpu", enabled=False)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16 network outputs are promoted; float64, used by the tests, is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def ntxent_terms(h1: torch.Tensor, h2: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """NT-Xent in the form of paper eq. 3. h1, h2 (n, d) local projections. With u = normalize([h1; h2]) and the
+    candidates U = every rank's u (gathered with gradient), for the 2n local anchors i:
+        align = -mean_i u_i . u_pos(i),   uniformity = mean_i log sum_{k != i} exp(u_i . U_k / tau),
+    and NT-Xent = (align + tau * uniformity) / tau (= common.nt_xent, tests/test_contrastive_props.py)."""
+    n = h1.shape[0]
+    u = F.normalize(_f32(torch.cat([h1, h2])), dim=1)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    candidates = gather_with_grad(u)  # (2n * world, d)
+    logits = u @ candidates.T / temperature
+    self_col = rank * 2 * n + torch.arange(2 * n, device=u.device)
+    logits = logits.masked_fill(F.one_hot(self_col, logits.shape[1]).bool(), float("-inf"))
+    align = -(u * torch.cat([u[n:], u[:n]])).sum(1).mean()
+    uniformity = torch.logsumexp(logits, dim=1).mean()
+    return {"align": align, "distribution": uniformity, "total": (align + temperature * uniformity) / temperature}
+
+
+def decoupled_terms(h1, h2, temperature: float, lam: float) -> dict[str, torch.Tensor]:
+    """Decoupled NT-Xent (eq. 4; colab get_logsumexp_loss): u = normalize(h); align = mean((u1 - u2)^2) / 2 over the
+    n x d elements; distribution = mean_i logsumexp_j(u_i . U_j / tau) - log d over the local rows i and ALL 2N rows j
+    of every rank, the diagonal (self) and the positive included as in the colab."""
+    u1, u2 = F.normalize(_f32(h1), dim=1), F.normalize(_f32(h2), dim=1)
+    u = torch.cat([u1, u2])
+    align = (u1 - u2).pow(2).mean() / 2
+    dist = torch.logsumexp(u @ gather_with_grad(u).T / temperature, dim=1).mean() - math.log(u.shape[1])
+    return {"align": align, "distribution": dist, "total": align + lam * dist}
+
+
+def random_orthogonal(d: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """A random orthogonal d x d matrix: QR of a Gaussian matrix with the signs of R's diagonal moved into Q (Haar
+    distributed; Keras Orthogonal() of the colab is the same construction)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=generator, device=device))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def sample_prior(prior: str, shape, generator=None, device=None) -> torch.Tensor:
+    """Samples of the SWD prior: normal N(0, I) | sphere (normal, l2-normalized) | cube U(-1, 1)^d."""
+    if prior == "cube":
+        return torch.rand(shape, generator=generator, device=device) * 2 - 1
+    x = torch.randn(shape, generator=generator, device=device)
+    return F.normalize(x, dim=1) if prior == "sphere" else x
+
+
+def swd_terms(h1, h2, prior: str, lam: float, projection=None, prior_samples=None, generator=None):
+    """Sliced-Wasserstein generalized loss (colab get_swd_loss). h = [h1; h2] (l2-normalized for the sphere prior);
+    align = mean((h1 - h2)^2) / 2; H = every rank's h gathered with gradient (2N, d); P = 2N prior samples; W a random
+    orthogonal d x d matrix (fresh each step, the same on every rank): distribution = mean over the d projections and
+    2N ranks of (sort(H W)[k] - sort(P W)[k])^2, sorting each projected coordinate over the batch. projection /
+    prior_samples inject W and P (tests); otherwise they come from `generator`."""
+    h1, h2 = _f32(h1), _f32(h2)
+    if prior == "sphere":
+        h1, h2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
+    align = (h1 - h2).pow(2).mean() / 2
+    hidden = gather_with_grad(torch.cat([h1, h2]))  # (2N, d): the distribution term sees the global batch
+    d = hidden.shape[1]
+    w = projection if projection is not None else random_orthogonal(d, generator, hidden.device)
+    p = prior_samples if prior_samples is not None else sample_prior(prior, hidden.shape, generator, hidden.device)
+    data_sorted = torch.sort((hidden @ w).T, dim=1).values  # (d, 2N)
+    prior_sorted = torch.sort((p.to(hidden) @ w).T, dim=1).values
+    dist = (data_sorted - prior_sorted).pow(2).mean()
+    return {"align": align, "distribution": dist, "total": align + lam * dist}
+
+
+def generalized_contrastive_loss(h1, h2, args: Args, generator=None, **inject) -> dict[str, torch.Tensor]:
+    """The loss chosen by args.loss on the two views' projections h1, h2 (n, d), always in fp32; returns
+    {"align", "distribution", "total"}, total multiplied by args.loss_scale."""
+    with _fp32(h1.device):
+        if args.loss == "ntxent":
+            terms = ntxent_terms(h1, h2, args.temperature)
+        elif args.loss == "decoupled":
+            terms = decoupled_terms(h1, h2, args.decoupled_temperature, args.decoupled_lambda)
+        else:
+            terms = swd_terms(h1, h2, args.loss[4:], args.swd_lambda, generator=generator, **inject)
+    terms["total"] = terms["total"] * args.loss_scale
+    return terms
+
+
+# ======================================================================================================================
+# Model: backbone (ResNet-18 CIFAR stem | colab ConvNet) -> h, 2-layer projection head -> z
+# ======================================================================================================================
+
+
+class ConvNet(nn.Module):
+    """The colab's ConvN (randbits_mnist.ipynb): 3 x [Conv 3x3 stride 2 'valid', no bias - BN - ReLU] with
+    32/64/64 x width filters, flatten, Linear(no bias) - BN - ReLU to 128 x width = h. (N, C, S, S) -> (N, 128w)."""
+
+    def __init__(self, in_channels: int, image_size: int, width: int = 1):
+        super().__init__()
+        chans, blocks, s = [in_channels, 32 * width, 64 * width, 64 * width], [], image_size
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()))
+            s = (s - 3) // 2 + 1
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Sequential(nn.Linear(chans[-1] * s * s, 128 * width, bias=False), nn.BatchNorm1d(128 * width),
+                                nn.ReLU())  # fmt: skip
+        self.width = 128 * width
+
+    def forward(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == layer:
+                return x.mean(dim=(2, 3))
+        return self.fc(x.flatten(1))
+
+
+def resnet18(in_channels: int, image_size: int) -> nn.Module:
+    """torchvision ResNet-18 without fc -> (N, 512); SimCLR's CIFAR stem (3x3 conv stride 1, no max-pool) at <= 32 px
+    (paper A.1 follows SimCLR), input channels = 3 + bits."""
+    net = torchvision.models.resnet18(weights=None, zero_init_residual=True)
+    if image_size <= 32:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    else:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.fc = nn.Identity()
+    return net
+
+
+class ContrastiveModel(nn.Module):
+    """backbone f -> h, head g -> z (paper A.1: 2 layers, Linear - BN - ReLU - Linear), and for --objective supervised
+    a linear classifier on h. forward(x): x (N, 3 + bits, S, S) with standardized RGB channels and 0/1 bit channels
+    -> dict h (N, width), z (N, proj_dim), logits (N, classes) when supervised."""
+
+    def __init__(self, args: Args, num_classes: int = 10):
+        super().__init__()
+        self.in_channels, size = 3 + args.bits, input_size(args)
+        self.is_resnet = args.arch == "resnet18"
+        if self.is_resnet:
+            self.backbone = resnet18(self.in_channels, size)
+        else:
+            self.backbone = ConvNet(self.in_channels, size, args.width)
+        width = 512 if self.is_resnet else self.backbone.width
+        hidden = args.proj_hidden or (width if self.is_resnet else 256)
+        self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                  nn.Linear(hidden, args.proj_dim))  # fmt: skip
+        self.classifier = nn.Linear(width, num_classes) if args.objective == "supervised" else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.backbone(x)
+        out = {"h": h, "z": self.head(h)}
+        if self.classifier is not None:
+            out["logits"] = self.classifier(h)
+        return out
+
+
+def input_size(args: Args) -> int:
+    return args.canvas if args.dataset.startswith("multidigits") else args.image_size
+
+
+def build_model(args: Args) -> ContrastiveModel:
+    """The model of `args` (also what eval_probe.py rebuilds with Args(**checkpoint["args"]))."""
+    return ContrastiveModel(args, num_classes=10 if args.dataset.startswith("multidigits") else NUM_CLASSES_DEFAULT)
+
+
+NUM_CLASSES_DEFAULT = 10  # every base dataset the studies use (CIFAR-10, STL-10, Fashion-MNIST, digits) has 10
+
+
+def model_input(images: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
+    """images float (B, 3, S, S) in [0, 1], bits (B, n_bits) 0/1 or None -> network input (B, 3 + n_bits, S, S):
+    standardized RGB, then one constant channel per bit (never augmented)."""
+    x = normalize(images.float())
+    if bits is None or bits.shape[1] == 0:
+        return x
+    return torch.cat([x, bits.float()[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, bits=None) -> torch.Tensor:
+    """Frozen representation h (eval mode: BatchNorm running statistics): images float (B, 3, S, S) in [0, 1] ->
+    (B, D) float32. layer=i: global-average-pooled output of block i (ConvNet blocks 0..2, ResNet stages 0..3).
+    A RandBit model (3 + bits input channels) needs bits (B, n_bits); 3-channel images alone are refused."""
+    model = unwrap(model)
+    if model.in_channels > 3 and (bits is None or bits.shape[1] != model.in_channels - 3):
+        n_bits = model.in_channels - 3
+        raise ValueError(f"this model takes 3 + {n_bits} bit channels: pass bits (B, {n_bits})")
+    n_layers = num_feature_layers(model)
+    if layer is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range: the backbone has {n_layers} feature layers (0..{n_layers - 1})")
+    was_training = model.training
+    model.eval()
+    x, net = model_input(images, bits), model.backbone
+    if layer is None:
+        out = net(x)
+    elif model.is_resnet:
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4)[: layer + 1]:
+            x = stage(x)
+        out = x.mean(dim=(2, 3))
+    else:
+        out = net(x, layer)
+    model.train(was_training)
+    return out.float()
+
+
+def num_feature_layers(model: nn.Module) -> int:
+    return 4 if unwrap(model).is_resnet else 3
+
+
+# ======================================================================================================================
+# Data: digit sources and the four datasets with competing features (paper 3.1, 4.1), generated once, seeded
+# ======================================================================================================================
+
+# A 5 x 7 bitmap font for the procedural digits ('#' = ink, rows separated by spaces), one glyph per class 0-9.
+_FONT = [
+    ".###. #...# #..## #.#.# ##..# #...# .###.", "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    ".###. #...# ....# ...#. ..#.. .#... #####", "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "...#. ..##. .#.#. #..#. ##### ...#. ...#.", "##### #.... ####. ....# ....# #...# .###.",
+    "..##. .#... #.... ####. #...# #...# .###.", "##### ....# ...#. ..#.. .#... .#... .#...",
+    ".###. #...# #...# .###. #...# #...# .###.", ".###. #...# #...# .#### ....# ...#. .##..",
+]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)  # the studies train many models on the same digits in one process
+def drawn_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n procedural digits 0-9 in MNIST's format -> (uint8 (n, 1, 28, 28), labels int64 (n,)): the class's glyph of
+    _FONT, about 20 px tall, with per-image random scale (0.8-1.1), rotation (+-15 deg), shear (+-0.3), offset (+-2
+    px), stroke width (thin / thick) and ink intensity (0.6-1), on a black background. Deterministic for (n, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    glyphs = torch.tensor([[float(c == "#") for c in g.replace(" ", "")] for g in _FONT]).view(10, 1, 7, 5)
+    glyphs = F.interpolate(glyphs, scale_factor=4, mode="nearest")  # (10, 1, 28, 20): sharp strokes to resample
+    labels = torch.randint(0, 10, (n,), generator=gen)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    scale, angle, shear = u(0.8, 1.1), u(-math.pi / 12, math.pi / 12), u(-0.3, 0.3)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # theta maps output coordinates (28 px frame, [-1, 1]) to glyph coordinates: the glyph's 7 rows cover 20 px and
+    # its 5 columns 20 * 5/7 px, times scale; then shear and rotation.
+    ky, kx = 28 / 20 / scale, 28 / (20 * 5 / 7) / scale
+    a = torch.stack([torch.stack([kx * cos, kx * (sin + shear * cos)], 1), torch.stack([-ky * sin, ky * cos], 1)], 1)
+    offset = (torch.rand(n, 2, generator=gen) * 4 - 2) * 2 / 28  # +-2 px
+    theta = torch.cat([a, (a @ offset[:, :, None])], dim=2)
+    images = torch.empty(n, 1, 28, 28)
+    for s in range(0, n, 4096):
+        part = slice(s, s + 4096)
+        grid = F.affine_grid(theta[part], [theta[part].shape[0], 1, 28, 28], align_corners=False)
+        images[part] = F.grid_sample(glyphs[labels[part]], grid, mode="bilinear", align_corners=False)
+    thick = torch.rand(n, generator=gen) < 0.4
+    images[thick] = F.max_pool2d(images[thick], 3, 1, 1) if thick.any() else images[thick]
+    images = images * u(0.6, 1.0)[:, None, None, None]
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def digit_split(args: Args, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits of --digits: (uint8 (N, 1, 28, 28), labels (N,)). mnist is read from --data-root (or downloaded
+    with --download); a missing MNIST is an error that names the alternatives, never a silent switch."""
+    if args.digits == "drawn":
+        return drawn_digits(60000 if train else 10000, seed=args.data_seed * 2 + (0 if train else 1))
+    try:
+        ds = common.build_dataset(args.digits, root=args.data_root, train=train, download=args.download, channels=1)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (or choose another digit source: --digits fashion_mnist | drawn)") from None
+    return ds.images, ds.labels
+
+
+def base_split(args: Args, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The --base images as uint8 (N, 3, S, S) at --image-size, labels (N,)."""
+    ds = common.build_dataset(args.base, root=args.data_root, train=train, download=args.download,
+                              image_size=args.image_size)  # fmt: skip
+    if isinstance(ds, common.ImageArray):
+        return ds.images, ds.labels
+    # an image folder: every image decoded once and resized (shorter side) + center-cropped to --image-size
+    views = [(common.BatchedAugment("eval", args.image_size)(img[None])[0], label) for img, label in ds]
+    if not views:
+        raise ValueError(f"--base {args.base}: no images under {args.data_root}")
+    images = torch.stack([(v * 255).round().to(torch.uint8) for v, _ in views])
+    return images, torch.tensor([label for _, label in views])
+
+
+def resize_digits(digits: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 1, 28, 28) -> float (N, size, size) in [0, 255]: the whole frame resized (antialiased bilinear)."""
+    return F.interpolate(digits.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0]
+
+
+def paste(canvas: torch.Tensor, patches: torch.Tensor, top: torch.Tensor, left: torch.Tensor, mode: str = "add"):
+    """In place: canvas float (N, S, S) receives patches (N, s, s) with their top-left corner at (top, left) (N,),
+    by addition or element-wise max."""
+    N, S, s = canvas.shape[0], canvas.shape[-1], patches.shape[-1]
+    r = torch.arange(s)
+    idx = ((top[:, None, None] + r[None, :, None]) * S + left[:, None, None] + r[None, None, :]).view(N, -1)
+    flat = canvas.view(N, -1)
+    if mode == "add":
+        flat.scatter_add_(1, idx, patches.reshape(N, -1))
+    else:
+        flat.scatter_reduce_(1, idx, patches.reshape(N, -1), reduce="amax")
+
+
+GRID = 4  # in-grid placement: a 4 x 4 grid of cells (SPEC 7.2), so at most 16 digits
+
+
+def place(n_images: int, n: int, size: int, canvas: int, placement: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left corners (top, left), each (N, n) int64, of n digits of side `size` on a canvas. random: uniform
+    anywhere inside the canvas; grid: n distinct cells of a 4 x 4 grid per image, uniform position inside the cell."""
+    if placement == "random":
+        return tuple(torch.randint(0, canvas - size + 1, (2, n_images, n), generator=gen))
+    cell = canvas // GRID
+    cells = torch.argsort(torch.rand(n_images, GRID * GRID, generator=gen), dim=1)[:, :n]
+    jitter = torch.randint(0, cell - size + 1, (2, n_images, n), generator=gen)
+    return (cells // GRID) * cell + jitter[0], (cells % GRID) * cell + jitter[1]
+
+
+@dataclass
+class ImageSet:
+    """A generated labeled set: images uint8 (N, C, S, S) with C in {1, 3}; bits (N, n_bits) 0/1 (randbit) or None;
+    targets {name: (N,) int64 class}; multi_hot (N, 10) float of the digits present (MultiDigits sets) or None;
+    positions {name: (top, left)} of placed digits (for tests)."""
+
+    images: torch.Tensor
+    targets: dict
+    bits: torch.Tensor | None = None
+    multi_hot: torch.Tensor | None = None
+    positions: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def multidigits(digits, labels, n_images: int, n: int, size: int, canvas: int, placement: str, gen) -> ImageSet:
+    """MultiDigits (paper 3.1): n digits of side `size` on a black canvas, composited by addition clipped at 255.
+    targets["digit"] = the first digit's class; multi_hot = the set of classes present."""
+    pick = torch.randint(0, len(digits), (n_images, n), generator=gen)
+    top, left = place(n_images, n, size, canvas, placement, gen)
+    out = torch.zeros(n_images, canvas, canvas)
+    for k in range(n):
+        paste(out, resize_digits(digits[pick[:, k]], size), top[:, k], left[:, k])
+    multi_hot = torch.zeros(n_images, 10).scatter_(1, labels[pick], 1.0)
+    images = out.clamp(0, 255).round().to(torch.uint8)[:, None]
+    return ImageSet(images, {"digit": labels[pick[:, 0]]}, multi_hot=multi_hot, positions={"digits": (top, left)})
+
+
+def two_sizes(digits, labels, n_images: int, small: int, large: int, canvas: int, gen) -> ImageSet:
+    """Modified MultiDigits (paper 4.3): one digit of side `small` and one of side `large`, each at a random place
+    (they may overlap, as the reference re-implementation), added and clipped. targets small / large."""
+    pick = torch.randint(0, len(digits), (n_images, 2), generator=gen)
+    out = torch.zeros(n_images, canvas, canvas)
+    positions = {}
+    for k, (name, size) in enumerate((("small", small), ("large", large))):
+        top, left = place(n_images, 1, size, canvas, "random", gen)
+        paste(out, resize_digits(digits[pick[:, k]], size), top[:, 0], left[:, 0])
+        positions[name] = (top[:, 0], left[:, 0])
+    multi_hot = torch.zeros(n_images, 10).scatter_(1, labels[pick], 1.0)
+    images = out.clamp(0, 255).round().to(torch.uint8)[:, None]
+    return ImageSet(images, {"small": labels[pick[:, 0]], "large": labels[pick[:, 1]]}, multi_hot=multi_hot,
+                    positions=positions)  # fmt: skip
+
+
+DIGIT_ON_OFFSETS = (0.15, 0.45, 0.75)  # colab digits_on_tf_flowers.ipynb: pads int(224 * r) on both axes
+
+
+def digit_on(base, base_labels, digits, digit_labels, assign: torch.Tensor, size: int, composite: str) -> ImageSet:
+    """DigitOnX (paper 4.1): image i of base (uint8 (N, 3, S, S)) with digit assign[i] tiled at the 9 places
+    (int(S * r), int(S * r')) by addition (clipped) or element-wise max over the 3 channels. targets base, digit."""
+    N, S = base.shape[0], base.shape[-1]
+    if int(S * DIGIT_ON_OFFSETS[-1]) + size > S:
+        raise ValueError(f"a {size} px digit at offset {int(S * DIGIT_ON_OFFSETS[-1])} leaves the {S} px image; "
+                         f"lower --digit-size to <= {S - int(S * DIGIT_ON_OFFSETS[-1])}")  # fmt: skip
+    patches = resize_digits(digits[assign], size)
+    layer = torch.zeros(N, S, S)
+    for ry in DIGIT_ON_OFFSETS:
+        for rx in DIGIT_ON_OFFSETS:
+            pos = torch.full((N,), int(S * ry)), torch.full((N,), int(S * rx))
+            paste(layer, patches, *pos, mode="max")  # the 9 copies never overlap
+    out = base.float() + layer[:, None] if composite == "add" else torch.maximum(base.float(), layer[:, None])
+    images = out.clamp(0, 255).round().to(torch.uint8)
+    return ImageSet(images, {"base": base_labels, "digit": digit_labels[assign], "digit_id": assign})
+
+
+def random_bits(n_images: int, bits: int, gen) -> torch.Tensor:
+    """RandBit (paper 4.1): a random integer in [0, 2^bits) per image, as its binary digits -> (N, bits) int64 0/1,
+    bit i = (integer >> i) & 1 (colab randbits_mnist.ipynb)."""
+    if bits == 0:
+        return torch.zeros(n_images, 0, dtype=torch.int64)
+    ints = torch.randint(0, 2**bits, (n_images,), generator=gen)
+    return (ints[:, None] >> torch.arange(bits)) & 1
+
+
+def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet]]]:
+    """The training set of args.dataset and the probe sets {target: (probe train, probe test)}, generated from seeds
+    derived from --data-seed (train, probe train and probe test differ)."""
+    g = [torch.Generator().manual_seed(args.data_seed * 10 + k) for k in range(3)]  # train, probe train, probe test
+
+    def count(default: int, train: bool) -> int:
+        n = args.train_size if train else args.test_size
+        return n or default
+
+    if args.dataset.startswith("multidigits"):
+        (dtr, ltr), (dte, lte) = digit_split(args, True), digit_split(args, False)
+        ntr, nte = count(len(dtr), True), count(len(dte), False)
+        if args.dataset == "multidigits":
+            train = multidigits(dtr, ltr, ntr, args.num_digits, args.digit_size, args.canvas, args.placement, g[0])
+            sizes = {"digit": args.digit_size}
+        else:
+            train = two_sizes(dtr, ltr, ntr, args.digit_size, args.large_size, args.canvas, g[0])
+            sizes = {"small": args.digit_size, "large": args.large_size}
+        probes = {  # paper 3.1 / 4.3: linear classifiers on images with a single digit of each size on the canvas
+            name: tuple(multidigits(d, lab, n, 1, s, args.canvas, "random", gen)
+                        for d, lab, n, gen in ((dtr, ltr, ntr, g[1]), (dte, lte, nte, g[2])))
+            for name, s in sizes.items()
+        }  # fmt: skip
+        probes = {n: tuple(ImageSet(p.images, {n: p.targets["digit"]}) for p in pair) for n, pair in probes.items()}
+        return train, probes
+    (btr, ytr), (bte, yte) = base_split(args, True), base_split(args, False)
+    ntr, nte = min(count(len(btr), True), len(btr)), min(count(len(bte), False), len(bte))
+    btr, ytr, bte, yte = btr[:ntr], ytr[:ntr], bte[:nte], yte[:nte]
+    if args.dataset == "digit_on":
+        (dtr, ltr), (dte, lte) = digit_split(args, True), digit_split(args, False)
+        if not 1 <= args.unique_digits <= len(dtr):
+            raise ValueError(f"--unique-digits must be in 1..{len(dtr)} (the digit training split), "
+                             f"got {args.unique_digits}")
+        # each base image gets one of the first U training digits (colab: the first 16), every one of them used
+        assign = (torch.arange(ntr) % args.unique_digits)[torch.randperm(ntr, generator=g[0])]
+        train = digit_on(btr, ytr, dtr, ltr, assign, args.digit_size, args.composite)
+        probe_train = digit_on(btr, ytr, dtr, ltr, torch.randint(0, len(dtr), (ntr,), generator=g[1]),
+                               args.digit_size, args.composite)  # fmt: skip
+        probe_test = digit_on(bte, yte, dte, lte, torch.randint(0, len(dte), (nte,), generator=g[2]),
+                              args.digit_size, args.composite)  # fmt: skip
+        probes = {t: (ImageSet(probe_train.images, {t: probe_train.targets[t]}),
+                      ImageSet(probe_test.images, {t: probe_test.targets[t]})) for t in ("digit", "base")}  # fmt: skip
+        return train, probes
+    # randbit / plain: the probe trains on the training images with their own bits (the colab's online classifier
+    # sees the same images), and tests on held-out images with fresh random bits
+    bits = args.bits if args.dataset == "randbit" else 0
+    train = ImageSet(btr, {"rgb": ytr}, bits=random_bits(ntr, bits, g[0]))
+    test = ImageSet(bte, {"rgb": yte}, bits=random_bits(nte, bits, g[2]))
+    return train, {"rgb": (train, test)}
+
+
+def make_augment(args: Args) -> common.BatchedAugment:
+    """Crop-and-resize only for the MultiDigits sets (paper 3.1 / 4.3); SimCLR's view for the RGB channels of the
+    others (--augment crop: the colab's crop with area (0.5, 1), no flip or color). Output (B, 3, S, S) in [0, 1]."""
+    size = input_size(args)
+    crop_only = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur=False)
+    if args.dataset.startswith("multidigits"):
+        return common.BatchedAugment("simclr", size, scale=(args.crop_min_scale, 1.0), **crop_only)
+    if args.augment == "crop":
+        return common.BatchedAugment("simclr", size, scale=(0.5, 1.0), **crop_only)
+    return common.BatchedAugment("simclr", size, scale=(args.crop_min_scale, 1.0), jitter_strength=args.jitter_strength)
+
+
+# ======================================================================================================================
+# Training objective and linear probe
+# ======================================================================================================================
+
+
+def two_views(images, bits, augment) -> torch.Tensor:
+    """Network input of one batch: images uint8 (B, C, S, S), bits (B, n_bits) 0/1 or None -> (2B, 3 + n_bits, S, S),
+    view-1 rows then view-2 rows. Only the RGB channels are augmented (independently per view); the bit channels are
+    appended unchanged, so both views of an image carry the same bits (paper 4.1)."""
+    return torch.cat([model_input(augment(images), bits), model_input(augment(images), bits)])
+
+
+def train_batches(data: ImageSet, augment, epoch: int, start_step: int, seed: int, info, per_rank: int):
+    """This rank's batches of one epoch from step start_step on: (indices (B,), network input (2B, C, S, S)). The
+    order is common.epoch_indices (seeded by (seed, epoch)), so a resumed run sees the batches it would have seen."""
+    idx = epoch_indices(len(data), epoch, seed, info.rank, info.world_size, per_rank).to(data.images.device)
+    for b in idx[start_step * per_rank :].split(per_rank):
+        bits = data.bits[b] if data.bits is not None and data.bits.shape[1] else None
+        yield b, two_views(data.images[b], bits, augment)
+
+
+def training_losses(model, x: torch.Tensor, targets, args: Args, generator=None) -> dict:
+    """One step's terms. x (2B, 3 + n_bits, S, S): the two views of B images (two_views); targets: multi-hot (B, 10)
+    or classes (B,) for the supervised objective. contrastive: {"align", "distribution", "total"} of the generalized
+    loss on z; supervised: {"supervised", "total"} (cross-entropy, or binary cross-entropy on a multi-hot target,
+    over both views' logits)."""
+    with common.autocast(x.device, args.amp):
+        out = model(x)
+    if args.objective == "supervised":
+        logits, both = out["logits"].float(), torch.cat([targets, targets])
+        loss = F.binary_cross_entropy_with_logits(logits, both) if both.ndim == 2 else F.cross_entropy(logits, both)
+        return {"supervised": loss, "total": loss}
+    z1, z2 = out["z"].chunk(2)
+    return generalized_contrastive_loss(z1, z2, args, generator)
+
+
+@torch.no_grad()
+def embed(model, part: ImageSet, device, batch: int = 500) -> torch.Tensor:
+    """Frozen features h (N, D) of a generated set (un-augmented), on `device`."""
+    out = []
+    for s in range(0, len(part), batch):
+        x = common.to_float_rgb(part.images[s : s + batch].to(device))
+        bits = part.bits[s : s + batch].to(device) if part.bits is not None and part.bits.shape[1] else None
+        out.append(features(model, x, bits=bits))
+    return torch.cat(out)
+
+
+def eval_batches(args: Args, split: str, batch_size: int, device, target: str = ""):
+    """Probe data for an outside evaluator (proposed eval_probe.py hook; see README): un-augmented batches of the probe
+    set of `target` (default: the first of the dataset: digit, small, rgb) -> (images float (B, 3, S, S) in [0, 1],
+    labels (B,), {"bits": (B, n_bits)} or {} to pass to features)."""
+    _, probes = build_sets(args)
+    target = target or next(iter(probes))
+    part = probes[target][0 if split == "train" else 1]
+    for s in range(0, len(part), batch_size):
+        x = common.to_float_rgb(part.images[s : s + batch_size].to(device))
+        has_bits = part.bits is not None and part.bits.shape[1] > 0
+        extra = {"bits": part.bits[s : s + batch_size].to(device)} if has_bits else {}
+        yield x, part.targets[target][s : s + batch_size].to(device), extra
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0, num_classes: int = 10) -> float:
+    """Test accuracy of a linear classifier on frozen features, GCRL protocol (eval_probe.py --linear-protocol gcrl):
+    AdamW lr 0.01, wd 1e-4, batch 512, `epochs` epochs, constant lr, no augmentation. Seeded; global RNG untouched."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=0.01, weight_decay=1e-4)
+    n, B = train_x.shape[0], min(512, train_x.shape[0])
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(n, generator=g)[: n // B * B].view(-1, B).to(train_x.device):
+                loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return (head(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def probe(model, probes: dict, args: Args, device, prefix: str = "probe/") -> dict[str, float]:
+    """Linear-probe accuracy of h for every target of the probe sets: {"probe/<target>": accuracy in [0, 1]}."""
+    result = {}
+    for name, (tr, te) in probes.items():
+        ftr, fte = embed(model, tr, device), embed(model, te, device)
+        ytr, yte = tr.targets[name].to(device), te.targets[name].to(device)
+        classes = int(max(ytr.max(), yte.max())) + 1
+        result[prefix + name] = linear_probe(ftr, ytr, fte, yte, args.probe_epochs, args.seed, classes)
+    return result
+
+
+def build_optimizer(model: nn.Module, args: Args) -> tuple[torch.optim.Optimizer, float]:
+    """LARS with square-root lr scaling (paper A.1; biases and norms get neither decay nor adaptation) or Adam (the
+    colab). Returns (optimizer, peak lr)."""
+    groups = common.param_groups(model, args.weight_decay)
+    if args.optimizer == "lars":
+        lr = args.base_lr * math.sqrt(args.batch_size)
+        return LARS(groups, lr=lr, momentum=args.momentum), lr
+    return torch.optim.Adam(groups, lr=args.base_lr), args.base_lr
+
+
+def check_args(args: Args) -> None:
+    """Clear one-line errors for settings that cannot work."""
+    if min(args.batch_size, args.log_every, args.ckpt_every, args.epochs) < 1:
+        raise ValueError("--batch-size, --log-every, --ckpt-every and --epochs must be >= 1")
+    if min(args.temperature, args.decoupled_temperature) <= 0:
+        raise ValueError("temperatures must be > 0")
+    if not 0 <= args.bits <= 62:
+        raise ValueError(f"--bits must be in 0..62 (one int64 per image), got {args.bits}")
+    if args.bits and args.dataset != "randbit":
+        raise ValueError("--bits only applies to --dataset randbit")
+    if args.dataset == "multidigits":
+        if not 1 <= args.num_digits <= GRID * GRID:
+            raise ValueError(f"--num-digits must be in 1..{GRID * GRID}, got {args.num_digits}")
+        if args.placement == "grid" and args.digit_size > args.canvas // GRID:
+            raise ValueError(f"--digit-size {args.digit_size} does not fit a grid cell of {args.canvas // GRID} px "
+                             f"(--canvas {args.canvas} / {GRID}); lower it or use --placement random")  # fmt: skip
+    if args.dataset.startswith("multidigits") and max(args.digit_size, args.large_size) > args.canvas:
+        raise ValueError(f"digits larger than the --canvas {args.canvas}")
+    if args.arch == "convnet" and input_size(args) < 15:
+        raise ValueError("the convnet needs inputs of >= 15 px")
+
+
+# ======================================================================================================================
+# Training loop
+# ======================================================================================================================
+
+
+def train(argv: list[str] | None = None) -> dict:
+    args = parse_args(Args, argv, PRESETS)
+    with usage_errors("contrastive_props.py"):  # bad input: one line, no traceback
+        check_args(args)
+    # --- boilerplate: ranks, seeds, run folder
+    info = setup_distributed(args.device)
+    dev = info.device
+    with usage_errors("contrastive_props.py"):
+        per_rank = batch_per_rank(args.batch_size, info.world_size)
+        t0 = time.perf_counter()
+        train_set, probes = build_sets(args)
+    run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
+    digits = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST (standing in for MNIST digits)",
+              "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}  # fmt: skip
+    digits = digits[args.digits]
+    uses_digits = args.dataset in ("multidigits", "multidigits_size", "digit_on")
+    print0(f"{args.dataset}: {len(train_set)} training images {tuple(train_set.images.shape[1:])}"
+           + (f", digits from {digits}" if uses_digits else f", base {args.base}")
+           + f", probes {list(probes)} (generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+
+    # --- data on the device; the views
+    data = ImageSet(train_set.images.to(dev), {}, bits=None if train_set.bits is None else train_set.bits.to(dev))
+    targets = (train_set.multi_hot if train_set.multi_hot is not None else next(iter(train_set.targets.values())))
+    targets = targets.to(dev)
+    augment = make_augment(args)
+    with usage_errors("contrastive_props.py"):  # a batch larger than the dataset
+        epoch_indices(len(train_set), 0, args.seed, info.rank, info.world_size, per_rank)
+    logger = RunLogger(run_dir, dict(dataclasses.asdict(args), digit_source=digits if uses_digits else None),
+                       info.is_main)  # fmt: skip
+
+    # --- model, optimizer (boilerplate)
+    seed_everything(args.seed)  # the same initial weights on every rank
+    model = build_model(args).to(dev)
+    if dev.type == "cuda":
+        model = common.convert_sync_batchnorm(model, info)
+    if info.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    seed_everything(args.seed + info.rank)
+    optimizer, peak_lr = build_optimizer(unwrap(model), args)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = max(args.epochs * steps_per_epoch, args.steps)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
+    step = 0
+    with usage_errors("contrastive_props.py"):
+        resume_path = resolve_resume(args.resume, run_dir)
+        if resume_path:
+            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
+    if resume_path:
+        print0(f"resumed from {resume_path} at step {step}")
+    what = args.loss if args.objective == "contrastive" else "supervised"
+    print0(f"{args.arch} on {args.dataset}, {what}: {info.world_size} x {per_rank} images/step, {steps_per_epoch} "
+           f"steps/epoch, {args.optimizer} peak lr {peak_lr:.3g}, steps {step} -> {stop_step}")  # fmt: skip
+
+    # --- the training loop (THE PART TO READ is generalized_contrastive_loss above)
+    model.train()
+    epoch, final, t_log = step // steps_per_epoch, {}, time.perf_counter()
+    while step < stop_step:
+        for b, x in train_batches(data, augment, epoch, step % steps_per_epoch, args.seed, info, per_rank):
+            set_lr(optimizer, lr := cosine_lr(step, total_steps, warmup_steps, peak_lr))
+            # W and the prior samples of the SWD losses: the same on every rank and after a resume
+            gen = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step)
+            terms = training_losses(model, x, targets[b], args, gen)
+            values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
+            check_finite(step, values)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            step += 1
+            last = step >= stop_step
+            # --- logging and checkpoints (boilerplate)
+            if step % args.log_every == 0 or last:
+                mean = common.all_reduce_mean(torch.tensor(list(values.values()), device=dev)).tolist()
+                ips = args.batch_size * (step % args.log_every or args.log_every) / (time.perf_counter() - t_log)
+                row = {f"loss/{k}": v for k, v in zip(values, mean)}
+                row.update({"lr": lr, "epoch": step / steps_per_epoch, "perf/images_per_s": ips})
+                logger.log(step, row)
+                final.update(row)
+                print0(f"step {step}/{stop_step} ep {epoch} " + " ".join(f"{k[5:]} {v:.4f}" for k, v in row.items()
+                       if k.startswith("loss/")) + f" lr {lr:.3g} {ips:.0f} img/s")  # fmt: skip
+                t_log = time.perf_counter()
+            if step % args.ckpt_every == 0 or last:
+                save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+            if last:
+                break
+        epoch += 1
+
+    # --- linear probes of the frozen representation (rank 0), and of the untrained network
+    if args.probe_epochs > 0 and info.is_main:
+        t0 = time.perf_counter()
+        final.update(probe(model, probes, args, dev))
+        if args.probe_untrained:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                fresh = build_model(args).to(dev)
+            final.update(probe(fresh, probes, args, dev, prefix="probe_untrained/"))
+        shown = {k: v for k, v in final.items() if k.startswith("probe")}
+        logger.log(step, shown)
+        with open(os.path.join(run_dir, "probe.json"), "w") as f:
+            json.dump({"step": step, **shown}, f, indent=2)
+        print0("linear probe: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+               + f" ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    if info.world_size > 1:
+        torch.distributed.barrier()
+    logger.close()
+    cleanup_distributed()
+    final["step"] = step
+    return final
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in STUDIES:
+        return run_study(argv[0], argv[1:])
+    return train(argv)
+
+
+# ======================================================================================================================
+# Studies (paper sections 3-4, Appendix B): one sub-command each, a fresh model per point, CSV + PNG
+# ======================================================================================================================
+
+
+@dataclass
+class StudyArgs:
+    """A study of the paper at a chosen scale: trains one model per point (or skips a point already in the CSV;
+    an interrupted point resumes from its run folder), probes it and its untrained twin, appends the rows to
+    <out>/<study>.csv and draws <out>/<study>.png (matplotlib, when installed)."""
+
+    scale: str = arg("tiny", "tiny: 2-core CPU, minutes (ConvNet, small sets) | paper: ResNet-18 as the paper (GPU)",
+                     ["tiny", "paper"])  # fmt: skip
+    out: str = arg("results", "folder of <study>.csv, <study>.png and the runs/ of every point")
+    values: str = arg("", "comma-separated values of the swept variable ('' = the scale's default sweep)")
+    temperatures: str = arg("", "comma-separated NT-Xent temperatures ('' = the scale's default)")
+    losses: str = arg("", "comma-separated losses (losses / randbit studies; '' = the scale's default)")
+    steps: int = arg(0, "training steps per point (0 = the scale's default; paper scale: whole epochs)")
+    seed: int = arg(0, "training seed of every point")
+    train_args: str = arg("", "extra training flags for every point, e.g. \"--digits fashion_mnist --device cuda\"")
+
+
+CSV_COLUMNS = ["study", "scale", "method", "temperature", "variable", "value", "target", "accuracy", "untrained",
+               "steps", "wall_s", "run"]  # fmt: skip
+
+# Per study: the swept variable (a training flag), the targets probed, and per scale the default sweep and the
+# training flags of every point. tiny: minutes on 2 CPU cores, nothing here is tuned; paper: the paper's setup
+# (sections 3-4: ResNet-18, 2-layer head, LARS) for GPUs, where the text still has its numbers.
+STUDY_SPECS = {
+    "losses": dict(variable="steps", plot_x="training steps", log_x=False, tiny=dict(values=[40, 160], flags=[
+        "--dataset", "plain", "--train-size", "10000", "--test-size", "2000"]),
+        paper=dict(values=[100, 200, 400, 800], flags=["--dataset", "plain", "--base", "cifar10",
+                                                       "--batch-size", "128"]), figure="Figure 1 / Table A.1"),
+    "multidigits": dict(variable="num_digits", plot_x="digits per training image", log_x=False,
+                        tiny=dict(values=[1, 4, 16], flags=["--dataset", "multidigits", "--train-size", "4000",
+                                                             "--test-size", "1000"]),
+                        paper=dict(values=[1, 2, 4, 8, 12, 16], flags=["--dataset", "multidigits", "--epochs", "100"]),
+                        figure="Table 3"),
+    "suppression-size": dict(variable="large_size", plot_x="side of the second digit (px)", log_x=False,
+                             tiny=dict(values=[10, 20, 40], flags=[
+                                 "--dataset", "multidigits_size", "--batch-size", "128", "--train-size", "4000",
+                                 "--test-size", "1000"]),
+                             paper=dict(values=[20, 30, 40, 50, 60, 70, 80], flags=[
+                                 "--dataset", "multidigits_size", "--batch-size", "1024", "--epochs", "100"]),
+                             figure="Table 4"),
+    "digit-on": dict(variable="unique_digits", plot_x="unique digits U", log_x=True,
+                     tiny=dict(values=[1, 100, 5000], flags=["--dataset", "digit_on", "--train-size", "5000",
+                                                              "--test-size", "2000"]),
+                     paper=dict(values=[1, 10, 100, 1000, 10000, 60000], flags=[
+                         "--dataset", "digit_on", "--base", "stl10", "--image-size", "64", "--digit-size", "16",
+                         "--epochs", "100"]), figure="Figure 6"),
+    "randbit": dict(variable="bits", plot_x="random bits", log_x=False,
+                    tiny=dict(values=[0, 2, 8, 16], flags=["--dataset", "randbit", "--train-size", "5000",
+                                                                  "--test-size", "2000"]),
+                    paper=dict(values=[0, 1, 2, 4, 8, 16, 24], flags=["--dataset", "randbit", "--base", "cifar10",
+                                                                       "--epochs", "100"]), figure="Figure 7"),
+}  # fmt: skip
+TINY_STEPS = {"losses": 0, "multidigits": 60, "suppression-size": 60, "digit-on": 80, "randbit": 80}
+DEFAULT_TEMPERATURES = {"tiny": [0.2], "paper": [0.2]}
+
+
+def _split(text: str, kind=str) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def study_points(study: str, sa: StudyArgs) -> list[tuple[dict, list[str]]]:
+    """(CSV key, training argv) of every point of a study, in the order they run."""
+    spec, scale = STUDY_SPECS[study], sa.scale
+    values = _split(sa.values, int) or spec[scale]["values"]
+    temps = _split(sa.temperatures, float) or ({"randbit": [0.1, 0.5], "suppression-size": [0.1, 0.5]}.get(study)
+                                              or DEFAULT_TEMPERATURES[scale])  # fmt: skip
+    if study == "losses":
+        methods = [(loss, None) for loss in (_split(sa.losses) or LOSSES)]
+    elif study == "randbit":
+        losses = _split(sa.losses) or ["ntxent"]  # Appendix B.1: other losses suppress too (their own defaults)
+        methods = [(loss, t) for loss in losses for t in (temps if loss == "ntxent" else [None])]
+    elif study in ("multidigits", "suppression-size"):
+        methods = [("ntxent", t) for t in temps] + [("supervised", None)]
+    else:
+        methods = [("ntxent", t) for t in temps]
+    base = ["--preset", "tiny" if scale == "tiny" else "paper", *spec[scale]["flags"], "--seed", str(sa.seed),
+            "--probe-untrained", "--output-dir", os.path.join(sa.out, "runs")]  # fmt: skip
+    steps = sa.steps or (TINY_STEPS[study] if scale == "tiny" else 0)
+    points = []
+    placements = ["random", "grid"] if study == "multidigits" else [None]
+    for method, t in methods:
+        for placement in placements:
+            for v in values:
+                argv = list(base)
+                if method == "supervised":
+                    argv += ["--objective", "supervised"]
+                else:
+                    argv += ["--loss", method] + (["--temperature", str(t)] if t is not None else [])
+                if study == "losses":
+                    argv += ["--steps", str(v)] if scale == "tiny" else ["--epochs", str(v)]
+                else:
+                    argv += [f"--{spec['variable'].replace('_', '-')}", str(v)]
+                    argv += ["--steps", str(steps)] if steps else []
+                if placement:
+                    argv += ["--placement", placement]
+                label = "simclr" if method == "ntxent" and study != "losses" else method
+                label += f" ({placement})" if placement else ""
+                run = f"{study}_{scale}_{label.replace(' ', '').replace('(', '_').replace(')', '')}"
+                run += (f"_t{t:g}" if t is not None else "") + f"_{spec['variable']}{v}_s{sa.seed}"
+                key = {"study": study, "scale": scale, "method": label, "temperature": "" if t is None else t,
+                       "variable": spec["variable"], "value": v, "run": run}  # fmt: skip
+                points.append((key, argv + ["--run-name", run] + sa.train_args.split()))
+    return points
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_study(study: str, argv: list[str]) -> list[dict]:
+    """Run (or continue) a study: points already in <out>/<study>.csv are skipped; returns all rows of the CSV."""
+    sa = parse_args(StudyArgs, argv)
+    os.makedirs(sa.out, exist_ok=True)
+    path = os.path.join(sa.out, f"{study.replace('-', '_')}.csv")
+    done = {r["run"] for r in read_rows(path)}
+    points = study_points(study, sa)
+    print(f"{study} ({STUDY_SPECS[study]['figure']}), scale {sa.scale}: {len(points)} points, "
+          f"{sum(k['run'] in done for k, _ in points)} already in {path}")  # fmt: skip
+    for i, (key, train_argv) in enumerate(points):
+        if key["run"] in done:
+            continue
+        print(f"[{i + 1}/{len(points)}] {key['method']} t={key['temperature']} {key['variable']}={key['value']}")
+        t0 = time.perf_counter()
+        result = train(train_argv)
+        wall = time.perf_counter() - t0
+        rows = [{**key, "target": k.split("/")[1], "accuracy": round(v, 4),
+                 "untrained": round(result.get(f"probe_untrained/{k.split('/')[1]}", float("nan")), 4),
+                 "steps": result["step"], "wall_s": round(wall, 1)}
+                for k, v in result.items() if k.startswith("probe/")]  # fmt: skip
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank trains; rank 0 writes
+            continue
+        new_file = not os.path.exists(path)
+        with open(path, "a", newline="") as f:  # one run's rows at once: a killed sweep leaves whole points
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+    rows = read_rows(path)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return rows
+    print(format_rows(rows))
+    plot_study(study, rows, os.path.join(sa.out, f"{study.replace('-', '_')}.png"))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'method':<22} {'temp':>5} {'variable':>13} {'value':>6} {'target':>7} {'acc':>7} {'untrained':>9} "
+             f"{'steps':>6} {'wall_s':>7}"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r['method']:<22} {r['temperature']:>5} {r['variable']:>13} {r['value']:>6} {r['target']:>7} "
+                     f"{float(r['accuracy']):>7.3f} {float(r['untrained']):>9.3f} {r['steps']:>6} {r['wall_s']:>7}")
+    return "\n".join(lines)
+
+
+def plot_study(study: str, rows: list[dict], path: str) -> bool:
+    """Accuracy vs the swept variable, one panel per probe target, one line per method / temperature, the untrained
+    network dashed (as Figure 7's random-network line). Returns False (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not drawn (pip install matplotlib, then rerun the same command: "
+              f"finished points are read from the CSV)")  # fmt: skip
+        return False
+    spec = STUDY_SPECS[study]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        sel = [r for r in rows if r["target"] == target]
+        for label in dict.fromkeys((r["method"], r["temperature"]) for r in sel):
+            pts = sorted((float(r["value"]), float(r["accuracy"])) for r in sel
+                         if (r["method"], r["temperature"]) == label)  # fmt: skip
+            name = label[0] + (f", t={label[1]}" if label[1] else "")
+            ax.plot(*zip(*pts), marker="o", label=name)
+        base = {}
+        for r in sel:
+            base.setdefault(float(r["value"]), []).append(float(r["untrained"]))
+        xs = sorted(base)
+        ax.plot(xs, [sum(base[x]) / len(base[x]) for x in xs], "k--", label="untrained network")
+        ax.set_xscale("log" if spec["log_x"] else "linear")
+        ax.set(xlabel=spec["plot_x"], ylabel=f"linear probe accuracy ({target})", title=f"{study}: {target}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study} (paper {spec['figure']}), scale {rows[0]['scale'] if rows else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
+STUDIES = tuple(STUDY_SPECS)
+
+
+if __name__ == "__main__":
+    main()
