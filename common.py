@@ -2081,8 +2081,9 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
     """Build an argparse parser from a dataclass (each field -> --field-name with its help text and default),
     parse argv, and return an instance. `presets` maps a field name (e.g. "preset" or "arch") to
     {value: {field: value, ...}}: when the chosen value has an entry, those fields take its value unless given
-    on the command line. Precedence: explicit flag > first level ("preset") > later levels ("arch") > dataclass
-    default; the first level may choose the value of a later one (a preset picks its arch). What each level set
+    on the command line. Precedence: explicit flag > first level > later levels > dataclass default (the methods
+    list "preset" before "arch": a preset wins over the arch's entry); a level may choose the value of a later one
+    (a preset picks its arch). What each level set
     is printed (rank 0) and kept in args.presets_applied (written to args.json, not to checkpoints)."""
     presets = presets or {}
     hints = typing.get_type_hints(cls)
@@ -2140,7 +2141,10 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
     args.presets_applied = {k: v for k, v in reversed(applied.items()) if v}
     if os.environ.get("RANK", "0") == "0":
         for level, table in args.presets_applied.items():
-            print(f"--{level.replace('_', '-')} sets " + ", ".join(f"{n}={v}" for n, v in table.items()), flush=True)
+            key, value = level.split("=", 1)
+            print(
+                f"--{key.replace('_', '-')}={value} sets " + ", ".join(f"{n}={v}" for n, v in table.items()), flush=True
+            )
         if kept:
             print("explicit flags win over presets: " + ", ".join(f"{n}={v}" for n, v in kept.items()), flush=True)
     return args
@@ -2456,15 +2460,17 @@ class Throughput:
 
 
 class RunLogger:
-    """The run folder (rank 0): args.json (with what the presets set), metrics.jsonl (one JSON object per row) and
-    TensorBoard events when the optional tensorboard package is installed; and the training progress line.
+    """The run folder (rank 0): args.json (with what the presets set and the method's `notes`), metrics.jsonl
+    (one JSON object per row) and TensorBoard events when the optional tensorboard package is installed; and the
+    training progress line.
 
     step(step, terms, lr, epoch, images) after every optimizer step counts the global images; on logging steps
     (every args.log_every steps and at stop_step) it averages the loss terms over the ranks (a collective: every rank
     calls it), computes images/s and MFU since the last log, writes the row and prints
     `step s/S ep e | loss/total ... | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
 
-    def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int):
+    def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int,
+                 notes: dict | None = None):  # fmt: skip
         self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
         self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
         self.meter = Throughput(stop_step, start_step)
@@ -2473,7 +2479,8 @@ class RunLogger:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             saved = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-            json.dump({**saved, "presets_applied": getattr(args, "presets_applied", {})}, f, indent=2)
+            saved.update(presets_applied=getattr(args, "presets_applied", {}), **(notes or {}))
+            json.dump(saved, f, indent=2)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -111,28 +111,6 @@ import torch.nn.functional as F
 import torchvision
 
 import common
-from common import (
-    LARS,
-    RunLogger,
-    arg,
-    batch_per_rank,
-    check_finite,
-    cleanup_distributed,
-    cosine_lr,
-    epoch_indices,
-    gather_with_grad,
-    load_training_state,
-    normalize,
-    parse_args,
-    print0,
-    resolve_resume,
-    save_training_state,
-    seed_everything,
-    set_lr,
-    setup_distributed,
-    unwrap,
-    usage_errors,
-)
 
 METHOD = "contrastive_props"
 LOSSES = ["ntxent", "decoupled", "swd_normal", "swd_sphere", "swd_cube"]
@@ -145,81 +123,87 @@ class Args:
     CIFAR-scale setup (ResNet-18, 2-layer head to 64, LARS with sqrt scaling); --preset tiny: the colab's ConvNet."""
 
     # --- experiment
-    run_name: str = arg("", "run folder name under --output-dir (default: contrastive_props_<dataset>_<arch>_s<seed>)")
-    output_dir: str = arg("runs", "where run folders are written")
-    seed: int = arg(0, "random seed (model init, data order, augmentation; each rank adds its rank)")
-    data_seed: int = arg(0, "seed of the generated datasets (digit placement, assignments, random bits)")
-    device: str = arg("auto", "auto (CUDA when available) | cuda | cpu")
-    resume: str = arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs); more than the epochs hold extends the "
-                        "LR schedule to end at this step")
-    preset: str = arg("paper", "bundle of defaults: paper (paper A.1, ResNet-18) | tiny (CPU: colab ConvNet, Adam)",
-                      ["paper", "tiny"])  # fmt: skip
+    run_name: str = common.arg(
+        "", "run folder name under --output-dir (default: contrastive_props_<dataset>_<arch>_s<seed>)"
+    )
+    output_dir: str = common.arg("runs", "where run folders are written")
+    seed: int = common.arg(0, "random seed (model init, data order, augmentation; each rank adds its rank)")
+    data_seed: int = common.arg(0, "seed of the generated datasets (digit placement, assignments, random bits)")
+    device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
+    resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    steps: int = common.arg(
+        0,
+        "stop after this many optimizer steps (0 = all epochs); more than the epochs hold extends the "
+        "LR schedule to end at this step",
+    )
+    preset: str = common.arg("paper", "a named group of defaults (see PRESETS): paper (A.1, ResNet-18) | tiny (CPU)",
+                             ["paper", "tiny"])  # fmt: skip
     # --- data
-    dataset: str = arg("randbit", "multidigits | multidigits_size | digit_on | randbit | plain", DATASETS)
-    base: str = arg("cifar10", "base images of digit_on / randbit / plain: a common.py dataset name (imagefolder too)")
-    digits: str = arg("mnist", "digit source: mnist (disk or --download) | fashion_mnist | drawn (procedural)",
+    dataset: str = common.arg("randbit", "multidigits | multidigits_size | digit_on | randbit | plain", DATASETS)
+    base: str = common.arg(
+        "cifar10", "base images of digit_on / randbit / plain: a common.py dataset name (imagefolder too)"
+    )
+    digits: str = common.arg("mnist", "digit source: mnist (disk or --download) | fashion_mnist | drawn (procedural)",
                       ["mnist", "fashion_mnist", "drawn"])  # fmt: skip
-    data_root: str = arg("data", "dataset root folder")
-    download: bool = arg(False, "download missing datasets (torchvision)")
-    image_size: int = arg(32, "input size for digit_on / randbit / plain (the MultiDigits sets use --canvas)")
-    canvas: int = arg(112, "MultiDigits canvas side (paper 3.1 / 4.3: 112)")
-    digit_size: int = arg(20, "digit side: MultiDigits digits and the fixed digit of multidigits_size (20); digit_on")
-    num_digits: int = arg(1, "multidigits: digits per training image (paper Table 3: 1, 2, 4, 8, 12, 16)")
-    placement: str = arg("random", "multidigits: random | grid (4 x 4 cells, one digit per cell)", ["random", "grid"])
-    large_size: int = arg(40, "multidigits_size: side of the second digit (paper Table 4: 20, 30, ..., 80)")
-    unique_digits: int = arg(100, "digit_on: U, number of distinct digit images assigned to the base images")
-    composite: str = arg("add", "digit_on: add (paper: channel addition, clipped) | max (colab)", ["add", "max"])
-    bits: int = arg(0, "randbit: constant bit channels of a per-image random integer in [0, 2^bits)")
-    train_size: int = arg(0, "training images to generate (0 = the size of the digit / base training split)")
-    test_size: int = arg(0, "held-out probe images (0 = the size of the test split)")
-    augment: str = arg("simclr", "view of randbit / digit_on / plain: simclr (full) | crop (colab, area 0.5-1)",
+    data_root: str = common.arg("data", "dataset root folder")
+    download: bool = common.arg(False, "download missing datasets (torchvision)")
+    image_size: int = common.arg(32, "input size for digit_on / randbit / plain (the MultiDigits sets use --canvas)")
+    canvas: int = common.arg(112, "MultiDigits canvas side (paper 3.1 / 4.3: 112)")
+    digit_size: int = common.arg(
+        20, "digit side: MultiDigits digits and the fixed digit of multidigits_size (20); digit_on"
+    )
+    num_digits: int = common.arg(1, "multidigits: digits per training image (paper Table 3: 1, 2, 4, 8, 12, 16)")
+    placement: str = common.arg(
+        "random", "multidigits: random | grid (4 x 4 cells, one digit per cell)", ["random", "grid"]
+    )
+    large_size: int = common.arg(40, "multidigits_size: side of the second digit (paper Table 4: 20, 30, ..., 80)")
+    unique_digits: int = common.arg(100, "digit_on: U, number of distinct digit images assigned to the base images")
+    composite: str = common.arg("add", "digit_on: add (paper: channel addition, clipped) | max (colab)", ["add", "max"])
+    bits: int = common.arg(0, "randbit: constant bit channels of a per-image random integer in [0, 2^bits)")
+    train_size: int = common.arg(0, "training images to generate (0 = the size of the digit / base training split)")
+    test_size: int = common.arg(0, "held-out probe images (0 = the size of the test split)")
+    augment: str = common.arg("simclr", "view of randbit / digit_on / plain: simclr (full) | crop (colab, area 0.5-1)",
                        ["simclr", "crop"])  # fmt: skip
-    crop_min_scale: float = arg(0.08, "min crop area of the simclr view and of the MultiDigits crops (SimCLR: 0.08)")
-    jitter_strength: float = arg(0.5, "color jitter strength s (SimCLR CIFAR-10: 0.5)")
+    crop_min_scale: float = common.arg(
+        0.08, "min crop area of the simclr view and of the MultiDigits crops (SimCLR: 0.08)"
+    )
+    jitter_strength: float = common.arg(0.5, "color jitter strength s (SimCLR CIFAR-10: 0.5)")
     # --- model
-    arch: str = arg("resnet18", "resnet18 (CIFAR stem at <= 32 px) | convnet (the colab's)", ["resnet18", "convnet"])
-    width: int = arg(1, "convnet width multiplier (colab width_mult)")
-    proj_hidden: int = arg(0, "projection head hidden width (0 = backbone width; 256 for the convnet as the colab)")
-    proj_dim: int = arg(64, "projection output d (paper A.1: 64 for CIFAR-10, 128 for ImageNet)")
+    arch: str = common.arg(
+        "resnet18", "resnet18 (CIFAR stem at <= 32 px) | convnet (the colab's)", ["resnet18", "convnet"]
+    )
+    width: int = common.arg(1, "convnet width multiplier (colab width_mult)")
+    proj_hidden: int = common.arg(
+        0, "projection head hidden width (0 = backbone width; 256 for the convnet as the colab)"
+    )
+    proj_dim: int = common.arg(64, "projection output d (paper A.1: 64 for CIFAR-10, 128 for ImageNet)")
     # --- optimization
-    optimizer: str = arg("lars", "lars (paper A.1, sqrt lr scaling) | adam (colab)", ["lars", "adam"])
-    epochs: int = arg(200, "training epochs (paper Figure 1: 100-800)")
-    batch_size: int = arg(512, "GLOBAL batch of images (2 views each), split over ranks")
-    base_lr: float = arg(0.075, "LARS: lr = base_lr * sqrt(batch) (SimCLR ImageNet 0.075); adam: lr = base_lr")
-    warmup_epochs: int = arg(10, "linear warmup epochs (SimCLR: 10)")
-    weight_decay: float = arg(1e-6, "weight decay (SimCLR tf2 default 1e-6; LARS skips biases and norms)")
-    momentum: float = arg(0.9, "LARS momentum")
-    amp: bool = arg(True, "bf16 autocast for the networks where the hardware runs bf16 natively (losses stay fp32)")
+    optimizer: str = common.arg("lars", "lars (paper A.1, sqrt lr scaling) | adam (colab)", ["lars", "adam"])
+    epochs: int = common.arg(200, "training epochs (paper Figure 1: 100-800)")
+    batch_size: int = common.arg(512, "GLOBAL batch of images (2 views each), split over ranks")
+    base_lr: float = common.arg(0.075, "LARS: lr = base_lr * sqrt(batch) (SimCLR ImageNet 0.075); adam: lr = base_lr")
+    warmup_epochs: int = common.arg(10, "linear warmup epochs (SimCLR: 10)")
+    weight_decay: float = common.arg(1e-6, "weight decay (SimCLR tf2 default 1e-6; LARS skips biases and norms)")
+    momentum: float = common.arg(0.9, "LARS momentum")
+    amp: bool = common.arg(
+        True, "bf16 autocast for the networks where the hardware runs bf16 natively (losses stay fp32)"
+    )
     # --- method
-    objective: str = arg("contrastive", "contrastive | supervised (same net and views, Tables 3-4 baseline)",
+    objective: str = common.arg("contrastive", "contrastive | supervised (same net and views, Tables 3-4 baseline)",
                          ["contrastive", "supervised"])  # fmt: skip
-    loss: str = arg("ntxent", "ntxent | decoupled | swd_normal | swd_sphere | swd_cube (paper Table 1)", LOSSES)
-    temperature: float = arg(0.5, "NT-Xent tau (SimCLR CIFAR-10: 0.5; paper Fig 7 / colab sweep 0.05-0.2)")
-    decoupled_temperature: float = arg(0.2, "decoupled NT-Xent: kernel temperature tau of the LogSumExp term")
-    decoupled_lambda: float = arg(0.003, "decoupled NT-Xent: weight lambda of the distribution term (~ tau / d)")
-    swd_lambda: float = arg(1.0, "SWD losses: weight lambda of the distribution term (colab default 1)")
-    loss_scale: float = arg(1.0, "multiply the generalized loss (paper A.1 mentions 1000 for normalized h; unverified)")
+    loss: str = common.arg("ntxent", "ntxent | decoupled | swd_normal | swd_sphere | swd_cube (paper Table 1)", LOSSES)
+    temperature: float = common.arg(0.5, "NT-Xent tau (SimCLR CIFAR-10: 0.5; paper Fig 7 / colab sweep 0.05-0.2)")
+    decoupled_temperature: float = common.arg(0.2, "decoupled NT-Xent: kernel temperature tau of the LogSumExp term")
+    decoupled_lambda: float = common.arg(0.003, "decoupled NT-Xent: weight lambda of the distribution term (~ tau / d)")
+    swd_lambda: float = common.arg(1.0, "SWD losses: weight lambda of the distribution term (colab default 1)")
+    loss_scale: float = common.arg(
+        1.0, "multiply the generalized loss (paper A.1 mentions 1000 for normalized h; unverified)"
+    )
     # --- logging / probing
-    log_every: int = arg(20, "log every N steps")
-    ckpt_every: int = arg(1000, "checkpoint every N steps (and at the end)")
-    probe_epochs: int = arg(100, "linear probe epochs at the end of training (GCRL protocol: 100); 0 = no probe")
-    probe_untrained: bool = arg(False, "also probe the same architecture untrained (seeded), for the baseline")
-
-
-PRESETS = {
-    "preset": {
-        "paper": {},  # the dataclass defaults are paper A.1's CIFAR-scale setup
-        # CPU runs (nothing here is a recommendation): the colab's ConvNet, Adam 1e-3 (randbits_mnist.ipynb), small
-        # generated sets, procedural digits (the machine has no MNIST), half-size MultiDigits canvases.
-        "tiny": dict(arch="convnet", optimizer="adam", base_lr=1e-3, warmup_epochs=0, weight_decay=0.0,
-                     batch_size=256, epochs=5, base="fashion_mnist", digits="drawn", image_size=28, canvas=56,
-                     digit_size=10, large_size=20, train_size=5000, test_size=2000, temperature=0.2,
-                     log_every=10, probe_epochs=50),  # fmt: skip
-    },
-    # digit_on: 9 digits must fit; 8 px digits at 32 px (the colab: 28 px digits at 224)
-    "dataset": {"digit_on": dict(digit_size=8, image_size=32)},
-}
+    log_every: int = common.arg(20, "log every N steps")
+    ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    probe_epochs: int = common.arg(100, "linear probe epochs at the end of training (GCRL protocol: 100); 0 = no probe")
+    probe_untrained: bool = common.arg(False, "also probe the same architecture untrained (seeded), for the baseline")
 
 
 # ======================================================================================================================
@@ -244,7 +228,7 @@ def ntxent_terms(h1: torch.Tensor, h2: torch.Tensor, temperature: float) -> dict
     n = h1.shape[0]
     u = F.normalize(_f32(torch.cat([h1, h2])), dim=1)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    candidates = gather_with_grad(u)  # (2n * world, d)
+    candidates = common.gather_with_grad(u)  # (2n * world, d)
     logits = u @ candidates.T / temperature
     self_col = rank * 2 * n + torch.arange(2 * n, device=u.device)
     logits = logits.masked_fill(F.one_hot(self_col, logits.shape[1]).bool(), float("-inf"))
@@ -260,7 +244,7 @@ def decoupled_terms(h1, h2, temperature: float, lam: float) -> dict[str, torch.T
     u1, u2 = F.normalize(_f32(h1), dim=1), F.normalize(_f32(h2), dim=1)
     u = torch.cat([u1, u2])
     align = (u1 - u2).pow(2).mean() / 2
-    dist = torch.logsumexp(u @ gather_with_grad(u).T / temperature, dim=1).mean() - math.log(u.shape[1])
+    dist = torch.logsumexp(u @ common.gather_with_grad(u).T / temperature, dim=1).mean() - math.log(u.shape[1])
     return {"align": align, "distribution": dist, "total": align + lam * dist}
 
 
@@ -289,7 +273,7 @@ def swd_terms(h1, h2, prior: str, lam: float, projection=None, prior_samples=Non
     if prior == "sphere":
         h1, h2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
     align = (h1 - h2).pow(2).mean() / 2
-    hidden = gather_with_grad(torch.cat([h1, h2]))  # (2N, d): the distribution term sees the global batch
+    hidden = common.gather_with_grad(torch.cat([h1, h2]))  # (2N, d): the distribution term sees the global batch
     d = hidden.shape[1]
     w = projection if projection is not None else random_orthogonal(d, generator, hidden.device)
     p = prior_samples if prior_samples is not None else sample_prior(prior, hidden.shape, generator, hidden.device)
@@ -394,45 +378,51 @@ def build_model(args: Args) -> ContrastiveModel:
 NUM_CLASSES_DEFAULT = 10  # every base dataset the studies use (CIFAR-10, STL-10, Fashion-MNIST, digits) has 10
 
 
-def model_input(images: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
-    """images float (B, 3, S, S) in [0, 1], bits (B, n_bits) 0/1 or None -> network input (B, 3 + n_bits, S, S):
-    standardized RGB, then one constant channel per bit (never augmented)."""
-    x = normalize(images.float())
+def with_bits(images: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
+    """images float (B, 3, S, S) in [0, 1], bits (B, n_bits) 0/1 or None -> (B, 3 + n_bits, S, S): one constant
+    channel per bit appended (never augmented). A RandBit model's input image IS this tensor."""
     if bits is None or bits.shape[1] == 0:
-        return x
-    return torch.cat([x, bits.float()[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+        return images.float()
+    return torch.cat([images.float(), bits.float()[:, :, None, None].expand(-1, -1, *images.shape[-2:])], dim=1)
+
+
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3 + n_bits, S, S) -> network input: the RGB channels standardized, the bit channels as they are (0 / 1)."""
+    x = images.float()
+    return torch.cat([common.normalize(x[:, :3]), x[:, 3:]], dim=1)
 
 
 @torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, bits=None) -> torch.Tensor:
-    """Frozen representation h (eval mode: BatchNorm running statistics): images float (B, 3, S, S) in [0, 1] ->
-    (B, D) float32. layer=i: global-average-pooled output of block i (ConvNet blocks 0..2, ResNet stages 0..3).
-    A RandBit model (3 + bits input channels) needs bits (B, n_bits); 3-channel images alone are refused."""
-    model = unwrap(model)
-    if model.in_channels > 3 and (bits is None or bits.shape[1] != model.in_channels - 3):
+def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, pool: str | None = None):
+    """Frozen representation h (eval mode: BatchNorm running statistics): images float (B, C, S, S) in [0, 1] with
+    C = 3, or 3 + n_bits for a RandBit model (with_bits: the bit channels are part of its input) -> (B, D) float32.
+    layer=i: the global-average-pooled output of block i (ConvNet blocks 0..2, ResNet stages 0..3); pool "mean"."""
+    model = common.unwrap(model)
+    if (pool or "mean") != "mean":
+        raise ValueError(f"unknown pool '{pool}': the representation is global-average-pooled")
+    if images.shape[1] != model.in_channels:
         n_bits = model.in_channels - 3
-        raise ValueError(f"this model takes 3 + {n_bits} bit channels: pass bits (B, {n_bits})")
+        raise ValueError(f"this model takes 3 + {n_bits} bit channels, got {images.shape[1]}: append the bits to the "
+                         f"images (contrastive_props.with_bits)")  # fmt: skip
     n_layers = num_feature_layers(model)
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range: the backbone has {n_layers} feature layers (0..{n_layers - 1})")
-    was_training = model.training
-    model.eval()
-    x, net = model_input(images, bits), model.backbone
-    if layer is None:
-        out = net(x)
-    elif model.is_resnet:
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        for stage in (net.layer1, net.layer2, net.layer3, net.layer4)[: layer + 1]:
-            x = stage(x)
-        out = x.mean(dim=(2, 3))
-    else:
-        out = net(x, layer)
-    model.train(was_training)
+    x, net = model_input(images), model.backbone
+    with common.eval_mode(model):
+        if layer is None:
+            out = net(x)
+        elif model.is_resnet:
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            for stage in (net.layer1, net.layer2, net.layer3, net.layer4)[: layer + 1]:
+                x = stage(x)
+            out = x.mean(dim=(2, 3))
+        else:
+            out = net(x, layer)
     return out.float()
 
 
 def num_feature_layers(model: nn.Module) -> int:
-    return 4 if unwrap(model).is_resnet else 3
+    return 4 if common.unwrap(model).is_resnet else 3
 
 
 # ======================================================================================================================
@@ -645,8 +635,9 @@ def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet
     if args.dataset == "digit_on":
         (dtr, ltr), (dte, lte) = digit_split(args, True), digit_split(args, False)
         if not 1 <= args.unique_digits <= len(dtr):
-            raise ValueError(f"--unique-digits must be in 1..{len(dtr)} (the digit training split), "
-                             f"got {args.unique_digits}")
+            raise ValueError(
+                f"--unique-digits must be in 1..{len(dtr)} (the digit training split), got {args.unique_digits}"
+            )
         # each base image gets one of the first U training digits (colab: the first 16), every one of them used
         assign = (torch.arange(ntr) % args.unique_digits)[torch.randperm(ntr, generator=g[0])]
         train = digit_on(btr, ytr, dtr, ltr, assign, args.digit_size, args.composite)
@@ -686,13 +677,13 @@ def two_views(images, bits, augment) -> torch.Tensor:
     """Network input of one batch: images uint8 (B, C, S, S), bits (B, n_bits) 0/1 or None -> (2B, 3 + n_bits, S, S),
     view-1 rows then view-2 rows. Only the RGB channels are augmented (independently per view); the bit channels are
     appended unchanged, so both views of an image carry the same bits (paper 4.1)."""
-    return torch.cat([model_input(augment(images), bits), model_input(augment(images), bits)])
+    return torch.cat([model_input(with_bits(augment(images), bits)), model_input(with_bits(augment(images), bits))])
 
 
 def train_batches(data: ImageSet, augment, epoch: int, start_step: int, seed: int, info, per_rank: int):
     """This rank's batches of one epoch from step start_step on: (indices (B,), network input (2B, C, S, S)). The
     order is common.epoch_indices (seeded by (seed, epoch)), so a resumed run sees the batches it would have seen."""
-    idx = epoch_indices(len(data), epoch, seed, info.rank, info.world_size, per_rank).to(data.images.device)
+    idx = common.epoch_indices(len(data), epoch, seed, info.rank, info.world_size, per_rank).to(data.images.device)
     for b in idx[start_step * per_rank :].split(per_rank):
         bits = data.bits[b] if data.bits is not None and data.bits.shape[1] else None
         yield b, two_views(data.images[b], bits, augment)
@@ -720,22 +711,21 @@ def embed(model, part: ImageSet, device, batch: int = 500) -> torch.Tensor:
     for s in range(0, len(part), batch):
         x = common.to_float_rgb(part.images[s : s + batch].to(device))
         bits = part.bits[s : s + batch].to(device) if part.bits is not None and part.bits.shape[1] else None
-        out.append(features(model, x, bits=bits))
+        out.append(features(model, with_bits(x, bits)))
     return torch.cat(out)
 
 
 def eval_batches(args: Args, split: str, batch_size: int, device, target: str = ""):
-    """Probe data for an outside evaluator (proposed eval_probe.py hook; see README): un-augmented batches of the probe
-    set of `target` (default: the first of the dataset: digit, small, rgb) -> (images float (B, 3, S, S) in [0, 1],
-    labels (B,), {"bits": (B, n_bits)} or {} to pass to features)."""
+    """eval_probe.py's hook for datasets that only this file can build: un-augmented batches of the probe set of
+    `target` (default: the dataset's first: digit, small or rgb), split "train" or "test" -> (images float
+    (B, 3 [+ n_bits], S, S) in [0, 1], the model's input format (with_bits), labels (B,))."""
     _, probes = build_sets(args)
     target = target or next(iter(probes))
     part = probes[target][0 if split == "train" else 1]
     for s in range(0, len(part), batch_size):
         x = common.to_float_rgb(part.images[s : s + batch_size].to(device))
-        has_bits = part.bits is not None and part.bits.shape[1] > 0
-        extra = {"bits": part.bits[s : s + batch_size].to(device)} if has_bits else {}
-        yield x, part.targets[target][s : s + batch_size].to(device), extra
+        bits = part.bits[s : s + batch_size].to(device) if part.bits is not None and part.bits.shape[1] else None
+        yield with_bits(x, bits), part.targets[target][s : s + batch_size].to(device)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0, num_classes: int = 10) -> float:
@@ -768,13 +758,38 @@ def probe(model, probes: dict, args: Args, device, prefix: str = "probe/") -> di
     return result
 
 
+def monitors(model: nn.Module, probes: dict, args: Args, step: int, run_dir: str) -> dict:
+    """At the end of training: the linear-probe accuracy of every target ("probe/<target>") and, with
+    --probe-untrained, of the same architecture untrained (seeded; "probe_untrained/<target>"); also probe.json."""
+    device = next(common.unwrap(model).parameters()).device
+    result = probe(model, probes, args, device)
+    if args.probe_untrained:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            fresh = build_model(args).to(device)
+        result.update(probe(fresh, probes, args, device, prefix="probe_untrained/"))
+    with open(os.path.join(run_dir, "probe.json"), "w") as f:
+        json.dump({"step": step, **result}, f, indent=2)
+    return result
+
+
+def digit_source(args: Args) -> str | None:
+    """What the digits of this run are (printed and saved in args.json; nothing switches silently), None when the
+    dataset has no digits."""
+    if args.dataset not in ("multidigits", "multidigits_size", "digit_on"):
+        return None
+    names = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST (standing in for MNIST digits)",
+             "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}  # fmt: skip
+    return names[args.digits]
+
+
 def build_optimizer(model: nn.Module, args: Args) -> tuple[torch.optim.Optimizer, float]:
     """LARS with square-root lr scaling (paper A.1; biases and norms get neither decay nor adaptation) or Adam (the
     colab). Returns (optimizer, peak lr)."""
     groups = common.param_groups(model, args.weight_decay)
     if args.optimizer == "lars":
         lr = args.base_lr * math.sqrt(args.batch_size)
-        return LARS(groups, lr=lr, momentum=args.momentum), lr
+        return common.LARS(groups, lr=lr, momentum=args.momentum), lr
     return torch.optim.Adam(groups, lr=args.base_lr), args.base_lr
 
 
@@ -801,125 +816,108 @@ def check_args(args: Args) -> None:
 
 
 # ======================================================================================================================
-# Training loop
+# Presets and the training loop
 # ======================================================================================================================
 
+# Values a named group sets unless given on the command line (printed at startup, saved in args.json).
+PRESETS = {
+    # digit_on: 9 digits must fit; 8 px digits at 32 px (the colab: 28 px digits at 224). The dataset's entry comes
+    # first: it wins over the preset's sizes.
+    "dataset": {"digit_on": dict(digit_size=8, image_size=32)},
+    "preset": {
+        "paper": {},  # the dataclass defaults are paper A.1's CIFAR-scale setup
+        # CPU runs (nothing here is a recommendation): the colab's ConvNet, Adam 1e-3 (randbits_mnist.ipynb), small
+        # generated sets, procedural digits (the machine has no MNIST), half-size MultiDigits canvases.
+        "tiny": dict(
+            arch="convnet",
+            optimizer="adam",
+            base_lr=1e-3,
+            warmup_epochs=0,
+            weight_decay=0.0,
+            batch_size=256,
+            epochs=5,
+            base="fashion_mnist",
+            digits="drawn",
+            image_size=28,
+            canvas=56,
+            digit_size=10,
+            large_size=20,
+            train_size=5000,
+            test_size=2000,
+            temperature=0.2,
+            log_every=10,
+            probe_epochs=50,
+        ),  # fmt: skip
+    },
+}
 
-def train(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv, PRESETS)
-    with usage_errors("contrastive_props.py"):  # bad input: one line, no traceback
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in STUDIES:  # `contrastive_props.py <study> ...`: the paper's studies (below)
+        return run_study(argv[0], argv[1:])
+    args = common.parse_args(Args, argv, PRESETS)
+    with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
-    # --- boilerplate: ranks, seeds, run folder
-    info = setup_distributed(args.device)
-    dev = info.device
-    with usage_errors("contrastive_props.py"):
-        per_rank = batch_per_rank(args.batch_size, info.world_size)
+    # --- boilerplate: ranks, seeds, data (generated on the fly, seeded), model, optimizer, resume
+    info = common.setup_distributed(args.device)
+    common.seed_everything(args.seed + info.rank)
+    run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
+    with common.usage_errors(METHOD):
+        per_rank = common.batch_per_rank(args.batch_size, info.world_size)
         t0 = time.perf_counter()
         train_set, probes = build_sets(args)
-    run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
-    digits = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST (standing in for MNIST digits)",
-              "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}  # fmt: skip
-    digits = digits[args.digits]
-    uses_digits = args.dataset in ("multidigits", "multidigits_size", "digit_on")
-    print0(f"{args.dataset}: {len(train_set)} training images {tuple(train_set.images.shape[1:])}"
-           + (f", digits from {digits}" if uses_digits else f", base {args.base}")
-           + f", probes {list(probes)} (generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
-
-    # --- data on the device; the views
+        common.epoch_indices(len(train_set), 0, args.seed, info.rank, info.world_size, per_rank)  # batch <= data
+    source = digit_source(args)
+    common.print0(f"{args.dataset}: {len(train_set)} training images {tuple(train_set.images.shape[1:])}"
+                  + (f", digits from {source}" if source else f", base {args.base}")
+                  + f", probes {list(probes)} (generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    dev = info.device
     data = ImageSet(train_set.images.to(dev), {}, bits=None if train_set.bits is None else train_set.bits.to(dev))
-    targets = (train_set.multi_hot if train_set.multi_hot is not None else next(iter(train_set.targets.values())))
-    targets = targets.to(dev)
-    augment = make_augment(args)
-    with usage_errors("contrastive_props.py"):  # a batch larger than the dataset
-        epoch_indices(len(train_set), 0, args.seed, info.rank, info.world_size, per_rank)
-    logger = RunLogger(run_dir, dict(dataclasses.asdict(args), digit_source=digits if uses_digits else None),
-                       info.is_main)  # fmt: skip
-
-    # --- model, optimizer (boilerplate)
-    seed_everything(args.seed)  # the same initial weights on every rank
-    model = build_model(args).to(dev)
-    if dev.type == "cuda":
-        model = common.convert_sync_batchnorm(model, info)
-    if info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    seed_everything(args.seed + info.rank)
-    optimizer, peak_lr = build_optimizer(unwrap(model), args)
+    targets = train_set.multi_hot if train_set.multi_hot is not None else next(iter(train_set.targets.values()))
+    targets, augment = targets.to(dev), make_augment(args)
+    model = common.distribute(build_model(args), info)
+    optimizer, peak_lr = build_optimizer(common.unwrap(model), args)
     steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = max(args.epochs * steps_per_epoch, args.steps)
-    warmup_steps = args.warmup_epochs * steps_per_epoch
+    total_steps, warmup_steps = max(args.epochs * steps_per_epoch, args.steps), args.warmup_epochs * steps_per_epoch
     stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
-    step = 0
-    with usage_errors("contrastive_props.py"):
-        resume_path = resolve_resume(args.resume, run_dir)
-        if resume_path:
-            step = load_training_state(resume_path, METHOD, model, optimizer, info)["step"]
-    if resume_path:
-        print0(f"resumed from {resume_path} at step {step}")
+    with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
+    logger = common.RunLogger(run_dir, args, info, 0.0, stop_step, step, notes={"digit_source": source})
     what = args.loss if args.objective == "contrastive" else "supervised"
-    print0(f"{args.arch} on {args.dataset}, {what}: {info.world_size} x {per_rank} images/step, {steps_per_epoch} "
-           f"steps/epoch, {args.optimizer} peak lr {peak_lr:.3g}, steps {step} -> {stop_step}")  # fmt: skip
+    common.print0(f"{METHOD} {args.arch} on {args.dataset}, {what}: {info.world_size} x {per_rank} images/step, "
+                  f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {peak_lr:.3g}, steps {step} -> "
+                  f"{stop_step}")  # fmt: skip
 
     # --- the training loop (THE PART TO READ is generalized_contrastive_loss above)
     model.train()
-    epoch, final, t_log = step // steps_per_epoch, {}, time.perf_counter()
+    epoch, final = step // steps_per_epoch, {}
     while step < stop_step:
         for b, x in train_batches(data, augment, epoch, step % steps_per_epoch, args.seed, info, per_rank):
-            set_lr(optimizer, lr := cosine_lr(step, total_steps, warmup_steps, peak_lr))
+            common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr))
             # W and the prior samples of the SWD losses: the same on every rank and after a resume
             gen = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step)
             terms = training_losses(model, x, targets[b], args, gen)
-            values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
-            check_finite(step, values)
+            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
             step += 1
             last = step >= stop_step
-            # --- logging and checkpoints (boilerplate)
-            if step % args.log_every == 0 or last:
-                mean = common.all_reduce_mean(torch.tensor(list(values.values()), device=dev)).tolist()
-                ips = args.batch_size * (step % args.log_every or args.log_every) / (time.perf_counter() - t_log)
-                row = {f"loss/{k}": v for k, v in zip(values, mean)}
-                row.update({"lr": lr, "epoch": step / steps_per_epoch, "perf/images_per_s": ips})
-                logger.log(step, row)
-                final.update(row)
-                print0(f"step {step}/{stop_step} ep {epoch} " + " ".join(f"{k[5:]} {v:.4f}" for k, v in row.items()
-                       if k.startswith("loss/")) + f" lr {lr:.3g} {ips:.0f} img/s")  # fmt: skip
-                t_log = time.perf_counter()
-            if step % args.ckpt_every == 0 or last:
-                save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+            # --- logging, checkpoints (boilerplate)
+            final.update(logger.step(step, terms, lr, step / steps_per_epoch, args.batch_size))
+            with logger.paused():  # images/s counts training time only
+                if step % args.ckpt_every == 0 or last:
+                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
             if last:
                 break
         epoch += 1
-
-    # --- linear probes of the frozen representation (rank 0), and of the untrained network
-    if args.probe_epochs > 0 and info.is_main:
-        t0 = time.perf_counter()
-        final.update(probe(model, probes, args, dev))
-        if args.probe_untrained:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed)
-                fresh = build_model(args).to(dev)
-            final.update(probe(fresh, probes, args, dev, prefix="probe_untrained/"))
-        shown = {k: v for k, v in final.items() if k.startswith("probe")}
-        logger.log(step, shown)
-        with open(os.path.join(run_dir, "probe.json"), "w") as f:
-            json.dump({"step": step, **shown}, f, indent=2)
-        print0("linear probe: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
-               + f" ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
-    if info.world_size > 1:
-        torch.distributed.barrier()
+    # --- the study's measurement: linear probes of the frozen representation (and of the untrained network)
+    if args.probe_epochs > 0:
+        final.update(common.run_monitors(step, lambda: monitors(model, probes, args, step, run_dir), logger, info))
     logger.close()
-    cleanup_distributed()
-    final["step"] = step
-    return final
-
-
-def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in STUDIES:
-        return run_study(argv[0], argv[1:])
-    return train(argv)
+    common.cleanup_distributed()
+    return {**final, "step": step}
 
 
 # ======================================================================================================================
@@ -933,15 +931,17 @@ class StudyArgs:
     an interrupted point resumes from its run folder), probes it and its untrained twin, appends the rows to
     <out>/<study>.csv and draws <out>/<study>.png (matplotlib, when installed)."""
 
-    scale: str = arg("tiny", "tiny: 2-core CPU, minutes (ConvNet, small sets) | paper: ResNet-18 as the paper (GPU)",
-                     ["tiny", "paper"])  # fmt: skip
-    out: str = arg("results", "folder of <study>.csv, <study>.png and the runs/ of every point")
-    values: str = arg("", "comma-separated values of the swept variable ('' = the scale's default sweep)")
-    temperatures: str = arg("", "comma-separated NT-Xent temperatures ('' = the scale's default)")
-    losses: str = arg("", "comma-separated losses (losses / randbit studies; '' = the scale's default)")
-    steps: int = arg(0, "training steps per point (0 = the scale's default; paper scale: whole epochs)")
-    seed: int = arg(0, "training seed of every point")
-    train_args: str = arg("", "extra training flags for every point, e.g. \"--digits fashion_mnist --device cuda\"")
+    scale: str = common.arg("tiny", "tiny: 2-core CPU, minutes (ConvNet, small sets) | paper: ResNet-18 as the "
+                            "paper (GPU)", ["tiny", "paper"])  # fmt: skip
+    out: str = common.arg("results", "folder of <study>.csv, <study>.png and the runs/ of every point")
+    values: str = common.arg("", "comma-separated values of the swept variable ('' = the scale's default sweep)")
+    temperatures: str = common.arg("", "comma-separated NT-Xent temperatures ('' = the scale's default)")
+    losses: str = common.arg("", "comma-separated losses (losses / randbit studies; '' = the scale's default)")
+    steps: int = common.arg(0, "training steps per point (0 = the scale's default; paper scale: whole epochs)")
+    seed: int = common.arg(0, "training seed of every point")
+    train_args: str = common.arg(
+        "", 'extra training flags for every point, e.g. "--digits fashion_mnist --device cuda"'
+    )
 
 
 CSV_COLUMNS = ["study", "scale", "method", "temperature", "variable", "value", "target", "accuracy", "untrained",
@@ -1041,7 +1041,7 @@ def read_rows(path: str) -> list[dict]:
 
 def run_study(study: str, argv: list[str]) -> list[dict]:
     """Run (or continue) a study: points already in <out>/<study>.csv are skipped; returns all rows of the CSV."""
-    sa = parse_args(StudyArgs, argv)
+    sa = common.parse_args(StudyArgs, argv)
     os.makedirs(sa.out, exist_ok=True)
     path = os.path.join(sa.out, f"{study.replace('-', '_')}.csv")
     done = {r["run"] for r in read_rows(path)}
@@ -1053,7 +1053,7 @@ def run_study(study: str, argv: list[str]) -> list[dict]:
             continue
         print(f"[{i + 1}/{len(points)}] {key['method']} t={key['temperature']} {key['variable']}={key['value']}")
         t0 = time.perf_counter()
-        result = train(train_argv)
+        result = main(train_argv)
         wall = time.perf_counter() - t0
         rows = [{**key, "target": k.split("/")[1], "accuracy": round(v, 4),
                  "untrained": round(result.get(f"probe_untrained/{k.split('/')[1]}", float("nan")), 4),
@@ -1079,8 +1079,10 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"{'method':<22} {'temp':>5} {'variable':>13} {'value':>6} {'target':>7} {'acc':>7} {'untrained':>9} "
              f"{'steps':>6} {'wall_s':>7}"]  # fmt: skip
     for r in rows:
-        lines.append(f"{r['method']:<22} {r['temperature']:>5} {r['variable']:>13} {r['value']:>6} {r['target']:>7} "
-                     f"{float(r['accuracy']):>7.3f} {float(r['untrained']):>9.3f} {r['steps']:>6} {r['wall_s']:>7}")
+        lines.append(
+            f"{r['method']:<22} {r['temperature']:>5} {r['variable']:>13} {r['value']:>6} {r['target']:>7} "
+            f"{float(r['accuracy']):>7.3f} {float(r['untrained']):>9.3f} {r['steps']:>6} {r['wall_s']:>7}"
+        )
     return "\n".join(lines)
 
 

@@ -31,7 +31,10 @@ from 224 px on Resize(S / 0.875, bicubic) + CenterCrop(S) as MAE / CAN / SimCLR 
 Method-file interface (README "Method files"): build_model(args); features(model, images, layer=None, pool=None)
 -> (B, D) for float images in [0, 1] (layer=None: the method's representation; pool=None: its default pooling);
 num_feature_layers(model); optional log_likelihood(model, images) -> (log_px (B,) in nats, token_embeddings
-(B, L, D)) differentiable in the embeddings, which the hook makes a leaf that requires grad (the model is frozen).
+(B, L, D)) differentiable in the embeddings, which the hook makes a leaf that requires grad (the model is frozen);
+optional eval_batches(args, split, batch_size, device) -> (images, labels) batches of a dataset only the method
+file can build (contrastive_props.py's RandBit / MultiDigits / DigitOn sets), used when the checkpoint's dataset is
+not one of common.py's.
 
 Launch:
   python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn [--untrained] [--epochs 3]
@@ -618,8 +621,8 @@ class FeatureStore:
     the weights (trained / untrained + seed), dataset, data root, synthetic size, image size, split, layer and pool;
     datasets are only read on a cache miss."""
 
-    def __init__(self, module, model, ckpt_path: str, args: Args, data_defaults: dict, device):
-        self.module, self.model, self.args, self.device = module, model, args, device
+    def __init__(self, module, model, ckpt_path: str, args: Args, data_defaults: dict, device, margs=None):
+        self.module, self.model, self.args, self.device, self.margs = module, model, args, device, margs
         self.data = data_defaults  # dataset, data_root, image_size, synthetic_size
         st = os.stat(ckpt_path)
         self.ckpt_ident = {"ckpt": os.path.abspath(ckpt_path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
@@ -640,6 +643,9 @@ class FeatureStore:
         return self.datasets[name, split]
 
     def batches(self, name: str, split: str, batch_size: int):
+        hook = getattr(self.module, "eval_batches", None)  # a dataset only the method file builds (RandBit, ...)
+        if hook is not None and name == self.data["dataset"] and name not in common.DATASET_NAMES:
+            return hook(self.margs, split, batch_size, self.device)
         return common.eval_batches(self.dataset(name, split), self.data["image_size"], batch_size, self.device,
                                    num_workers=self.args.num_workers, **self.data["eval_view"])  # fmt: skip
 
@@ -655,10 +661,9 @@ class FeatureStore:
 
             def compute():
                 self.extracted += 1
-                ds = self.dataset(name, split)
                 batches = self.batches(name, split, self.args.extract_batch_size)
                 feats, labels = extract_features(self.module, self.model, batches, layer, pool, self.args.amp)
-                num_classes = getattr(ds, "num_classes", None) or int(labels.max()) + 1
+                num_classes = getattr(self.datasets.get((name, split)), "num_classes", None) or int(labels.max()) + 1
                 return feats, labels, int(num_classes)
 
             path = cache_file(self.cache_dir, ident) if self.args.cache else None
@@ -908,7 +913,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{'standard' if layer is None else f'block {layer}'}, pool {args.pool}, eval view "
         f"{'resize S/0.875 bicubic + center crop' if data['eval_view'] else 'the image at S'}"
     )
-    store = FeatureStore(module, model, args.ckpt, args, data, device)
+    store = FeatureStore(module, model, args.ckpt, args, data, device, margs)
     name = data["dataset"]
     rows = []
     for protocol in protocols:

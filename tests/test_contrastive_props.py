@@ -309,8 +309,8 @@ def test_model_channels_features_and_layers():
     model = cp.build_model(args)
     x = torch.rand(4, 3, 28, 28)
     bits = torch.randint(0, 2, (4, 3))
-    assert cp.features(model, x, bits=bits).shape == (4, 128)
-    assert cp.features(model, x, layer=0, bits=bits).shape == (4, 32)
+    assert cp.features(model, cp.with_bits(x, bits)).shape == (4, 128)
+    assert cp.features(model, cp.with_bits(x, bits), layer=0).shape == (4, 32)
     assert cp.num_feature_layers(model) == 3 and model.training
     with pytest.raises(ValueError, match="bit channels"):
         cp.features(model, x)
@@ -338,7 +338,7 @@ def test_end_to_end_run_writes_the_run_folder_and_eval_probe_reads_it(tmp_path):
     proc = run_script(["contrastive_props.py", *TINY, "--dataset", "plain", "--train-size", "512", "--test-size",
                        "256", "--batch-size", "128", "--steps", "3", "--log-every", "1", "--probe-epochs", "2",
                        "--run-name", "e2e"], cwd=tmp_path)  # fmt: skip
-    assert "linear probe: probe/rgb" in proc.stdout
+    assert "step 3: probe/rgb" in proc.stdout
     run = tmp_path / "runs" / "e2e"
     saved = json.load(open(run / "args.json"))
     assert saved["loss"] == "ntxent" and saved["digits"] == "drawn"
@@ -350,6 +350,18 @@ def test_end_to_end_run_writes_the_run_folder_and_eval_probe_reads_it(tmp_path):
 
     out = eval_probe.main(["--ckpt", str(run / "checkpoint.pt"), "--protocols", "knn", "--dataset", "synthetic"])
     assert out and 0 <= out[0]["metrics"]["acc"] <= 1
+
+
+def test_eval_probe_reads_a_randbit_checkpoint_through_the_eval_batches_hook(tmp_path):
+    """A RandBit checkpoint names a dataset only this file builds: eval_probe takes its probe data (RGB plus the bit
+    planes) from contrastive_props.eval_batches, with no --dataset."""
+    import eval_probe
+
+    cp.main([*TINY, "--dataset", "randbit", "--bits", "3", "--train-size", "256", "--test-size", "128",
+              "--batch-size", "64", "--steps", "2", "--probe-epochs", "0", "--output-dir", str(tmp_path),
+              "--run-name", "rb"])  # fmt: skip
+    out = eval_probe.main(["--ckpt", str(tmp_path / "rb" / "checkpoint.pt"), "--protocols", "knn", "--no-cache"])
+    assert out[0]["dataset"] == "randbit" and 0 <= out[0]["metrics"]["acc"] <= 1
 
 
 def test_resume_is_bitwise_exact(tmp_path):
@@ -382,14 +394,13 @@ SMOKE = ["--dataset", "plain", "--train-size", "2000", "--test-size", "1000", "-
 def test_every_loss_beats_the_untrained_network(tmp_path):
     """15 steps of batch 128 (the tiny ConvNet on Fashion-MNIST, Debian package) with each of the five losses: the
     linear probe of h on 1000 held-out images beats the same architecture untrained (same probe, same data)."""
-    results = {}
-    for loss in cp.LOSSES:
-        out = cp.main([*TINY, *SMOKE, "--loss", loss, "--output-dir", str(tmp_path), "--run-name", loss,
-                       "--probe-untrained"])  # fmt: skip
-        results[loss] = (out["probe/rgb"], out["probe_untrained/rgb"])
+    results, base = {}, None
+    for loss in cp.LOSSES:  # the untrained baseline is the same for every loss (same seed, architecture, probe)
+        untrained = ["--probe-untrained"] if base is None else []
+        out = cp.main([*TINY, *SMOKE, "--loss", loss, "--output-dir", str(tmp_path), "--run-name", loss, *untrained])
+        base = out.get("probe_untrained/rgb", base)
+        results[loss] = (out["probe/rgb"], base)
     print(results)
-    untrained = {u for _, u in results.values()}
-    assert len(untrained) == 1  # one untrained baseline: same seed, same architecture, same probe
     for loss, (trained, base) in results.items():
         assert trained > base + 0.01, (loss, trained, base)
     assert math.isfinite(sum(t for t, _ in results.values()))
@@ -409,12 +420,12 @@ def test_study_writes_csv_and_plot_and_a_rerun_continues(study, tmp_path, monkey
     the new points, and a rerun of the same command trains nothing."""
     import importlib.util
 
-    calls = []
-    real_train = cp.train
-    monkeypatch.setattr(cp, "train", lambda argv: calls.append(argv) or real_train(argv))
+    calls = []  # the training runs: run_study calls main(<training flags>) once per point
+    real_main = cp.main
+    monkeypatch.setattr(cp, "main", lambda argv: calls.append(argv) or real_main(argv))
     extra = ["--losses", "ntxent,swd_cube"] if study == "losses" else []
     argv = [*STUDY_TINY, *extra, "--out", str(tmp_path)]
-    rows = cp.main([study, *argv, "--values", FIRST_VALUE[study]])
+    rows = real_main([study, *argv, "--values", FIRST_VALUE[study]])
     first = len(calls)
     methods = {"losses": 2, "multidigits": 4, "suppression-size": 2, "digit-on": 1, "randbit": 1}[study]
     assert first == methods  # one training run per point
@@ -426,10 +437,10 @@ def test_study_writes_csv_and_plot_and_a_rerun_continues(study, tmp_path, monkey
     assert {r["target"] for r in rows} == targets and len(rows) == first * len(targets)
     for r in rows:
         assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["untrained"]) <= 1 and r["steps"] == "2"
-    cp.main([study, *argv, "--values", f"{FIRST_VALUE[study]},{SECOND_VALUE[study]}"])
+    real_main([study, *argv, "--values", f"{FIRST_VALUE[study]},{SECOND_VALUE[study]}"])
     assert len(calls) == 2 * first  # only the new value's points were trained
     assert all(SECOND_VALUE[study] in " ".join(a) for a in calls[first:])
-    rows = cp.main([study, *argv, "--values", f"{FIRST_VALUE[study]},{SECOND_VALUE[study]}"])
+    rows = real_main([study, *argv, "--values", f"{FIRST_VALUE[study]},{SECOND_VALUE[study]}"])
     assert len(calls) == 2 * first and len(rows) == 2 * first * len(targets)  # nothing retrained, nothing duplicated
     png = tmp_path / f"{study.replace('-', '_')}.png"
     if importlib.util.find_spec("matplotlib"):
@@ -463,8 +474,9 @@ def test_help_documents_every_field(capsys):
 def test_eval_batches_hook_gives_the_probe_data_with_bits():
     args = tiny_args("--dataset", "randbit", "--bits", "4", "--train-size", "40", "--test-size", "24")
     batches = list(cp.eval_batches(args, "test", 10, "cpu"))
-    assert [len(y) for _, y, _ in batches] == [10, 10, 4]
-    x, y, extra = batches[0]
-    assert x.shape == (10, 3, 28, 28) and extra["bits"].shape == (10, 4)
+    assert [len(y) for _, y in batches] == [10, 10, 4]
+    x, y = batches[0]
+    assert x.shape == (10, 3 + 4, 28, 28) and set(x[:, 3:].unique().tolist()) <= {0.0, 1.0}  # RGB + 4 bit planes
+    assert (x[:, 3:] == x[:, 3:, :1, :1]).all()  # each bit plane is constant over the image
     model = cp.build_model(args)
-    assert cp.features(model, x, **extra).shape == (10, 128)
+    assert cp.features(model, x).shape == (10, 128)
