@@ -55,7 +55,7 @@ Launch:
     python contrastive_props.py --preset tiny --dataset multidigits --num-digits 4 --placement grid --loss swd_sphere
     python contrastive_props.py --dataset randbit --base cifar10 --bits 8             # ResNet-18, LARS, batch 512
     torchrun --nproc_per_node 8 contrastive_props.py --dataset digit_on --base stl10 --unique-digits 1000
-    python contrastive_props.py randbit --scale tiny --out results                   # Figure 7 at CPU scale, ~20 min
+    python contrastive_props.py randbit --scale tiny --out results                   # Figure 7, CPU scale: 28 min here
     python contrastive_props.py suppression-size --scale tiny --out results          # Table 4 at CPU scale
     python contrastive_props.py losses --scale paper --out results --train-args "--download"   # GPU, Table A.1
     python contrastive_props.py multidigits --scale tiny --values 1,16               # fewer points
