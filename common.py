@@ -4,19 +4,19 @@ This is the only module the method files (simclr.py, mae.py, igpt.py, gcrl.py, c
 contrastive_props.py, eval_probe.py) import. Copy it together with one method file and that
 method runs anywhere. Sections, top to bottom:
 
-1. Vision Transformer pieces (timm parameter names, fixed 2D sin-cos positions, SDPA attention)
-   and the masked-autoencoder plumbing shared by MAE and CAN (random_masking, patchify, decoder).
+1. Vision Transformer pieces (timm parameter names, fixed 2D sin-cos positions, SDPA attention, one
+   gradient-checkpointing switch) and the masked-autoencoder pieces of MAE and CAN (random_masking, the
+   reconstruction loss, patchify, the decoder).
 2. Axial attention (GCRL Appendix Algorithm 1) and the pixel-token embedding of iGPT / GCRL.
-3. Color quantizer (iGPT's 512-color palette).
+3. Color quantizer (iGPT's 512-color palette) and the pixel-token helpers of igpt.py and gcrl.py: palette fit /
+   cache, quantize, token NLL, bits per token, sampling, log-likelihood.
 4. Contrastive pieces shared by SimCLR, CAN, GCRL: gather_with_grad beside NT-Xent, projection heads, LARS,
    the kNN monitor and its class-balanced held-out data.
 5. Augmentations: per-image torchvision v2 pipelines and a batched on-device version.
 6. Datasets.
-7. Training batches (on-device or DataLoader), distributed helpers.
-8. Training utilities: dataclass -> argparse, LR schedule, param groups, bf16 autocast,
-   atomic checkpoints with exact resume, run folder logging, throughput / FLOPs / MFU.
-9. Pixel-token models (iGPT, GCRL): palette fit / cache, quantize, token NLL, bits per token,
-   sampling, log-likelihood.
+7. Training batches (on-device or DataLoader), the monitors' held-out subsets, distributed helpers.
+8. Training utilities: dataclass -> argparse with presets, LR schedule, param groups, bf16 autocast, atomic
+   checkpoints with exact resume, the run logger (progress line, throughput, MFU), FLOPs.
 """
 
 from __future__ import annotations
@@ -150,44 +150,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         return self.proj_drop(self.attend(x, is_causal))
-
-
-class AxialAttention(Attention):
-    """Causal axial attention of GCRL (Appendix Algorithm 1): ONE multi-head attention (one qkv/proj)
-    applied three times to the token grid h = x.view(B, H, W, D):
-
-        h_a = MSA(rows of h, causal=False)        # each row attends within itself
-        h_a = MSA(columns of h_a, causal=True)    # each position attends up its column
-        h_a = shift_down(h_a)                     # row r now only carries rows < r (zeros on top)
-        out = MSA(rows of (h + h_a), causal=True) # causal along the row, plus everything above
-
-    Output (r, c) depends on inputs at raster positions <= r*W + c only; with the SOS shift of the input
-    sequence (PixelEmbedding) the model is autoregressive in raster order. Cost O(HW(H+W)) instead of
-    O((HW)^2). `mode="dense"` uses plain causal attention over the H*W sequence with the same weights
-    (GCRL Table 11 compares both). With is_causal=False (BERT objective) the three passes are unmasked
-    and there is no shift. x: (B, H*W, D) -> (B, H*W, D)."""
-
-    def __init__(self, dim: int, num_heads: int, height: int, width: int, mode: str = "axial", **kw):
-        super().__init__(dim, num_heads, **kw)
-        if mode not in ("axial", "dense"):
-            raise ValueError(f"unknown attention mode '{mode}'; use 'axial' or 'dense'")
-        self.height, self.width, self.mode = height, width, mode
-
-    def forward(self, x: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
-        if self.mode == "dense":
-            return self.proj_drop(self.attend(x, is_causal))
-        B, L, D = x.shape
-        H, W = self.height, self.width
-        if L != H * W:
-            raise ValueError(f"axial attention built for a {H}x{W} grid got a sequence of {L} tokens")
-        rows = rearrange(x, "b (h w) d -> (b h) w d", h=H)
-        a = self.attend(rows, is_causal=False)  # each row attends within itself
-        a = self.attend(rearrange(a, "(b h) w d -> (b w) h d", b=B), is_causal=is_causal)  # up each column
-        a = rearrange(a, "(b w) h d -> b h w d", b=B)
-        if is_causal:
-            a = F.pad(a, (0, 0, 0, 0, 1, 0))[:, :H]  # shift down by one row
-        out = self.attend(rows + rearrange(a, "b h w d -> (b h) w d"), is_causal=is_causal)
-        return self.proj_drop(rearrange(out, "(b h) w d -> b (h w) d", b=B))
 
 
 class Mlp(nn.Module):
@@ -425,6 +387,49 @@ class MaskedDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
+# ======================================================================================
+# 2. Axial attention and the pixel-token embedding (GCRL Appendix Algorithm 1, iGPT / GCRL 3.2)
+# ======================================================================================
+
+
+class AxialAttention(Attention):
+    """Causal axial attention of GCRL (Appendix Algorithm 1): ONE multi-head attention (one qkv/proj)
+    applied three times to the token grid h = x.view(B, H, W, D):
+
+        h_a = MSA(rows of h, causal=False)        # each row attends within itself
+        h_a = MSA(columns of h_a, causal=True)    # each position attends up its column
+        h_a = shift_down(h_a)                     # row r now only carries rows < r (zeros on top)
+        out = MSA(rows of (h + h_a), causal=True) # causal along the row, plus everything above
+
+    Output (r, c) depends on inputs at raster positions <= r*W + c only; with the SOS shift of the input
+    sequence (PixelEmbedding) the model is autoregressive in raster order. Cost O(HW(H+W)) instead of
+    O((HW)^2). `mode="dense"` uses plain causal attention over the H*W sequence with the same weights
+    (GCRL Table 11 compares both). With is_causal=False (BERT objective) the three passes are unmasked
+    and there is no shift. x: (B, H*W, D) -> (B, H*W, D)."""
+
+    def __init__(self, dim: int, num_heads: int, height: int, width: int, mode: str = "axial", **kw):
+        super().__init__(dim, num_heads, **kw)
+        if mode not in ("axial", "dense"):
+            raise ValueError(f"unknown attention mode '{mode}'; use 'axial' or 'dense'")
+        self.height, self.width, self.mode = height, width, mode
+
+    def forward(self, x: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
+        if self.mode == "dense":
+            return self.proj_drop(self.attend(x, is_causal))
+        B, L, D = x.shape
+        H, W = self.height, self.width
+        if L != H * W:
+            raise ValueError(f"axial attention built for a {H}x{W} grid got a sequence of {L} tokens")
+        rows = rearrange(x, "b (h w) d -> (b h) w d", h=H)
+        a = self.attend(rows, is_causal=False)  # each row attends within itself
+        a = self.attend(rearrange(a, "(b h) w d -> (b w) h d", b=B), is_causal=is_causal)  # up each column
+        a = rearrange(a, "(b w) h d -> b h w d", b=B)
+        if is_causal:
+            a = F.pad(a, (0, 0, 0, 0, 1, 0))[:, :H]  # shift down by one row
+        out = self.attend(rows + rearrange(a, "b h w d -> (b h) w d"), is_causal=is_causal)
+        return self.proj_drop(rearrange(out, "(b h) w d -> b (h w) d", b=B))
+
+
 class PixelEmbedding(nn.Module):
     """Input embedding of the pixel-token transformers (iGPT, GCRL 3.2): token embedding (K -> D), learned SOS
     vector, learned 2D positions (row + column table) added after the tokens.
@@ -459,7 +464,7 @@ class PixelEmbedding(nn.Module):
 
 
 # ======================================================================================
-# 3. Color quantizer (iGPT)
+# 3. Color quantizer (iGPT) and the pixel-token helpers shared by igpt.py and gcrl.py
 # ======================================================================================
 
 
@@ -568,6 +573,200 @@ class ColorQuantizer(nn.Module):
         if centers.ndim != 2 or centers.shape[1] != 3 or np.abs(centers).max() > 1.0001:
             raise ValueError(f"{path} is not a palette: need shape (K, 3) with values in [-1, 1], got {centers.shape}")
         return cls(centers)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pixel-token models (iGPT, GCRL): palette fit / cache, quantize, token NLL, bits per token, sampling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Shared by igpt.py and gcrl.py. A pixel-token model has: `quantizer` (ColorQuantizer buffer), `embed`
+# (PixelEmbedding), `causal` (bool), `height`, `width`, `hidden_states(tokens)` (the last block's output, no norm),
+# `norm` + `head` (final LayerNorm, Linear D -> K) and `forward(tokens, keep=None) -> logits (B, L, K)`, where
+# logits[:, p] predicts token p from tokens < p (SOS shift; `keep` only for iGPT's BERT objective).
+# `args` below is the method's Args (duck-typed: the fields each function reads are named in its docstring).
+
+
+def grid_palette(num_colors: int) -> np.ndarray:
+    """A placeholder palette for build_model: the first K points of the smallest regular n x n x n RGB grid in
+    [-1, 1] (K = 512: the 8 x 8 x 8 grid). Training replaces it by the fitted / loaded palette; checkpoints carry
+    the real one (the model's `quantizer.centers` buffer)."""
+    n = max(2, math.ceil(round(num_colors ** (1 / 3), 6)))
+    levels = np.linspace(-1, 1, n, dtype=np.float32)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    return grid[:num_colors].copy()  # numpy, so that build_model also works under torch.device("meta")
+
+
+def sample_pixels(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` pixels drawn uniformly (with replacement) from all positions of all images: uint8 (N, 3, H, W) ->
+    uint8 (count, 3). Indexes per pixel, so a large dataset is never copied whole."""
+    N, C, H, W = images.shape
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(N * H * W, (count,), generator=g)
+    return images.flatten(2)[idx // (H * W), :, idx % (H * W)]
+
+
+def fit_palette(images: torch.Tensor, args, device) -> torch.Tensor:
+    """k-means palette (iGPT) of args.num_colors centers in [-1, 1], fitted on args.palette_pixels random training
+    pixels (ColorQuantizer.fit: k-means++ init, empty clusters re-seeded, args.kmeans_iters iterations, args.seed).
+    -> (K, 3) float32 CPU."""
+    pixels = sample_pixels(images, args.palette_pixels, args.seed).to(device)
+    quant = ColorQuantizer.fit(pixels, args.num_colors, iters=args.kmeans_iters, seed=args.seed)
+    return quant.centers.cpu()
+
+
+def shared_palette(args, train_images: torch.Tensor, run_dir: str, info: DistInfo, method: str) -> torch.Tensor:
+    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: the palette of the checkpoint being resumed,
+    else --palette PATH if given, else the cached <run_dir>/palette.npy if present (a re-run in the same folder), else
+    a fresh k-means fit; whichever it is is saved to that cache. Rank 0 then broadcasts it (and any error, so every
+    rank stops with the same message instead of hanging): one palette everywhere without relying on deterministic
+    k-means or a shared file system. args: the method's Args (resume, palette, num_colors and the fit fields);
+    method: the checkpoint's method name ("igpt", "gcrl")."""
+    payload: list = [None]
+    if info.is_main:
+        try:
+            cache = os.path.join(run_dir, "palette.npy")
+            resume = resolve_resume(args.resume, run_dir)
+            if resume:  # the palette the resumed model was trained with (its state_dict overrides any other)
+                centers = load_checkpoint(resume, method)["model"]["quantizer.centers"]
+                payload[0], source = centers.float(), f"{resume} (the checkpoint resumed)"
+            elif args.palette:
+                payload[0], source = ColorQuantizer.load(args.palette).centers, args.palette
+            elif os.path.exists(cache):
+                payload[0], source = ColorQuantizer.load(cache).centers, f"{cache} (cached)"
+                if payload[0].shape[0] != args.num_colors:
+                    raise ValueError(
+                        f"{cache} holds {payload[0].shape[0]} colors but --num-colors is {args.num_colors}: "
+                        f"choose another --run-name or delete the cached palette"
+                    )
+            else:
+                t0 = time.perf_counter()
+                payload[0] = fit_palette(train_images, args, info.device)
+                source = f"k-means on {args.palette_pixels} training pixels ({time.perf_counter() - t0:.1f} s)"
+            os.makedirs(run_dir, exist_ok=True)
+            ColorQuantizer(payload[0]).save(cache)
+            print0(f"palette: {payload[0].shape[0]} colors from {source}; saved to {cache}")
+        except (OSError, ValueError) as e:
+            payload[0] = e
+    if info.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0].float().cpu()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] -> uint8, so that augmented views quantize exactly like stored pixels (x / 127.5 - 1)."""
+    return images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def quantize(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) uint8 or float [0, 1] -> tokens (B, H*W) int64, raster order, with the model's palette
+    (`model.quantizer`). The nearest-center search always runs in fp32: under bf16 autocast its matmul would pick
+    wrong centers."""
+    with torch.autocast(images.device.type, enabled=False):
+        return unwrap(model).quantizer.encode(to_uint8(images))
+
+
+def bert_keep_mask(tokens: torch.Tensor, mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """iGPT ref code: keep = U[0, 1) > mask_prob per token (True = visible, False = masked and predicted)."""
+    u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
+    return u >= mask_prob
+
+
+def token_nll(
+    model: nn.Module, tokens: torch.Tensor, args, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood (nats) and which tokens count: tokens (B, L) -> (nll (B, L) fp32,
+    scored (B, L) bool). ar: nll[:, p] = -log p(t_p | t_<p) (with SOS for p = 0), every token scored. bert: a fresh
+    mask (global RNG, or `generator`), nll of the masked tokens given the visible ones, only those scored. The
+    network runs under bf16 autocast when args.amp; the log-softmax is fp32. args: amp, objective ("ar" when the
+    Args has none), bert_mask_prob."""
+    objective = getattr(args, "objective", "ar")  # gcrl.py is autoregressive only
+    keep = None if objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
+    with autocast(tokens.device, args.amp):
+        logits = model(tokens, keep)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, K, L) vs (B, L)
+    scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
+    return nll, scored
+
+
+@torch.no_grad()
+def bits_per_token(model: nn.Module, images: torch.Tensor, args, device, batch_size: int = 256, info=None):
+    """Mean NLL in BITS per palette token (nats / ln 2; SPEC 1.4: not 8-bit bits/dim) over uint8 images (N, 3, H, W),
+    in eval mode, split over the ranks (each takes every world-th image; sums are all-reduced). For bert: the
+    masked-token loss with a fixed-seed mask, not a likelihood. args: as token_nll."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    g = torch.Generator(device=device).manual_seed(0)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of nll, number of scored tokens]
+    for batch in images[rank::world].split(batch_size):
+        tokens = quantize(net, batch.to(device))
+        nll, scored = token_nll(net, tokens, args, generator=g)
+        total += torch.stack([(nll.double() * scored).sum(), scored.sum().double()])
+    if world > 1:
+        dist.all_reduce(total)
+    net.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item() / math.log(2)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, num: int, temperature: float = 1.0, seed: int = 0, amp: bool = False) -> torch.Tensor:
+    """Autoregressive sampling in raster order: for p = 0 .. L-1, t_p ~ softmax(logits[:, p] / temperature), where
+    logits[:, p] sees only the tokens < p already drawn (causal + SOS shift). Draws from a private generator (seed),
+    so sampling never moves the training RNG. -> tokens (num, L) int64 in [0, K)."""
+    net = unwrap(model)
+    if not net.causal:
+        raise ValueError("sampling needs an autoregressive (--objective ar) model")
+    if temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    device = net.head.weight.device
+    was_training = net.training
+    net.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.zeros(num, net.height * net.width, dtype=torch.long, device=device)
+    for p in range(tokens.shape[1]):
+        with autocast(device, amp):
+            h = net.hidden_states(tokens)[:, p]  # positions > p see the zero placeholders; position p does not
+            logits = net.head(net.norm(h))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tokens[:, p] = torch.multinomial(probs, 1, generator=g)[:, 0]
+    net.train(was_training)
+    return tokens
+
+
+def save_samples(model: nn.Module, tokens: torch.Tensor, path: str) -> None:
+    """Decode sampled tokens through the palette and write them as a PNG grid (8 per row)."""
+    net = unwrap(model)
+    save_image_grid(net.quantizer.decode(tokens, net.height, net.width), path, nrow=8)
+
+
+def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eval_probe.py hook (GCRL Table 6): images float (B, 3, S, S) in [0, 1] -> (log p(x) (B,) in nats, summed over
+    the tokens; the token embeddings (B, L, D) it is differentiable in, a leaf requiring grad). The embedding lookup's
+    output is swapped for that leaf by a forward hook, so the forward pass is exactly the model's own."""
+    net = unwrap(model)
+    if not net.causal:
+        raise ValueError("log_likelihood needs an autoregressive (--objective ar) checkpoint; BERT has no density")
+    tokens = quantize(net, images)
+    leaf: dict[str, torch.Tensor] = {}
+
+    def swap(module, inputs, output):
+        leaf["emb"] = output.detach().requires_grad_()
+        return leaf["emb"]
+
+    was_training = net.training
+    net.eval()  # no dropout: log p(x) is a function of x, and images do not interact
+    handle = net.embed.tok_embed.register_forward_hook(swap)
+    try:
+        logits = net(tokens)
+    finally:
+        handle.remove()
+        net.train(was_training)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, L)
+    return -nll.sum(dim=1), leaf["emb"]
 
 
 # ======================================================================================
@@ -2596,195 +2795,3 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     from PIL import Image
 
     Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)
-
-
-# ======================================================================================
-# 9. Pixel-token models (iGPT, GCRL): palette, tokens, token NLL, bits per token, sampling
-# ======================================================================================
-# Shared by igpt.py and gcrl.py. A pixel-token model has: `quantizer` (ColorQuantizer buffer), `embed`
-# (PixelEmbedding), `causal` (bool), `height`, `width`, `hidden_states(tokens)` (the last block's output, no norm),
-# `norm` + `head` (final LayerNorm, Linear D -> K) and `forward(tokens, keep=None) -> logits (B, L, K)`, where
-# logits[:, p] predicts token p from tokens < p (SOS shift; `keep` only for iGPT's BERT objective).
-# `args` below is the method's Args (duck-typed: the fields each function reads are named in its docstring).
-
-
-def grid_palette(num_colors: int) -> np.ndarray:
-    """A placeholder palette for build_model: the first K points of the smallest regular n x n x n RGB grid in
-    [-1, 1] (K = 512: the 8 x 8 x 8 grid). Training replaces it by the fitted / loaded palette; checkpoints carry
-    the real one (the model's `quantizer.centers` buffer)."""
-    n = max(2, math.ceil(round(num_colors ** (1 / 3), 6)))
-    levels = np.linspace(-1, 1, n, dtype=np.float32)
-    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
-    return grid[:num_colors].copy()  # numpy, so that build_model also works under torch.device("meta")
-
-
-def sample_pixels(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """`count` pixels drawn uniformly (with replacement) from all positions of all images: uint8 (N, 3, H, W) ->
-    uint8 (count, 3). Indexes per pixel, so a large dataset is never copied whole."""
-    N, C, H, W = images.shape
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(N * H * W, (count,), generator=g)
-    return images.flatten(2)[idx // (H * W), :, idx % (H * W)]
-
-
-def fit_palette(images: torch.Tensor, args, device) -> torch.Tensor:
-    """k-means palette (iGPT) of args.num_colors centers in [-1, 1], fitted on args.palette_pixels random training
-    pixels (ColorQuantizer.fit: k-means++ init, empty clusters re-seeded, args.kmeans_iters iterations, args.seed).
-    -> (K, 3) float32 CPU."""
-    pixels = sample_pixels(images, args.palette_pixels, args.seed).to(device)
-    quant = ColorQuantizer.fit(pixels, args.num_colors, iters=args.kmeans_iters, seed=args.seed)
-    return quant.centers.cpu()
-
-
-def shared_palette(args, train_images: torch.Tensor, run_dir: str, info: DistInfo, method: str) -> torch.Tensor:
-    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: the palette of the checkpoint being resumed,
-    else --palette PATH if given, else the cached <run_dir>/palette.npy if present (a re-run in the same folder), else
-    a fresh k-means fit; whichever it is is saved to that cache. Rank 0 then broadcasts it (and any error, so every
-    rank stops with the same message instead of hanging): one palette everywhere without relying on deterministic
-    k-means or a shared file system. args: the method's Args (resume, palette, num_colors and the fit fields);
-    method: the checkpoint's method name ("igpt", "gcrl")."""
-    payload: list = [None]
-    if info.is_main:
-        try:
-            cache = os.path.join(run_dir, "palette.npy")
-            resume = resolve_resume(args.resume, run_dir)
-            if resume:  # the palette the resumed model was trained with (its state_dict overrides any other)
-                centers = load_checkpoint(resume, method)["model"]["quantizer.centers"]
-                payload[0], source = centers.float(), f"{resume} (the checkpoint resumed)"
-            elif args.palette:
-                payload[0], source = ColorQuantizer.load(args.palette).centers, args.palette
-            elif os.path.exists(cache):
-                payload[0], source = ColorQuantizer.load(cache).centers, f"{cache} (cached)"
-                if payload[0].shape[0] != args.num_colors:
-                    raise ValueError(
-                        f"{cache} holds {payload[0].shape[0]} colors but --num-colors is {args.num_colors}: "
-                        f"choose another --run-name or delete the cached palette"
-                    )
-            else:
-                t0 = time.perf_counter()
-                payload[0] = fit_palette(train_images, args, info.device)
-                source = f"k-means on {args.palette_pixels} training pixels ({time.perf_counter() - t0:.1f} s)"
-            os.makedirs(run_dir, exist_ok=True)
-            ColorQuantizer(payload[0]).save(cache)
-            print0(f"palette: {payload[0].shape[0]} colors from {source}; saved to {cache}")
-        except (OSError, ValueError) as e:
-            payload[0] = e
-    if info.world_size > 1:
-        dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], Exception):
-        raise payload[0]
-    return payload[0].float().cpu()
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] -> uint8, so that augmented views quantize exactly like stored pixels (x / 127.5 - 1)."""
-    return images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def quantize(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """images (B, 3, H, W) uint8 or float [0, 1] -> tokens (B, H*W) int64, raster order, with the model's palette
-    (`model.quantizer`). The nearest-center search always runs in fp32: under bf16 autocast its matmul would pick
-    wrong centers."""
-    with torch.autocast(images.device.type, enabled=False):
-        return unwrap(model).quantizer.encode(to_uint8(images))
-
-
-def bert_keep_mask(tokens: torch.Tensor, mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """iGPT ref code: keep = U[0, 1) > mask_prob per token (True = visible, False = masked and predicted)."""
-    u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
-    return u >= mask_prob
-
-
-def token_nll(
-    model: nn.Module, tokens: torch.Tensor, args, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood (nats) and which tokens count: tokens (B, L) -> (nll (B, L) fp32,
-    scored (B, L) bool). ar: nll[:, p] = -log p(t_p | t_<p) (with SOS for p = 0), every token scored. bert: a fresh
-    mask (global RNG, or `generator`), nll of the masked tokens given the visible ones, only those scored. The
-    network runs under bf16 autocast when args.amp; the log-softmax is fp32. args: amp, objective ("ar" when the
-    Args has none), bert_mask_prob."""
-    objective = getattr(args, "objective", "ar")  # gcrl.py is autoregressive only
-    keep = None if objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
-    with autocast(tokens.device, args.amp):
-        logits = model(tokens, keep)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, K, L) vs (B, L)
-    scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
-    return nll, scored
-
-
-@torch.no_grad()
-def bits_per_token(model: nn.Module, images: torch.Tensor, args, device, batch_size: int = 256, info=None):
-    """Mean NLL in BITS per palette token (nats / ln 2; SPEC 1.4: not 8-bit bits/dim) over uint8 images (N, 3, H, W),
-    in eval mode, split over the ranks (each takes every world-th image; sums are all-reduced). For bert: the
-    masked-token loss with a fixed-seed mask, not a likelihood. args: as token_nll."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
-    g = torch.Generator(device=device).manual_seed(0)
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of nll, number of scored tokens]
-    for batch in images[rank::world].split(batch_size):
-        tokens = quantize(net, batch.to(device))
-        nll, scored = token_nll(net, tokens, args, generator=g)
-        total += torch.stack([(nll.double() * scored).sum(), scored.sum().double()])
-    if world > 1:
-        dist.all_reduce(total)
-    net.train(was_training)
-    return (total[0] / total[1].clamp(min=1)).item() / math.log(2)
-
-
-@torch.no_grad()
-def sample(model: nn.Module, num: int, temperature: float = 1.0, seed: int = 0, amp: bool = False) -> torch.Tensor:
-    """Autoregressive sampling in raster order: for p = 0 .. L-1, t_p ~ softmax(logits[:, p] / temperature), where
-    logits[:, p] sees only the tokens < p already drawn (causal + SOS shift). Draws from a private generator (seed),
-    so sampling never moves the training RNG. -> tokens (num, L) int64 in [0, K)."""
-    net = unwrap(model)
-    if not net.causal:
-        raise ValueError("sampling needs an autoregressive (--objective ar) model")
-    if temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {temperature}")
-    device = net.head.weight.device
-    was_training = net.training
-    net.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.zeros(num, net.height * net.width, dtype=torch.long, device=device)
-    for p in range(tokens.shape[1]):
-        with autocast(device, amp):
-            h = net.hidden_states(tokens)[:, p]  # positions > p see the zero placeholders; position p does not
-            logits = net.head(net.norm(h))
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        tokens[:, p] = torch.multinomial(probs, 1, generator=g)[:, 0]
-    net.train(was_training)
-    return tokens
-
-
-def save_samples(model: nn.Module, tokens: torch.Tensor, path: str) -> None:
-    """Decode sampled tokens through the palette and write them as a PNG grid (8 per row)."""
-    net = unwrap(model)
-    save_image_grid(net.quantizer.decode(tokens, net.height, net.width), path, nrow=8)
-
-
-def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eval_probe.py hook (GCRL Table 6): images float (B, 3, S, S) in [0, 1] -> (log p(x) (B,) in nats, summed over
-    the tokens; the token embeddings (B, L, D) it is differentiable in, a leaf requiring grad). The embedding lookup's
-    output is swapped for that leaf by a forward hook, so the forward pass is exactly the model's own."""
-    net = unwrap(model)
-    if not net.causal:
-        raise ValueError("log_likelihood needs an autoregressive (--objective ar) checkpoint; BERT has no density")
-    tokens = quantize(net, images)
-    leaf: dict[str, torch.Tensor] = {}
-
-    def swap(module, inputs, output):
-        leaf["emb"] = output.detach().requires_grad_()
-        return leaf["emb"]
-
-    was_training = net.training
-    net.eval()  # no dropout: log p(x) is a function of x, and images do not interact
-    handle = net.embed.tok_embed.register_forward_hook(swap)
-    try:
-        logits = net(tokens)
-    finally:
-        handle.remove()
-        net.train(was_training)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, L)
-    return -nll.sum(dim=1), leaf["emb"]
