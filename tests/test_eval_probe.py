@@ -435,8 +435,22 @@ SMOKE = {
     "can": ["--preset", "tiny"],
     "gcrl": ["--preset", "tiny"],
     # a RandBit set only contrastive_props.py builds: eval_probe reads it through the file's eval_batches hook
-    "contrastive_props": ["--preset", "tiny", "--dataset", "randbit", "--bits", "2", "--train-size", "256",
-                          "--test-size", "256", "--batch-size", "64", "--probe-epochs", "0"],
+    "contrastive_props": [
+        "--preset",
+        "tiny",
+        "--dataset",
+        "randbit",
+        "--bits",
+        "2",
+        "--train-size",
+        "256",
+        "--test-size",
+        "256",
+        "--batch-size",
+        "64",
+        "--probe-epochs",
+        "0",
+    ],
 }
 
 
