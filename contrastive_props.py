@@ -877,6 +877,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = train_set.multi_hot if train_set.multi_hot is not None else next(iter(train_set.targets.values()))
     targets, augment = targets.to(dev), make_augment(args)
     model = common.distribute(build_model(args), info)
+    common.seed_everything(args.seed + info.rank)  # the views' stream starts at the seed, whatever the init drew
     optimizer, peak_lr = build_optimizer(common.unwrap(model), args)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps, warmup_steps = max(args.epochs * steps_per_epoch, args.steps), args.warmup_epochs * steps_per_epoch
