@@ -4,7 +4,7 @@ code (github.com/kakaobrain/gcrl) was announced but never published: this file i
 What is implemented (SPEC section 5; paper sections 3.1-3.2, 4.1, Figure 1, Tables 1-3, Appendix Algorithm 1):
   * iGPT's pixel tokens: a 512-color palette (k-means on training pixels, fitted on rank 0, broadcast, cached as
     <run>/palette.npy; or --palette PATH, e.g. iGPT's kmeans_centers.npy as GCRL 3.2 used), images -> tokens in
-    raster order (common.py section 9, shared with igpt.py);
+    raster order (common.py section 3, shared with igpt.py);
   * the token transformer of GCRL 3.2: token embedding + learned SOS + learned 2D (row + column) positions, pre-LN
     blocks (eq. 4) with GCRL's axial attention (row, causal column, shifted down, causal row; ONE set of attention
     weights per block, Appendix Algorithm 1) or --attention dense, dropout 0.1, 8 heads. The blocks are split into
@@ -309,7 +309,7 @@ def num_feature_layers(model: nn.Module) -> int:
 
 
 # eval_probe.py's unsupervised OOD hook (GCRL Table 6): log p(x) in nats of the decoder and the token embeddings it
-# is differentiable in (common.py section 9, shared with igpt.py).
+# is differentiable in (common.py section 3, shared with igpt.py).
 log_likelihood = common.log_likelihood
 
 

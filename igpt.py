@@ -273,7 +273,7 @@ def num_feature_layers(model: nn.Module) -> int:
 
 
 # eval_probe.py's unsupervised OOD hook (GCRL Table 6): log p(x) in nats and the token embeddings it is differentiable
-# in; shared with gcrl.py (common.py section 9).
+# in; shared with gcrl.py (common.py section 3).
 log_likelihood = common.log_likelihood
 
 
