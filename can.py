@@ -456,7 +456,7 @@ PRESETS = {
             weight_decay=0.05,
             eval_every=1000,
             ckpt_every=1000,
-        ),  # fmt: skip
+        ),
         # CPU tests and smoke runs: nothing here is a recommendation (lr 6.25e-4 at batch 16 moves a few steps).
         "tiny": dict(
             dataset="synthetic",
@@ -481,7 +481,7 @@ PRESETS = {
             knn_queries=100,
             knn_k=20,
             num_workers=0,
-        ),  # fmt: skip
+        ),
     },
     # CAN Table 6: base lr 2.5e-4 / 1.25e-4 and weight decay 0.05 / 0.1 for ViT-B / ViT-L; gradient checkpointing so
     # that 512 images per GPU (batch 4096 on 8 GPUs) fit in 80 GB (see the header).

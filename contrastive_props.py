@@ -847,7 +847,7 @@ PRESETS = {
             temperature=0.2,
             log_every=10,
             probe_epochs=50,
-        ),  # fmt: skip
+        ),
     },
 }
 

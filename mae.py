@@ -291,7 +291,7 @@ PRESETS = {
             eval_every=1000,
             ckpt_every=1000,
             test_images=1000,
-        ),  # fmt: skip
+        ),
         # CPU tests and smoke runs: nothing here is a recommendation (lr 6.25e-4 at batch 16 moves a few steps).
         "tiny": dict(
             dataset="synthetic",
@@ -312,7 +312,7 @@ PRESETS = {
             ckpt_every=100,
             test_images=128,
             num_workers=0,
-        ),  # fmt: skip
+        ),
     },
     "arch": {a: dict(patch_size=14) for a in ("vit_h", "vit_huge")},  # ViT-H/14 (MAE models_mae.py)
 }

@@ -362,7 +362,7 @@ PRESETS = {
             num_workers=10,
             eval_every=2000,
             ckpt_every=500,
-        ),  # fmt: skip
+        ),
         # CPU tests and smoke runs (nothing here is a recommendation): with --dataset fashion_mnist, 150 steps lift
         # the kNN monitor well above the untrained network (tests/test_simclr.py).
         "tiny": dict(
@@ -388,7 +388,7 @@ PRESETS = {
             knn_bank=2000,
             knn_queries=1000,
             num_workers=0,
-        ),  # fmt: skip
+        ),
     },
     # CAN Table 6 for the two ViTs it trains (same hyper-parameters for SimCLR): AdamW, base lr and weight decay per
     # size; gradient checkpointing so that 2 x 512 full views per GPU fit in 80 GB (see header).
