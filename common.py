@@ -1996,14 +1996,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_split(args, train: bool):
+def load_split(args, train: bool, in_memory: bool = False):
     """A method's train or held-out split from its Args (dataset, data_root, download, image_size,
     synthetic_size): in-memory datasets are stored at the training resolution (28 px Fashion-MNIST padded to 32,
-    synthetic shapes drawn at that size); image folders are decoded at full size and left to the crops."""
+    synthetic shapes drawn at that size); image folders are decoded at full size and left to the crops.
+    in_memory: the method needs an ImageArray (the pixel-token models): anything else is a clear error."""
     kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
-    return build_dataset(
+    ds = build_dataset(
         args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
     )
+    if in_memory and not isinstance(ds, ImageArray):
+        raise ValueError(f"this method needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
+    return ds
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -2470,8 +2474,11 @@ def check_masked_vit_args(args, needs_removed: bool, paper: str) -> None:
 def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:
     """Stop training on a non-finite loss, naming the step and every term; called before the update (one host
     sync for all the terms), so no NaN reaches the weights or a checkpoint."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).cpu() for v in terms.values()])
-    vals = dict(zip(terms, values.tolist()))
+    device = next((v.device for v in terms.values() if torch.is_tensor(v)), "cpu")
+    values = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in terms.values()]
+    )
+    vals = dict(zip(terms, values.tolist()))  # the one host sync
     if not all(math.isfinite(v) for v in vals.values()):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
         raise FloatingPointError(

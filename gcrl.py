@@ -380,14 +380,6 @@ def build_optimizer(model: GCRL, args: Args, lr: float, device) -> torch.optim.O
 # ======================================================================================================================
 
 
-def load_split(args: Args, train: bool):
-    """The train or test split, held in memory at the training resolution (uint8 (N, 3, S, S))."""
-    ds = common.load_split(args, train)
-    if not hasattr(ds, "images"):
-        raise ValueError(f"gcrl.py needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
-    return ds
-
-
 class TwoViews:
     """Per batch: [weak view, strong view] float (B, 3, S, S) in [0, 1] of the same images, drawn by two
     common.TrainBatches with the same seed, hence the same image order (exact resume included). The weak view is
@@ -532,7 +524,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
     with common.usage_errors(METHOD):
         per_rank = common.batch_per_rank(args.batch_size, info.world_size)
-        train_set, test_set = load_split(args, train=True), load_split(args, train=False)
+        train_set, test_set = (
+            common.load_split(args, True, in_memory=True),
+            common.load_split(args, False, in_memory=True),
+        )
         batches = TwoViews(train_set, args, per_rank, info)
         palette = common.shared_palette(args, train_set.images, run_dir, info, METHOD)
     args.num_colors = palette.shape[0]  # saved in args.json / the checkpoint: build_model needs it

@@ -322,17 +322,6 @@ def build_optimizer(model: ImageGPT, args: Args, lr: float, device) -> torch.opt
 # ======================================================================================================================
 
 
-def load_split(args: Args, train: bool):
-    """The train or test split, held in memory at the training resolution (uint8 (N, 3, S, S))."""
-    kw = {"synthetic_size": args.synthetic_size} if args.dataset == "synthetic" and args.synthetic_size else {}
-    ds = common.build_dataset(
-        args.dataset, root=args.data_root, train=train, download=args.download, image_size=args.image_size, **kw
-    )
-    if not hasattr(ds, "images"):
-        raise ValueError(f"igpt.py needs an in-memory dataset of small images (<= 64 px), not {args.dataset!r}")
-    return ds
-
-
 def check_args(args: Args) -> None:
     """Clear errors for settings that cannot run (ValueError / FileNotFoundError; main() turns them into one line)."""
     if args.arch not in IGPT_ARCHS:
@@ -473,7 +462,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
     with common.usage_errors(METHOD):
         per_rank = common.batch_per_rank(args.batch_size, info.world_size)
-        train_set, test_set = load_split(args, train=True), load_split(args, train=False)
+        train_set, test_set = (
+            common.load_split(args, True, in_memory=True),
+            common.load_split(args, False, in_memory=True),
+        )
         batches = common.TrainBatches(train_set, [VIEW[args.augment]], args.image_size, per_rank, info, seed=args.seed,
                                       num_workers=args.num_workers)  # fmt: skip
         palette = common.shared_palette(args, train_set.images, run_dir, info, METHOD)

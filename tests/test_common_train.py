@@ -389,3 +389,16 @@ def test_nt_xent_and_the_quantizer_switch_autocast_off_themselves():
         assert torch.equal(q.encode(images), tokens)
         # negative control: the same computation without the guard does move under bf16 autocast
         assert abs(common._nt_xent(z1, z2, 0.1).item() - loss.item()) > 1e-5
+
+
+def test_load_split_refuses_an_image_folder_where_a_method_needs_images_in_memory(tmp_path):
+    from PIL import Image
+
+    os.makedirs(tmp_path / "train" / "a")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "x.png")
+    args = dataclasses.make_dataclass("A", ["dataset", "data_root", "download", "image_size", "synthetic_size"])(
+        "imagefolder", str(tmp_path), False, 8, 0
+    )
+    assert len(common.load_split(args, True)) == 1  # fine for the DataLoader path
+    with pytest.raises(ValueError, match="needs an in-memory dataset"):
+        common.load_split(args, True, in_memory=True)
