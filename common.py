@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import gzip
 import json
@@ -32,7 +33,9 @@ import math
 import os
 import pickle
 import random
+import shutil
 import struct
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -2272,27 +2275,95 @@ def heldout_images(dataset, count: int, image_size: int, device, num_workers: in
 # ======================================================================================
 
 
-def arg(default, help: str, choices: list | None = None):
-    """A dataclass field with its help text (shown by --help); mutable defaults are copied per instance."""
-    meta = {"help": help, "choices": choices}
+def arg(default, help: str, choices: list | None = None, interval: str | None = None):
+    """A dataclass field with its help text (shown by --help); mutable defaults are copied per instance. `interval`
+    ("[0, 1)", "(0, inf)", ...) is the range the flag accepts, checked at parse time; without it the shared table
+    FLAG_INTERVALS applies, and any other float flag must be finite and >= 0."""
+    meta = {"help": help, "choices": choices, "interval": interval}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+# The range of the flags several scripts share (a field's own `interval` wins). Floats not listed: finite, >= 0.
+FLAG_INTERVALS = {
+    **dict.fromkeys(["lr", "base_lr", "gen_lr", "gen_base_lr", "temperature", "tau", "knn_t"], "(0, inf)"),
+    **dict.fromkeys(["decoupled_temperature", "lars_trust", "epochs"], "(0, inf)"),
+    **dict.fromkeys(["mask_ratio", "momentum", "dropout"], "[0, 1)"),
+    "crop_min_scale": "(0, 1]",
+    **dict.fromkeys(["gray_p", "blur_p", "bert_mask_prob"], "[0, 1]"),
+    **dict.fromkeys(["batch_size", "extract_batch_size", "image_size", "patch_size", "knn_k", "k"], "[1, inf)"),
+    **dict.fromkeys(["log_every", "eval_every", "ckpt_every", "num_colors", "synthetic_size"], "[1, inf)"),
+    **dict.fromkeys(["num_workers", "warmup_epochs", "keep_every", "num_samples", "test_images"], "[0, inf)"),
+    **dict.fromkeys(["knn_bank", "knn_queries", "eval_images", "palette_pixels", "kmeans_iters"], "[0, inf)"),
+}
+
+
+def _interval_type(base, interval: str | None):
+    """argparse type: parse with `base`, then check finiteness and the interval (an error names the flag)."""
+    lo_open, lo, hi, hi_open = None, None, None, None
+    if interval:
+        left, right = (s.strip() for s in interval.strip()[1:-1].split(","))
+        lo_open, lo, hi, hi_open = interval.strip()[0] == "(", float(left), float(right), interval.strip()[-1] == ")"
+
+    def parse(text: str):
+        value = base(text)
+        if base is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if interval is None:
+            if base is float and value < 0:
+                raise argparse.ArgumentTypeError(f"{text} is negative")
+            return value
+        if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return value
+
+    parse.__name__ = base.__name__  # argparse names the type in "invalid <type> value"
+    return parse
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Bad input is one line naming the flag (argparse prints the whole usage block first), exit status 2."""
+
+    def error(self, message):
+        raise ExitError(f"{self.prog}: error: {message} (see --help)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        if action.default in ("", None) and "%(default)" not in (action.help or ""):
+            return action.help + (" (default: '')" if action.default == "" else " (default: none)")
+        return super()._get_help_string(action)
+
+
 def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, dict]] | None = None):
-    """Build an argparse parser from a dataclass (each field -> --field-name with its help text and default),
-    parse argv, and return an instance. `presets` maps a field name (e.g. "preset" or "arch") to
-    {value: {field: value, ...}}: when the chosen value has an entry, those fields take its value unless given
-    on the command line. Precedence: explicit flag > first level > later levels > dataclass default (the methods
-    list "preset" before "arch": a preset wins over the arch's entry); a level may choose the value of a later one
-    (a preset picks its arch). What each level set
-    is printed (rank 0) and kept in args.presets_applied (written to args.json, not to checkpoints)."""
+    """Build an argparse parser from a dataclass (each field -> --field-name with its help text, its default and
+    what each preset sets it to), parse argv, and return an instance. `presets` maps a field name (e.g. "preset" or
+    "arch") to {value: {field: value, ...}}: when the chosen value has an entry, those fields take its value unless
+    given on the command line. Precedence: explicit flag > first level > later levels > dataclass default (the
+    methods list "preset" before "arch": a preset wins over the arch's entry); a level may choose the value of a
+    later one (a preset picks its arch). What each level set is printed (rank 0) and kept in args.presets_applied
+    (written to args.json, not to checkpoints). Every value is range-checked (FLAG_INTERVALS); bad input exits 2
+    with one line."""
     presets = presets or {}
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(
-        description=(cls.__doc__ or "").strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    module = cls.__module__
+    parser = _ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) if module == "__main__" else f"{module.rpartition('.')[2]}.py",
+        description=(cls.__doc__ or "").strip(),
+        formatter_class=_HelpFormatter,
+        epilog="\n".join(
+            f"--{key.replace('_', '-')} {value}: " + (", ".join(f"{n}={v}" for n, v in table.items()) or "-")
+            for key in presets
+            for value, table in presets[key].items()
+        )
+        or None,
     )
+    set_by = {}  # field -> ["preset tiny: 16", ...]
+    for key in presets:
+        for value, table in presets[key].items():
+            for name, v in table.items():
+                set_by.setdefault(name, []).append(f"{key} {value}: {v}")
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         origin, targs = typing.get_origin(tp), typing.get_args(tp)
@@ -2304,6 +2375,8 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
         helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name in presets:
             helptext += f" (presets: {', '.join(presets[f.name])})"
+        if f.name in set_by:
+            helptext += f" [{'; '.join(set_by[f.name])}]".replace("%", "%%")
         kw = dict(default=default, help=helptext, dest=f.name)
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
@@ -2317,9 +2390,12 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
             kw["type"] = elem
         else:
             kw["type"] = tp
+        if kw["type"] in (int, float):
+            kw["type"] = _interval_type(kw["type"], f.metadata.get("interval") or FLAG_INTERVALS.get(f.name))
         if optional:
             base = kw["type"]
             kw["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
+            kw["type"].__name__ = getattr(base, "__name__", "value")
         parser.add_argument(name, **kw)
     ns = parser.parse_args(argv)
     # which fields were given explicitly: parse again with every default suppressed
@@ -2432,23 +2508,51 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+class ExitError(SystemExit):
+    """A one-line error that ends the script: printed to stderr when raised, exit status `code` (2 for bad input,
+    argparse's convention; 1 for a run that had to stop). str() is the line, so tests can match it."""
+
+    def __init__(self, line: str, code: int = 2):
+        super().__init__(code)
+        self.line = line
+        if os.environ.get("RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.line
+
+
 @contextlib.contextmanager
 def usage_errors(script: str):
-    """Bad input (arguments, missing or malformed files, a dataset that is not there, a checkpoint that does not fit)
-    ends `script` with one line `<script>: error: ...` (exit status 1) instead of a traceback. Wrap only the setup:
-    a ValueError inside the training loop is a bug and keeps its traceback. Callers in Python catch SystemExit."""
+    """Bad input (arguments, missing or malformed files, a dataset that is not there, a checkpoint that does not fit,
+    a folder that cannot be written) ends `script` with one line `<script>: error: ...` and exit status 2 instead of
+    a traceback. Wrap only the setup: a ValueError inside the training loop is a bug and keeps its traceback."""
     script = script if script.endswith(".py") else f"{script}.py"  # a method name: its file
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # e.g. the paths tried
-        raise SystemExit(f"{script}: error: {message}") from None
+    except (ValueError, OSError) as e:
+        text = str(e) if isinstance(e, (ValueError, FileNotFoundError)) or not e.strerror else _os_error(e)
+        message = "; ".join(line.strip() for line in text.splitlines() if line.strip())  # e.g. the paths tried
+        raise ExitError(f"{script}: error: {message}") from None
+
+
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror)
 
 
 def check_common_args(args) -> None:
-    """The checks every training script shares (a ValueError names the flag)."""
+    """The checks every training script shares (a ValueError names the flag); the ranges of single flags are
+    checked by parse_args (FLAG_INTERVALS)."""
     if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
         raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
+
+
+def stop_at(args, total_steps: int) -> int:
+    """The step the run stops at: --steps when it is > 0 and before the end of the schedule, else the end."""
+    stop = min(args.steps, total_steps) if args.steps > 0 else total_steps
+    if stop < 1:
+        raise ValueError(f"--epochs {args.epochs} with --steps {args.steps} is {stop} steps: nothing to train")
+    return stop
 
 
 def check_masked_vit_args(args, needs_removed: bool, paper: str) -> None:
@@ -2471,20 +2575,19 @@ def check_masked_vit_args(args, needs_removed: bool, paper: str) -> None:
         )
 
 
+def _stack_terms(terms: dict, device=None) -> torch.Tensor:
+    device = device or next((v.device for v in terms.values() if torch.is_tensor(v)), "cpu")
+    values = [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in terms.values()]
+    return torch.stack(values)
+
+
 def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:
-    """Stop training on a non-finite loss, naming the step and every term; called before the update (one host
-    sync for all the terms), so no NaN reaches the weights or a checkpoint."""
-    device = next((v.device for v in terms.values() if torch.is_tensor(v)), "cpu")
-    values = torch.stack(
-        [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in terms.values()]
-    )
-    vals = dict(zip(terms, values.tolist()))  # the one host sync
+    """FloatingPointError naming the step and every term when a loss term is not finite (one host sync for all the
+    terms). Training loops call RunLogger.check_finite, which adds what to do about it and syncs less often."""
+    vals = dict(zip(terms, _stack_terms(terms).tolist()))
     if not all(math.isfinite(v) for v in vals.values()):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: {shown}. No checkpoint was written over the last good one; "
-            f"lower the learning rate or disable bf16 (--no-amp) and resume with --resume auto."
-        )
+        raise FloatingPointError(f"non-finite loss at step {step}: {shown}")
 
 
 def get_rng_state() -> dict:
@@ -2502,19 +2605,49 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: temp file in the same folder, fsync, rename over the old file. Refuses a model with NaN/Inf
-    so a diverged run never replaces the last good checkpoint."""
-    for name, t in state.get("model", {}).items():
-        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise FloatingPointError(f"refusing to save {path}: parameter {name} is not finite")
+# A run folder holds the newest checkpoint and the one before it, so a checkpoint that later proves bad (its weights
+# give a non-finite loss) can be set aside without losing the run; --keep-every adds snapshots that are never removed.
+CHECKPOINT, PREVIOUS, DIVERGED = "checkpoint.pt", "checkpoint.prev.pt", "checkpoint.diverged.pt"
+# A checkpoint whose weight norm grew more than this factor since the run's previous checkpoint is refused as diverged
+# (healthy runs change the global norm by a few percent between checkpoints; weight decay bounds it).
+DIVERGENCE_GROWTH = 10.0
+_SAVED: dict[str, dict] = {}  # abspath(run_dir) -> {"step", "norm", "prev_step"} of its newest good checkpoint
+
+
+def weights_report(model: nn.Module) -> tuple[float, float, str]:
+    """(global L2 norm, largest |w|, the parameter holding it) over the floating-point parameters; one host sync."""
+    named = [(n, p.detach()) for n, p in unwrap(model).named_parameters() if p.is_floating_point() and p.numel()]
+    norms = torch.stack(torch._foreach_norm([p for _, p in named])).float()
+    largest = torch.stack(torch._foreach_norm([p for _, p in named], math.inf)).float()
+    norm, top, where = torch.stack([norms.norm(), largest.max(), largest.argmax().float()]).tolist()
+    return norm, top, named[int(where) if math.isfinite(where) else 0][0]
+
+
+def save_checkpoint(path: str, state: dict, previous: str | None = None) -> None:
+    """Atomic write: temp file in the same folder, fsync, rename over the old file (moved to `previous` first when
+    given). A failed write removes its temp file; a full disk is a one-line error that leaves the old file intact."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:  # KeyboardInterrupt included: never leave a partial temp file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
+        if full or (isinstance(e, RuntimeError) and "write" in str(e) and shutil.disk_usage(folder).free < 2**30):
+            free = shutil.disk_usage(folder).free / 2**20
+            raise ExitError(
+                f"error: the disk is full: writing {path} failed with {free:.0f} MiB free; the previous checkpoint is "
+                f"intact. Free some space (or move the run with --output-dir) and resume with --resume auto",
+                code=1,
+            ) from None
+        raise
+    if previous and os.path.exists(path):
+        os.replace(path, previous)
     os.replace(tmp, path)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -2523,12 +2656,41 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(folder: str) -> int:
+    """Delete the temp files of checkpoint writes whose process is gone (a kill during a write); returns bytes freed."""
+    freed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = name.rpartition(".tmp")[2]
+        if not (name.startswith(".") and ".pt.tmp" in name and pid.isdigit()):
+            continue
+        try:
+            if int(pid) != os.getpid():
+                os.kill(int(pid), 0)
+                continue  # a live process (another run writing this folder): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            freed += os.path.getsize(os.path.join(folder, name))
+            os.remove(os.path.join(folder, name))
+    return freed
+
+
 def load_checkpoint(path: str, method: str | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint dict; clear errors for a missing file, a file that is not one of ours, or a checkpoint
-    written by another method's script."""
+    """Load a checkpoint dict; clear errors for a missing, empty or truncated file, a file that is not one of ours,
+    or a checkpoint written by another method's script."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({os.path.getsize(path)} bytes: {reason}); it is empty or truncated "
+            f"(an interrupted copy?): point --resume at another one (a run folder keeps {PREVIOUS}) or start "
+            f"fresh with --resume ''"
+        ) from None
     if not isinstance(ckpt, dict) or "method" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this repository (no 'method'/'model' entries)")
     if method is not None and ckpt["method"] != method:
@@ -2540,24 +2702,60 @@ def load_checkpoint(path: str, method: str | None = None, map_location="cpu") ->
 
 
 def resolve_resume(resume: str, run_dir: str) -> str | None:
-    """--resume auto -> run_dir/checkpoint.pt when it exists (else start fresh); '' -> None; a path must exist."""
+    """--resume auto -> run_dir's checkpoint.pt (or checkpoint.prev.pt when a kill came between the two renames of a
+    save) when there is one, else a fresh start; '' -> None; a path must exist."""
     if not resume:
         return None
     if resume == "auto":
-        path = os.path.join(run_dir, "checkpoint.pt")
-        return path if os.path.exists(path) else None
+        found = [p for p in (os.path.join(run_dir, n) for n in (CHECKPOINT, PREVIOUS)) if os.path.exists(p)]
+        return found[0] if found else None
     if not os.path.exists(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint (use --resume auto to pick up the run folder)")
     return resume
 
 
-def resume(resume_flag: str, run_dir: str, method: str, model: nn.Module, optimizer, info: DistInfo) -> int:
-    """--resume: restore model, optimizer and RNG states from the checkpoint it names (auto: run_dir's, when there
-    is one) and return its step; 0 for a fresh start."""
+def prepare_run_dir(run_dir: str, info: DistInfo) -> None:
+    """Rank 0: create the run folder, prove it writable (a ValueError naming --output-dir otherwise) and delete the
+    temp files that killed checkpoint writes left there."""
+    if not info.is_main:
+        return
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"--output-dir: cannot write the run folder {run_dir} ({e.strerror}): pick a writable --output-dir"
+        ) from None
+    freed = remove_stale_temp_files(run_dir)
+    if freed:
+        print0(f"removed {freed / 2**20:.1f} MiB of temp files left by interrupted checkpoint writes in {run_dir}")
+
+
+def resume(
+    resume_flag: str, run_dir: str, method: str, model: nn.Module, optimizer, info: DistInfo, stop_step: int | None
+) -> int:
+    """--resume: prepare the run folder, restore model, optimizer and RNG states from the checkpoint the flag names
+    (auto: run_dir's, when there is one) and return its step; 0 for a fresh start. A run already at stop_step is
+    complete: say so, and how to train again, and exit 0."""
+    prepare_run_dir(run_dir, info)
     path = resolve_resume(resume_flag, run_dir)
+    _SAVED.pop(os.path.abspath(run_dir), None)
     if not path:
         return 0
-    step = load_training_state(path, method, model, optimizer, info)["step"]
+    ckpt = load_training_state(path, method, model, optimizer, info)
+    step = ckpt["step"]
+    if stop_step is not None and step >= stop_step:
+        print0(
+            f"{run_dir} is complete: its checkpoint is at step {step} and this command stops at step {stop_step}, so "
+            f"there is nothing to train. Start a new run with --run-name NAME (or --resume '' to train this folder "
+            f"again from scratch); train this one further with a larger --steps or --epochs."
+        )
+        raise SystemExit(0)
+    norm = ckpt.get("param_norm") or weights_report(model)[0]
+    _SAVED[os.path.abspath(run_dir)] = {"step": step, "norm": norm, "prev_step": None}
     print0(f"resumed from {path} at step {step}")
     return step
 
@@ -2585,12 +2783,46 @@ def _gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def checkpoint_due(step: int, last: bool, args, steps_per_epoch: int) -> bool:
+    """Every --ckpt-every steps, at the last step, and at each --keep-every epochs snapshot."""
+    return last or step % args.ckpt_every == 0 or _snapshot_epoch(step, args, steps_per_epoch) is not None
+
+
+def _snapshot_epoch(step: int, args, steps_per_epoch: int) -> int | None:
+    keep = getattr(args, "keep_every", 0)
+    if keep > 0 and steps_per_epoch > 0 and step % steps_per_epoch == 0 and (step // steps_per_epoch) % keep == 0:
+        return step // steps_per_epoch
+    return None
+
+
 def save_training_state(
-    run_dir: str, method: str, args, model: nn.Module, optimizer, step: int, epoch: int, info: DistInfo, **extra
-) -> None:
+    run_dir: str, method: str, args, model: nn.Module, optimizer, step: int, epoch: int, info: DistInfo,
+    steps_per_epoch: int = 0, **extra,
+) -> None:  # fmt: skip
     """Collective (every rank calls it): gathers each rank's RNG states, rank 0 writes run_dir/checkpoint.pt =
-    {method, args, model (unwrapped), optimizer, rng (list by rank), step, epoch, **extra}."""
+    {method, args, model (unwrapped), optimizer, rng (list by rank), step, epoch, param_norm, **extra}, moving the
+    one before to checkpoint.prev.pt, plus checkpoint-epNNNN.pt every --keep-every epochs. Divergence guard: weights
+    that are not finite, or whose norm grew more than DIVERGENCE_GROWTH x since the last checkpoint, are never
+    written; the run stops with one line saying which checkpoint is kept and how to resume (every rank decides the
+    same: DDP weights are identical)."""
     rngs = _gather_objects(get_rng_state(), info)
+    norm, largest, where = weights_report(model)
+    key = os.path.abspath(run_dir)
+    last = _SAVED.get(key)
+    if not math.isfinite(norm) or (last and norm > DIVERGENCE_GROWTH * last["norm"]):
+        what = (
+            f"weights are not finite (in {where})"
+            if not math.isfinite(norm)
+            else f"weight norm grew {norm / last['norm']:.3g}x since step {last['step']} ({last['norm']:.4g} -> "
+            f"{norm:.4g}; largest |w| {largest:.3g} in {where})"
+        )
+        kept = f"{CHECKPOINT} (step {last['step']}) is kept as it was" if last else "no checkpoint was written"
+        lr = optimizer.param_groups[-1]["lr"]
+        raise ExitError(
+            f"{method}.py: error: the run diverged at step {step}: the {what}. {kept}. Resume it with --resume auto "
+            f"and a lower learning rate (this step used lr {lr:.3g}).",
+            code=1,
+        )
     if info.is_main:
         state = {
             "method": method,
@@ -2600,11 +2832,26 @@ def save_training_state(
             "rng": rngs,
             "step": step,
             "epoch": epoch,
+            "param_norm": norm,
             **extra,
         }
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), state)
+        path = os.path.join(run_dir, CHECKPOINT)
+        save_checkpoint(path, state, previous=os.path.join(run_dir, PREVIOUS))
+        snapshot = _snapshot_epoch(step, args, steps_per_epoch)
+        if snapshot is not None:  # a hard link: no second copy on disk while checkpoint.pt is this file
+            keep = os.path.join(run_dir, f"checkpoint-ep{snapshot:04d}.pt")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(keep)
+            try:
+                os.link(path, keep)
+            except OSError:
+                shutil.copyfile(path, keep)
+    _SAVED[key] = {"step": step, "norm": norm, "prev_step": last["step"] if last else None}
     if info.world_size > 1:
         dist.barrier()
+
+
+_SHAPE_ARGS = ("arch", "image_size", "patch_size", "decoder_dim", "decoder_depth", "num_colors", "attention", "loss")
 
 
 def load_training_state(path: str, method: str, model: nn.Module, optimizer, info: DistInfo) -> dict:
@@ -2616,9 +2863,11 @@ def load_training_state(path: str, method: str, model: nn.Module, optimizer, inf
     except (RuntimeError, ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])[:200]  # the first mismatch
+        old = ckpt.get("args", {})
+        shape = ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in _SHAPE_ARGS if k in old)
         raise ValueError(
-            f"{path} does not fit this model ({detail}): it was written with other architecture settings (see its "
-            f"args.json); resume with the same arguments, or start a fresh run with --resume ''"
+            f"{path} does not fit this model ({detail}): it was written with other architecture settings ({shape}); "
+            f"resume with those, or start a fresh run with --resume '' or another --run-name"
         ) from None
     rngs = ckpt.get("rng", [])
     if len(rngs) == info.world_size:
@@ -2666,9 +2915,10 @@ class Throughput:
 
 
 class RunLogger:
-    """The run folder (rank 0): args.json (with what the presets set and the method's `notes`), metrics.jsonl
-    (one JSON object per row) and TensorBoard events when the optional tensorboard package is installed; and the
-    training progress line.
+    """The run folder (rank 0): args.json (with what the presets set, the precision that actually runs and the
+    method's `notes`), metrics.jsonl (one JSON object per row; on a resume, cut back to the checkpoint's step so no
+    step appears twice) and TensorBoard events when the optional tensorboard package is installed; the training
+    progress line; and the finiteness check of the loss.
 
     step(step, terms, lr, epoch, images) after every optimizer step counts the global images; on logging steps
     (every args.log_every steps and at stop_step) it averages the loss terms over the ranks (a collective: every rank
@@ -2676,35 +2926,91 @@ class RunLogger:
     `step s/S ep e | loss/total ... | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
 
     def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int,
-                 notes: dict | None = None):  # fmt: skip
+                 notes: dict | None = None, method: str = ""):  # fmt: skip
         self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
         self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
+        self.script, self.lr, self.first_bad = f"{method or 'train'}.py", None, None
         self.meter = Throughput(stop_step, start_step)
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        saved = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+        if "amp" in saved:  # what runs, not what was asked: bf16 only where the hardware has it (bf16_is_fast)
+            saved.update(amp=bool(saved["amp"] and bf16_is_fast(info.device)), amp_requested=saved["amp"])
+        saved.update(presets_applied=getattr(args, "presets_applied", {}), **(notes or {}))
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            saved = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-            saved.update(presets_applied=getattr(args, "presets_applied", {}), **(notes or {}))
             json.dump(saved, f, indent=2)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        kept = []
+        if start_step > 0 and os.path.exists(metrics):  # rows after the checkpoint were logged by the killed run
+            with open(metrics) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+        self.file = open(metrics, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(run_dir)
+            self.tb = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard is optional
             self.tb = None
 
     def paused(self):
         return self.meter.paused()
 
+    def check_finite(self, step: int, terms: dict) -> None:
+        """Call before the update. On logging and checkpoint steps, at the end and on every CPU step it syncs once
+        (all ranks agree through one all-reduce) and stops the run if this or any earlier step since the last sync
+        had a non-finite loss; on other GPU steps it only records the first bad step on the device (no host sync).
+        On stopping it tells the truth about the checkpoints: the newest one is set aside (checkpoint.diverged.pt)
+        when its own weights gave the non-finite loss, and checkpoint.prev.pt takes its place."""
+        values = _stack_terms(terms)
+        bad = ~torch.isfinite(values).all()
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        after = step + 1
+        if values.device.type != "cpu" and after % self.args.log_every and after % self.args.ckpt_every:
+            if after < self.stop_step:
+                return
+        first = self.first_bad.clone()
+        if self.info.world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        first = int(first)
+        if first < 0:
+            return
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, values.tolist()))
+        when = f"at step {step}: {shown}" if first == step else f"first at step {first} (at step {step}: {shown})"
+        saved = _SAVED.get(os.path.abspath(self.run_dir))
+        if saved is None:
+            story = "No checkpoint of this run was written; start again with a lower --lr"
+        elif saved["step"] == first:  # the newest checkpoint's own weights give this loss: it is not a good state
+            prev, bad_path = os.path.join(self.run_dir, PREVIOUS), os.path.join(self.run_dir, DIVERGED)
+            if self.info.is_main:
+                os.replace(os.path.join(self.run_dir, CHECKPOINT), bad_path)
+                if os.path.exists(prev):
+                    os.replace(prev, os.path.join(self.run_dir, CHECKPOINT))
+            if os.path.exists(os.path.join(self.run_dir, CHECKPOINT)):
+                story = (f"The checkpoint of step {first} gives this loss itself: it was moved to {DIVERGED}, and "
+                         f"{CHECKPOINT} is again the one before it (step {saved['prev_step']}); resume it")  # fmt: skip
+            else:
+                story = f"The only checkpoint (step {first}) gives this loss itself: moved to {DIVERGED}; start again"
+        else:
+            story = f"{CHECKPOINT} (step {saved['step']}) was written before the first bad step and is kept; resume it"
+        lr = f" than {self.lr:.3g}" if self.lr else ""
+        raise ExitError(
+            f"{self.script}: error: non-finite loss {when}. {story} "
+            f"with --resume auto and a lower --lr{lr}, or in fp32 (--no-amp).",
+            code=1,
+        )
+
     def step(self, step: int, terms: dict, lr: float, epoch: float, images: int, **extra) -> dict:
         self.meter.add(images)
+        self.lr = lr
         if step % self.args.log_every and step < self.stop_step:
             return {}
         names = list(terms)
-        local = torch.stack([torch.as_tensor(terms[n], dtype=torch.float32).detach().reshape(()) for n in names])
-        means = all_reduce_mean(local.to(self.info.device)).tolist()
+        means = all_reduce_mean(_stack_terms(terms, self.info.device)).tolist()
         ips, eta = self.meter.rate(step)
         row = {f"loss/{n}": v for n, v in zip(names, means)}
         row.update({"lr": lr, "epoch": epoch, **extra, "perf/images_per_s": ips})

@@ -202,6 +202,7 @@ class Args:
     # --- logging / probing
     log_every: int = common.arg(20, "log every N steps")
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    keep_every: int = common.arg(0, "also keep a snapshot checkpoint-epNNNN.pt every N epochs (0 = none; MAE: 20)")
     probe_epochs: int = common.arg(100, "linear probe epochs at the end of training (GCRL protocol: 100); 0 = no probe")
     probe_untrained: bool = common.arg(False, "also probe the same architecture untrained (seeded), for the baseline")
 
@@ -881,10 +882,10 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer, peak_lr = build_optimizer(common.unwrap(model), args)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps, warmup_steps = max(args.epochs * steps_per_epoch, args.steps), args.warmup_epochs * steps_per_epoch
-    stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
-        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
-    logger = common.RunLogger(run_dir, args, info, 0.0, stop_step, step, notes={"digit_source": source})
+        stop_step = common.stop_at(args, total_steps)
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
+    logger = common.RunLogger(run_dir, args, info, 0.0, stop_step, step, notes={"digit_source": source}, method=METHOD)
     what = args.loss if args.objective == "contrastive" else "supervised"
     common.print0(f"{METHOD} {args.arch} on {args.dataset}, {what}: {info.world_size} x {per_rank} images/step, "
                   f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {peak_lr:.3g}, steps {step} -> "
@@ -899,7 +900,7 @@ def main(argv: list[str] | None = None) -> dict:
             # W and the prior samples of the SWD losses: the same on every rank and after a resume
             gen = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step)
             terms = training_losses(model, x, targets[b], args, gen)
-            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
+            logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
@@ -908,8 +909,10 @@ def main(argv: list[str] | None = None) -> dict:
             # --- logging, checkpoints (boilerplate)
             final.update(logger.step(step, terms, lr, step / steps_per_epoch, args.batch_size))
             with logger.paused():  # images/s counts training time only
-                if step % args.ckpt_every == 0 or last:
-                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+                if common.checkpoint_due(step, last, args, steps_per_epoch):
+                    common.save_training_state(
+                        run_dir, METHOD, args, model, optimizer, step, epoch, info, steps_per_epoch
+                    )
             if last:
                 break
         epoch += 1

@@ -174,6 +174,7 @@ class Args:
     log_every: int = common.arg(50, "log every N steps")
     eval_every: int = common.arg(5000, "bits per token, kNN monitor and a sample grid every N steps (and at the end)")
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    keep_every: int = common.arg(0, "also keep a snapshot checkpoint-epNNNN.pt every N epochs (0 = none; MAE: 20)")
     eval_images: int = common.arg(0, "test images scored for bits per token and kNN queries (0 = the whole test split)")
     knn_bank: int = common.arg(
         10000, "training images (un-augmented) in the kNN memory bank; 0 disables the kNN monitor"
@@ -529,6 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
             common.load_split(args, False, in_memory=True),
         )
         batches = TwoViews(train_set, args, per_rank, info)
+        common.prepare_run_dir(run_dir, info)  # the palette cache is written there
         palette = common.shared_palette(args, train_set.images, run_dir, info, METHOD)
     args.num_colors = palette.shape[0]  # saved in args.json / the checkpoint: build_model needs it
     flops_per_image = training_step_flops(args)  # (the meta-device count needs no process group)
@@ -542,10 +544,10 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch
     gen_steps, total_steps, warmup_steps = phase_steps(args, steps_per_epoch)
-    stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
-        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step)
+        stop_step = common.stop_at(args, total_steps)
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
+    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
     net = common.unwrap(model)
     n_enc = sum(p.numel() for m in (net.embed, net.encoder, net.enc_norm, net.projector) for p in m.parameters())
     n_dec = sum(p.numel() for m in (net.decoder, net.norm, net.head) for p in m.parameters())
@@ -573,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
             weak_tokens = common.quantize(model, weak)  # (B, H*W) raster order
             strong_tokens = common.quantize(model, strong) if hybrid and args.beta > 0 else None
             terms = gcrl_loss(model, weak_tokens, strong_tokens, args, hybrid)
-            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
+            logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if args.clip_grad > 0:
@@ -586,8 +588,10 @@ def main(argv: list[str] | None = None) -> dict:
             with logger.paused():  # images/s counts training time only
                 if step % args.eval_every == 0 or last:
                     final.update(evaluate(step))
-                if step % args.ckpt_every == 0 or last:
-                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+                if common.checkpoint_due(step, last, args, steps_per_epoch):
+                    common.save_training_state(
+                        run_dir, METHOD, args, model, optimizer, step, epoch, info, steps_per_epoch
+                    )
             if last:
                 break
         epoch += 1

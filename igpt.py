@@ -168,6 +168,7 @@ class Args:
         5000, "bits per token on train / test images and a sample grid every N steps (and at end)"
     )
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    keep_every: int = common.arg(0, "also keep a snapshot checkpoint-epNNNN.pt every N epochs (0 = none; MAE: 20)")
     eval_images: int = common.arg(0, "images of each split scored for bits per token (0 = the whole test split)")
     # --- sampling
     temperature: float = common.arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
@@ -468,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         batches = common.TrainBatches(train_set, [VIEW[args.augment]], args.image_size, per_rank, info, seed=args.seed,
                                       num_workers=args.num_workers)  # fmt: skip
+        common.prepare_run_dir(run_dir, info)  # the palette cache is written there
         palette = common.shared_palette(args, train_set.images, run_dir, info, METHOD)
     args.num_colors = palette.shape[0]  # saved in args.json / the checkpoint: build_model needs it
     flops_per_image = training_step_flops(args)  # (the meta-device count needs no process group)
@@ -479,10 +481,10 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
-        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step)
+        stop_step = common.stop_at(args, total_steps)
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
+    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
     n_params = sum(p.numel() for p in common.unwrap(model).parameters())
     common.print0(f"{METHOD} {args.arch} ({n_params / 1e6:.2f}M parameters, {args.attention} attention, "
                   f"{args.objective}) on {args.dataset}: {args.image_size}x{args.image_size} tokens, K = "
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
         for views, _ in batches.epoch(epoch, start_step=step % steps_per_epoch):
             common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
             terms = igpt_loss(model, common.quantize(model, views[0]), args)  # tokens (B, H*W) in raster order
-            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
+            logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if args.clip_grad > 0:
@@ -516,8 +518,10 @@ def main(argv: list[str] | None = None) -> dict:
             with logger.paused():  # images/s counts training time only
                 if step % args.eval_every == 0 or last:
                     final.update(evaluate(step))
-                if step % args.ckpt_every == 0 or last:
-                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+                if common.checkpoint_due(step, last, args, steps_per_epoch):
+                    common.save_training_state(
+                        run_dir, METHOD, args, model, optimizer, step, epoch, info, steps_per_epoch
+                    )
             if last:
                 break
         epoch += 1

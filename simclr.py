@@ -111,6 +111,7 @@ class Args:
     log_every: int = common.arg(20, "log every N steps")
     eval_every: int = common.arg(1000, "monitors every N steps (and at step 0 and the end)")
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
+    keep_every: int = common.arg(0, "also keep a snapshot checkpoint-epNNNN.pt every N epochs (0 = none; MAE: 20)")
     knn_bank: int = common.arg(10000, "training images in the kNN monitor's bank; 0 disables the kNN monitor")
     knn_queries: int = common.arg(10000, "held-out images classified by the monitors")
     knn_k: int = common.arg(200, "neighbours of the kNN monitor (SPEC 8: 200; at most the bank size)")
@@ -427,10 +428,10 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    stop_step = min(args.steps, total_steps) if args.steps > 0 else total_steps
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
-        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step)
+        stop_step = common.stop_at(args, total_steps)
+        step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
+    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
     common.print0(f"{METHOD} {args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step, "
                   f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, steps {step} -> {stop_step}, "
                   f"{flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")  # fmt: skip
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
         for views, labels in batches.epoch(epoch, start_step=step % steps_per_epoch):
             common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
             terms, _ = simclr_losses(model, views, labels, args)
-            common.check_finite(step, terms)  # before the update: no NaN reaches the weights or a checkpoint
+            logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if args.clip_grad > 0:
@@ -460,8 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
             with logger.paused():  # images/s counts training time only
                 if step % args.eval_every == 0 or last:
                     final.update(evaluate(step))
-                if step % args.ckpt_every == 0 or last:
-                    common.save_training_state(run_dir, METHOD, args, model, optimizer, step, epoch, info)
+                if common.checkpoint_due(step, last, args, steps_per_epoch):
+                    common.save_training_state(
+                        run_dir, METHOD, args, model, optimizer, step, epoch, info, steps_per_epoch
+                    )
             if last:
                 break
         epoch += 1

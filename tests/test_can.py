@@ -310,7 +310,7 @@ def test_presets_and_bad_inputs(capsys):
         can.check_args(tiny_args("--image-size", "18"))
     with pytest.raises(SystemExit) as bad:  # from the command line: one line naming the flag, no stack trace
         can.main([*TINY, "--image-size", "18", "--output-dir", "unused"])
-    assert str(bad.value.code).startswith("can.py: error: --image-size 18 is not divisible by --patch-size")
+    assert str(bad.value).startswith("can.py: error: --image-size 18 is not divisible by --patch-size")
     with pytest.raises(ValueError, match="mask-ratio"):
         can.check_args(tiny_args("--mask-ratio", "0"))
 

@@ -323,7 +323,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
             cp.main([*TINY, "--output-dir", str(tmp_path), *argv])
-        return str(e.value.code)
+        return str(e.value)
 
     assert "--digits fashion_mnist | drawn" in error("--dataset", "multidigits", "--digits", "mnist",
                                                     "--data-root", str(tmp_path))  # fmt: skip

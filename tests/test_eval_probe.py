@@ -420,7 +420,7 @@ def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(os.path.join(ROOT, "eval_probe.py"), run_name="__main__")
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert message.startswith("eval_probe.py: error:") and "not a checkpoint" in message and "\n" not in message
 
 

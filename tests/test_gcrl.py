@@ -309,7 +309,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             gcrl.main(run + argv)
-        text = str(e.value.code)
+        text = str(e.value)
         assert text.startswith("gcrl.py: error:") and message in text and "\n" not in text, (argv, text)
 
 

@@ -310,7 +310,7 @@ def test_presets_and_bad_input_give_one_line_errors(tmp_path, capsys):
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             igpt.main(TINY + run + argv)
-        text = str(e.value.code)
+        text = str(e.value)
         assert text.startswith("igpt.py: error:") and message in text and "\n" not in text, (argv, text)
     with pytest.raises(SystemExit):
         igpt.main(["--attention", "sparse"])

@@ -295,19 +295,21 @@ def test_defaults_follow_mae_and_presets():
 def test_bad_inputs_stop_with_one_line_messages(capsys):
     with pytest.raises(SystemExit, match=r"mae.py: error: --image-size 18 is not divisible by --patch-size 4"):
         mae.main(TINY + ["--image-size", "18"])
-    with pytest.raises(SystemExit, match="mask-ratio 1.0 keeps 0 of 16"):
+    with pytest.raises(SystemExit, match=r"mae.py: error: argument --mask-ratio: 1.0 is outside \[0, 1\)"):
         mae.main(TINY + ["--mask-ratio", "1.0"])
+    with pytest.raises(SystemExit, match="mask-ratio 0.99 keeps 0 of 16"):
+        mae.main(TINY + ["--mask-ratio", "0.99"])
     with pytest.raises(SystemExit, match="decoder-dim 66 must be divisible by 4"):
         mae.main(TINY + ["--decoder-dim", "66"])
     with pytest.raises(SystemExit):
         mae.main(["--arch", "vit_enormous"])
     assert "invalid choice: 'vit_enormous'" in capsys.readouterr().err
-    # as a user sees it: exit status 1, the message on stderr, no stack trace
+    # as a user sees it: exit status 2 (argparse's), the message on stderr, no stack trace
     proc = subprocess.run(
         [sys.executable, f"{ROOT}/mae.py", "--preset", "tiny", "--patch-size", "5"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "mae.py: error: --image-size 16 is not divisible by --patch-size 5"
 
 

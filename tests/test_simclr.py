@@ -274,7 +274,7 @@ def test_presets_and_bad_inputs(capsys):
         simclr.check_args(tiny_args("--image-size", "30"))
     with pytest.raises(SystemExit) as bad:  # from the command line: one line naming the flag, no stack trace
         simclr.main([*TINY, "--image-size", "30", "--output-dir", "unused"])
-    assert str(bad.value.code).startswith("simclr.py: error: --image-size 30 is not divisible by --patch-size")
+    assert str(bad.value).startswith("simclr.py: error: --image-size 30 is not divisible by --patch-size")
 
 
 # ---------------------------------------------------------------- end to end
