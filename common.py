@@ -933,8 +933,9 @@ def embed_heldout(embed, held: dict, args, device) -> dict:
     for name in ("bank", "queries"):
         if name not in held or len(held[name]) == 0:
             continue
-        feats, labels = [], []
-        for x, y in eval_batches(held[name], args.image_size, 256, device, num_workers=min(args.num_workers, 4)):
+        feats, labels, total = [], [], -(-len(held[name]) // 256)
+        batches = eval_batches(held[name], args.image_size, 256, device, num_workers=min(args.num_workers, 4))
+        for x, y in progress(batches, f"embedding the held-out {name}", total):
             with autocast(x.device, args.amp):
                 feats.append(embed(x).float())
             labels.append(y)
@@ -2687,9 +2688,9 @@ def load_checkpoint(path: str, method: str | None = None, map_location="cpu") ->
     except (EOFError, RuntimeError, pickle.UnpicklingError, OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ValueError(
-            f"{path} is not a readable checkpoint ({os.path.getsize(path)} bytes: {reason}); it is empty or truncated "
-            f"(an interrupted copy?): point --resume at another one (a run folder keeps {PREVIOUS}) or start "
-            f"fresh with --resume ''"
+            f"{path} is not a readable checkpoint ({os.path.getsize(path)} bytes: {reason}): it is empty, truncated "
+            f"(an interrupted copy?) or not a torch file; use another checkpoint (a run folder also keeps {PREVIOUS}), "
+            f"or train from scratch with --resume ''"
         ) from None
     if not isinstance(ckpt, dict) or "method" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this repository (no 'method'/'model' entries)")
@@ -2876,6 +2877,28 @@ def load_training_state(path: str, method: str, model: nn.Module, optimizer, inf
         print0(f"resuming on {info.world_size} ranks from a {len(rngs)}-rank checkpoint: RNG streams re-seeded")
         seed_everything(ckpt["step"] * 1000 + info.rank)
     return ckpt
+
+
+# Long phases (feature extraction, probe training, the final kNN monitor) print a progress line this often (seconds).
+PROGRESS_EVERY_S = 10.0
+
+
+def progress(items, label: str, total: int | None = None, unit: str = "batches"):
+    """Yield from `items`, printing `label: n/N unit (p%), elapsed, ETA` (rank 0) every PROGRESS_EVERY_S seconds and
+    a last line at the end; phases shorter than that stay quiet."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    t0 = last = time.perf_counter()
+    n = 0
+    for item in items:
+        yield item
+        n += 1
+        now = time.perf_counter()
+        if now - last >= PROGRESS_EVERY_S or (n == total and last != t0):
+            last = now
+            elapsed = now - t0
+            done = f"{n}/{total} {unit} ({n / total:.0%})" if total else f"{n} {unit}"
+            eta = f", ETA {datetime.timedelta(seconds=int(elapsed * (total - n) / n))}" if total and n < total else ""
+            print0(f"  {label}: {done}, {datetime.timedelta(seconds=int(elapsed))} elapsed{eta}")
 
 
 def default_run_name(method: str, args) -> str:

@@ -99,10 +99,11 @@ class Args:
     dataset: str = arg("", "labeled dataset for the probes ('' = the checkpoint's dataset)")
     data_root: str = arg("", "dataset folder ('' = the checkpoint's data_root, else 'data')")
     download: bool = arg(False, "download missing datasets (torchvision downloaders)")
-    image_size: int = arg(0, "input size of the model (0 = the checkpoint's image_size)")
+    image_size: int = arg(0, "input size of the model (0 = the checkpoint's image_size)", interval="[0, inf)")
     eval_crop: str = arg("auto", "eval view: full (resize to S) | resize_crop (S/0.875 bicubic, center S) | auto "
                          "(resize_crop from 224 px on)", ["auto", "full", "resize_crop"])  # fmt: skip
-    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = the checkpoint's, else its default)")
+    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = the checkpoint's, else its default)",
+                              interval="[0, inf)")  # fmt: skip
     extract_batch_size: int = arg(256, "batch of the frozen forward passes that extract features")
     num_workers: int = arg(4, "DataLoader workers for datasets that are not kept in memory")
     amp: bool = arg(True, "bf16 autocast for feature extraction on CUDA (CPU extraction stays fp32)")
@@ -114,28 +115,34 @@ class Args:
     # linear probe (also used by layers and lowshot)
     linear_protocol: str = arg("gcrl", "gcrl: AdamW 100 epochs (GCRL 4.2); mae: BN + LARS 90 epochs (MAE linprobe)",
                                ["gcrl", "mae"])  # fmt: skip
-    epochs: int = arg(0, "probe epochs (0 = protocol default: gcrl 100, mae 90)")
-    lr: float = arg(0.0, "probe learning rate (0 = protocol default: gcrl 0.01 / 0.1 ImageNet; mae 0.1 x batch/256)")
+    epochs: int = arg(0, "probe epochs (0 = protocol default: gcrl 100, mae 90)", interval="[0, inf)")
+    lr: float = arg(0.0, "probe learning rate (0 = protocol default: gcrl 0.01 / 0.1 ImageNet; mae 0.1 x batch/256)",
+                    interval="[0, inf)")  # fmt: skip
     batch_size: int = arg(512, "probe batch (GCRL 4.2: 512; MAE linprobe: 512 per GPU)")
-    weight_decay: float = arg(-1.0, "probe weight decay (-1 = protocol default: gcrl 1e-4, mae 0)")
-    warmup_epochs: float = arg(-1.0, "mae protocol warmup epochs (-1 = 10/90 of the epochs, MAE's 10 of 90)")
+    weight_decay: float = arg(
+        -1.0, "probe weight decay (-1 = protocol default: gcrl 1e-4, mae 0)", interval="[-1, inf)"
+    )
+    warmup_epochs: float = arg(-1.0, "mae protocol warmup epochs (-1 = 10/90 of the epochs, MAE's 10 of 90)",
+                               interval="[-1, inf)")  # fmt: skip
     # knn
     knn_k: int = arg(200, "neighbours of the weighted kNN (Wu et al. 2018; DINO / SimCLR monitors)")
-    knn_temperature: float = arg(0.07, "temperature of the kNN vote weights exp(cos / t)")
+    knn_temperature: float = arg(0.07, "temperature of the kNN vote weights exp(cos / t)", interval="(0, inf)")
     # layers
     layers_probe: str = arg("linear", "per-block classifier: linear (iGPT) or knn (cheap)", ["linear", "knn"])
-    layers_val_fraction: float = arg(0.1, "held-out part of the training split (class balanced) choosing the block")
+    layers_val_fraction: float = arg(0.1, "held-out part of the training split (class balanced) choosing the block",
+                                     interval="(0, 1)")  # fmt: skip
     # ood
     ood_dataset: str = arg("svhn", "out-of-distribution test set (GCRL 4.3: SVHN and STL-10)")
     ood_ridge: float = arg(1e-3, "ridge added to each class covariance, relative to the mean feature variance")
     ood_grad: bool = arg(True, "also the unsupervised -||d log p / d embeddings|| score (methods with a likelihood)")
-    ood_grad_batch_size: int = arg(32, "batch of the likelihood-gradient score (a forward + backward pass)")
+    ood_grad_batch_size: int = arg(32, "batch of the likelihood-gradient score (a forward + backward pass)",
+                                   interval="[1, inf)")  # fmt: skip
     ood_max_images: int = arg(0, "likelihood-gradient score on the first N images of each test set (0 = all)")
     # lowshot
     lowshot_fractions: str = arg("0.01,0.05,0.1", "label fractions, comma-separated (GCRL Table 8: 1, 5, 10 percent)")
     seeds: str = arg("0,1,2,3,4", "low-shot seeds, comma-separated (GCRL Table 8: five seeds 0-4)")
     # calibration
-    ece_bins: int = arg(15, "equal-width confidence bins of the ECE (Guo et al. 2017)")
+    ece_bins: int = arg(15, "equal-width confidence bins of the ECE (Guo et al. 2017)", interval="[1, inf)")
 
 
 # ======================================================================================
@@ -349,7 +356,7 @@ def train_linear_head(epoch_batches, dim: int, num_classes: int, proto: LinearPr
     warmup = round(proto.warmup_epochs * steps_per_epoch)
     head.train()
     step = 0
-    for epoch in range(proto.epochs):
+    for epoch in common.progress(range(proto.epochs), f"training the {proto.name} probe", unit="epochs"):
         for x, y in epoch_batches(epoch):
             if proto.schedule == "cosine":
                 common.set_lr(optimizer, common.cosine_lr(step, total, warmup, proto.lr))
@@ -561,13 +568,14 @@ def call_features(module, model, images, layer: int | None, pool: str):
 
 
 @torch.no_grad()
-def extract_features(module, model, batches, layer: int | None = None, pool: str = "", amp: bool = False):
+def extract_features(module, model, batches, layer: int | None = None, pool: str = "", amp: bool = False,
+                     label: str = "extracting features", total: int | None = None):  # fmt: skip
     """Frozen features of every batch: batches yields (images float (B, 3, S, S) in [0, 1] on the model's device,
     labels (B,)). Returns (feats (N, D) float32 CPU, labels (N,) int64 CPU). The model must already be frozen."""
     if model.training or any(p.requires_grad for p in model.parameters()):
         raise RuntimeError("extract_features needs a frozen model (eval mode, requires_grad False): see freeze()")
     feats, labels = [], []
-    for x, y in batches:
+    for x, y in common.progress(batches, label, total):
         with common.autocast(x.device, enabled=amp and x.device.type == "cuda"):
             f = call_features(module, model, x, layer, pool)
         if f.ndim != 2 or f.shape[0] != x.shape[0]:
@@ -662,7 +670,11 @@ class FeatureStore:
             def compute():
                 self.extracted += 1
                 batches = self.batches(name, split, self.args.extract_batch_size)
-                feats, labels = extract_features(self.module, self.model, batches, layer, pool, self.args.amp)
+                known = name in common.DATASET_NAMES
+                total = -(-len(self.dataset(name, split)) // self.args.extract_batch_size) if known else None
+                where = f"{name} {split}" + ("" if layer is None else f", block {layer}")
+                feats, labels = extract_features(self.module, self.model, batches, layer, pool, self.args.amp,
+                                                 f"extracting features ({where})", total)  # fmt: skip
                 num_classes = getattr(self.datasets.get((name, split)), "num_classes", None) or int(labels.max()) + 1
                 return feats, labels, int(num_classes)
 
@@ -883,28 +895,56 @@ def eval_view(eval_crop: str, image_size: int) -> dict:
     return {}
 
 
+def check_writable(folder: str, what: str) -> None:
+    """ProbeError naming the flag when `folder` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ProbeError(f"cannot write {what} in {folder} ({e.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the chosen protocols on one checkpoint; returns the result rows (also appended to eval_results.*)."""
     args = common.parse_args(Args, argv)
-    protocols = parse_protocols(args.protocols)
-    info = common.setup_distributed(args.device)
-    device = info.device
-    module, margs, model, ckpt = load_model(args.ckpt, args.untrained, args.seed, device)
-    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
-
-    ck = ckpt["args"]
-    data = {"dataset": args.dataset or ck.get("dataset") or "", "data_root": args.data_root or ck.get("data_root")
-            or "data", "image_size": args.image_size or ck.get("image_size") or 0,
-            "synthetic_size": args.synthetic_size or ck.get("synthetic_size") or 0}  # fmt: skip
-    data["eval_view"] = eval_view(args.eval_crop, data["image_size"])
-    if not data["dataset"]:
-        raise ProbeError("the checkpoint's args name no dataset: pass --dataset")
-    if not data["image_size"]:
-        raise ProbeError("the checkpoint's args name no image_size: pass --image-size")
-    layer = None if args.layer < 0 else args.layer
-    pool = "" if args.pool == "auto" else args.pool
-    if layer is not None and layer >= module.num_feature_layers(model):
-        raise ProbeError(f"--layer {layer}: {ckpt['method']} has {module.num_feature_layers(model)} blocks (0-based)")
+    with common.usage_errors(METHOD):  # bad input: one line naming the flag, exit status 2
+        protocols = parse_protocols(args.protocols)
+        info = common.setup_distributed(args.device)
+        device = info.device
+        module, margs, model, ckpt = load_model(args.ckpt, args.untrained, args.seed, device)
+        ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
+        ck = ckpt["args"]
+        data = {"dataset": args.dataset or ck.get("dataset") or "", "data_root": args.data_root or ck.get("data_root")
+                or "data", "image_size": args.image_size or ck.get("image_size") or 0,
+                "synthetic_size": args.synthetic_size or ck.get("synthetic_size") or 0}  # fmt: skip
+        data["eval_view"] = eval_view(args.eval_crop, data["image_size"])
+        if not data["dataset"]:
+            raise ProbeError("the checkpoint's args name no dataset: pass --dataset")
+        if not data["image_size"]:
+            raise ProbeError("the checkpoint's args name no image_size: pass --image-size")
+        own = ck.get("dataset") if hasattr(module, "eval_batches") else None  # a dataset only the method builds
+        known = ", ".join(common.DATASET_NAMES + ((own,) if own and own not in common.DATASET_NAMES else ()))
+        for flag, name in (("--dataset", data["dataset"]), ("--ood-dataset", args.ood_dataset)):
+            if (flag == "--dataset" or "ood" in protocols) and name not in common.DATASET_NAMES and name != own:
+                raise ProbeError(f"{flag} {name}: unknown dataset; one of {known}")
+        if args.image_size and ck.get("image_size") and args.image_size != ck["image_size"]:
+            raise ProbeError(
+                f"--image-size {args.image_size} does not match the checkpoint's {ck['image_size']} px (the model's "
+                f"input size is fixed at training time): leave --image-size at 0"
+            )
+        layer = None if args.layer < 0 else args.layer
+        pool = "" if args.pool == "auto" else args.pool
+        if layer is not None and layer >= module.num_feature_layers(model):
+            raise ProbeError(
+                f"--layer {layer}: {ckpt['method']} has {module.num_feature_layers(model)} blocks (0-based)"
+            )
+        out_dir = args.output_dir or ckpt_dir
+        check_writable(out_dir, "eval_results.jsonl (--output-dir picks another folder)")
+        if args.cache:
+            check_writable(os.path.join(ckpt_dir, "feature_cache"), "the feature cache: pass --no-cache to skip it")
 
     weights = "untrained" if args.untrained else "trained"
     print(
@@ -926,7 +966,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         rows.append({"date": date, "checkpoint": os.path.abspath(args.ckpt), "method": ckpt["method"],
                      "weights": weights, "step": ckpt.get("step"), "dataset": name, **row})  # fmt: skip
-    out_dir = args.output_dir or ckpt_dir
     append_results(out_dir, rows)
     print(
         f"\n{ckpt['method']} ({weights}, step {ckpt.get('step')}) on {name}; results appended to "
@@ -937,7 +976,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
+    with common.usage_errors(METHOD):  # a ProbeError raised while the protocols run (an empty class, ...): one line
         main()
-    except (ProbeError, FileNotFoundError) as e:
-        sys.exit(f"eval_probe.py: error: {e}")

@@ -299,7 +299,7 @@ def test_clear_errors_for_bad_checkpoints(standin, tmp_path):
     with pytest.raises(ep.ProbeError, match="unknown method 'nosuchmethod'"):
         ep.load_model(str(bad / "m.pt"))
     (bad / "junk.pt").write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(ep.ProbeError, match="not a checkpoint"):
+    with pytest.raises(ep.ProbeError, match="not a readable checkpoint"):
         ep.load_model(str(bad / "junk.pt"))
     torch.save({"weights": 1}, bad / "dict.pt")
     with pytest.raises(ep.ProbeError, match="not a checkpoint"):
@@ -316,7 +316,7 @@ def test_clear_errors_for_bad_checkpoints(standin, tmp_path):
     torch.save({**ckpt, "args": {**ckpt["args"], "not_a_field": 1}}, bad / "args.pt")
     with pytest.raises(ep.ProbeError, match="not_a_field"):
         ep.load_model(str(bad / "args.pt"))
-    with pytest.raises(ep.ProbeError, match="unknown protocol"):
+    with pytest.raises(SystemExit, match="eval_probe.py: error: unknown protocol"):  # main: one line, exit 2
         ep.main(["--ckpt", path, "--protocols", "linear,bogus"])
 
 
@@ -421,7 +421,9 @@ def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(os.path.join(ROOT, "eval_probe.py"), run_name="__main__")
     message = str(exit_info.value)
-    assert message.startswith("eval_probe.py: error:") and "not a checkpoint" in message and "\n" not in message
+    assert (
+        message.startswith("eval_probe.py: error:") and "not a readable checkpoint" in message and "\n" not in message
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
