@@ -1708,6 +1708,8 @@ def _locate_mnist(name: str, root: str, split: str):
             # torchvision keeps both the .gz and the extracted file; the plain one skips a decompression
             found += [p for p in (plain, plain + ".gz") if os.path.isfile(p)][:1]
         if len(found) == 2:
+            if folder == FASHION_MNIST_SYSTEM_DIR:  # say which root was used: --data-root had no copy
+                print0(f"{name}: no copy under --data-root {root}; reading Debian's {folder}")
             return found, found
         expected.append(os.path.join(folder, "{" + ",".join(files) + "}[.gz]"))
     return None, expected
@@ -2039,12 +2041,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_device(device: str) -> None:
+    """A ValueError naming --device when it is not auto / cpu / cuda / cuda:N, or asks for CUDA where there is none."""
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"--device {device}: unknown; use auto (CUDA when available), cuda, cuda:N or cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible here; use --device cpu (or auto)")
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Works under `python x.py` (world size 1) and `torchrun` (env:// RANK / WORLD_SIZE / LOCAL_RANK), one or
     many nodes. NCCL on CUDA, gloo on CPU. device: auto (CUDA when available) | cuda | cpu."""
+    check_device(device)
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -2330,9 +2339,9 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ExitError(f"{self.prog}: error: {message} (see --help)")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
-        if action.default in ("", None) and "%(default)" not in (action.help or ""):
+        if action.default in ("", None) and "default" not in (action.help or ""):
             return action.help + (" (default: '')" if action.default == "" else " (default: none)")
         return super()._get_help_string(action)
 
@@ -2418,6 +2427,11 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
         if f.name in values and isinstance(values[f.name], list) and typing.get_origin(hints[f.name]) is tuple:
             values[f.name] = tuple(values[f.name])
     args = cls(**values)
+    if isinstance(getattr(args, "device", None), str):
+        try:
+            check_device(args.device)
+        except ValueError as e:
+            parser.error(str(e))
     args.presets_applied = {k: v for k, v in reversed(applied.items()) if v}
     if os.environ.get("RANK", "0") == "0":
         for level, table in args.presets_applied.items():
@@ -2953,6 +2967,7 @@ class RunLogger:
         self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
         self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
         self.script, self.lr, self.first_bad = f"{method or 'train'}.py", None, None
+        self.sync_every_step = info.device.type == "cpu"  # a host read costs nothing there
         self.meter = Throughput(stop_step, start_step)
         if not self.enabled:
             return
@@ -2993,7 +3008,7 @@ class RunLogger:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         after = step + 1
-        if values.device.type != "cpu" and after % self.args.log_every and after % self.args.ckpt_every:
+        if not self.sync_every_step and after % self.args.log_every and after % self.args.ckpt_every:
             if after < self.stop_step:
                 return
         first = self.first_bad.clone()
