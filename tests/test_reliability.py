@@ -62,7 +62,7 @@ def test_a_checkpoint_whose_weights_give_nan_is_set_aside(tmp_path, monkeypatch)
     run_dir = tmp_path / "r"
     assert run(mae, [*base, "--steps", "6", "--ckpt-every", "3"]) == (0, "")
     good = (run_dir / "checkpoint.pt").read_bytes()
-    code, line = run(mae, [*base, "--steps", "12", "--lr", "1e30", "--ckpt-every", "1"])
+    code, line = run(mae, [*base, "--steps", "12", "--lr", "1e6", "--ckpt-every", "1"])
     assert code == 1 and line.startswith("mae.py: error: non-finite loss at step 7:"), line
     assert "The checkpoint of step 7 gives this loss itself: it was moved to checkpoint.diverged.pt" in line
     assert "checkpoint.pt is again the one before it (step 6); resume it with --resume auto" in line
@@ -161,7 +161,7 @@ def test_keep_every_keeps_epoch_snapshots(tmp_path):
     """--keep-every 1 with 4 steps per epoch: checkpoint-ep0001.pt and -ep0002.pt hold the states of steps 4 and 8
     besides the rolling checkpoint.pt."""
     base = [*MAE_TINY, "--synthetic-size", "64", "--output-dir", str(tmp_path), "--run-name", "r"]
-    mae.main([*base, "--steps", "9", "--ckpt-every", "100", "--keep-every", "1"])
+    mae.main([*base, "--epochs", "3", "--steps", "9", "--ckpt-every", "100", "--keep-every", "1"])
     run_dir = tmp_path / "r"
     steps = {n: torch.load(run_dir / n, weights_only=False)["step"] for n in os.listdir(run_dir) if n.endswith(".pt")}
     assert steps == {"checkpoint-ep0001.pt": 4, "checkpoint-ep0002.pt": 8, "checkpoint.prev.pt": 8, "checkpoint.pt": 9}
