@@ -388,7 +388,8 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, args: Args, pat
     scale = 1.0 / (6 * args.sigma_max) if args.sigma_max > 0 else 1.0
     rows.append((0.5 + common.unpatchify(pred * (1 - mask), p) * scale).clamp(0, 1))
     rows.append((0.5 + common.unpatchify(common.patchify(noise, p) * (1 - mask), p) * scale).clamp(0, 1))
-    common.save_image_grid(torch.cat(rows), path, nrow=n)
+    labels = ["original", "masked + noise", "reconstruction", "predicted noise", "true noise"]
+    common.save_image_grid(torch.cat(rows), path, nrow=n, labels=labels)
 
 
 def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str) -> dict:

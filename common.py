@@ -2407,6 +2407,15 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
             kw["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
             kw["type"].__name__ = getattr(base, "__name__", "value")
         parser.add_argument(name, **kw)
+    cli = sys.argv[1:] if argv is None else list(argv)
+    if presets and ("-h" in cli or "--help" in cli):  # --preset tiny --help: list the values the preset gives
+        chooser = argparse.ArgumentParser(add_help=False)
+        for key in presets:
+            chooser.add_argument("--" + key.replace("_", "-"), dest=key)
+        chosen = vars(chooser.parse_known_args(cli)[0])
+        for key in presets:
+            value = chosen[key] if chosen[key] is not None else parser.get_default(key)
+            parser.set_defaults(**{n: v for n, v in presets[key].get(value, {}).items() if chosen.get(n) is None})
     ns = parser.parse_args(argv)
     # which fields were given explicitly: parse again with every default suppressed
     for action in parser._actions:
@@ -3136,13 +3145,26 @@ def mfu(flops_per_image: float, images_per_s_per_gpu: float, device) -> float | 
     return None if peak is None else flops_per_image * images_per_s_per_gpu / peak
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
-    """images (B, 3, H, W) uint8 or float in [0, 1] -> PNG grid (rows of nrow)."""
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, labels: list[str] | None = None,
+                    min_side: int = 64) -> None:  # fmt: skip
+    """images (B, 3, H, W) uint8 or float in [0, 1] -> PNG grid (rows of nrow). Images smaller than min_side px are
+    upscaled by an integer factor (nearest: pixels stay pixels) so a person can see them; `labels` captions each
+    row on the left (e.g. original / masked / reconstruction)."""
+    from PIL import Image, ImageDraw  # PIL ships with torchvision
+
     if images.dtype != torch.uint8:
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=1)
+    factor = max(1, -(-min_side // images.shape[-1]))
+    images = images.cpu().repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255)
+    picture = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    if labels:
+        margin, row_h = 8 + 6 * max(len(t) for t in labels), images.shape[-2] + 2
+        captioned = Image.new("RGB", (picture.width + margin, picture.height), "white")
+        captioned.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(captioned)
+        for i, text in enumerate(labels):
+            draw.text((4, 2 + i * row_h + row_h // 2 - 6), text, fill="black")
+        picture = captioned
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # PIL (a torchvision dependency) rather than torchvision.io.write_png, deprecated from torchvision 0.29
-    from PIL import Image
-
-    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)
+    picture.save(path)  # PIL rather than torchvision.io.write_png, deprecated from torchvision 0.29

@@ -372,7 +372,8 @@ def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str, 
         quantized = common.unwrap(model).quantizer.decode(
             common.quantize(model, shown), args.image_size, args.image_size
         )
-        common.save_image_grid(torch.cat([shown, quantized]), os.path.join(run_dir, "quantized.png"), nrow=8)
+        path, labels = os.path.join(run_dir, "quantized.png"), ["original", f"{args.num_colors} colors"]
+        common.save_image_grid(torch.cat([shown, quantized]), path, nrow=8, labels=labels)
     if info.is_main and args.objective == "ar" and args.num_samples > 0 and step > 0:
         tokens = common.sample(model, args.num_samples, args.temperature, args.seed, amp=args.amp)
         common.save_samples(model, tokens, os.path.join(run_dir, f"samples_step{step:07d}.png"))

@@ -226,7 +226,8 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, args: Args, pat
     grey = common.patchify(common.normalize(torch.full_like(images, 0.5)), p)
     masked, reconstructed = target * (1 - mask) + grey * mask, pred * mask + target * (1 - mask)
     rows = [x, common.unpatchify(masked, p), common.unpatchify(reconstructed, p)]
-    common.save_image_grid(torch.cat([common.denormalize(r).clamp(0, 1) for r in rows]), path, nrow=n)
+    images = torch.cat([common.denormalize(r).clamp(0, 1) for r in rows])
+    common.save_image_grid(images, path, nrow=n, labels=["original", "masked", "reconstruction"])
 
 
 def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str) -> dict:

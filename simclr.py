@@ -296,7 +296,8 @@ def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str) 
     aug = common.BatchedAugment("simclr", args.image_size, **augment_kwargs(args))
     g = torch.Generator(device=device).manual_seed(0)
     rows = [held["pictures"], aug(held["pictures"], g), aug(held["pictures"], g)]
-    common.save_image_grid(torch.cat(rows), os.path.join(run_dir, f"views_step{step:07d}.png"), nrow=8)
+    path = os.path.join(run_dir, f"views_step{step:07d}.png")
+    common.save_image_grid(torch.cat(rows), path, nrow=8, labels=["held-out image", "view 1", "view 2"])
     embedded = common.embed_heldout(lambda x: features(model, x), held, args, device)
     metrics = {"eval/knn_top1": common.knn_top1(embedded, args)} if "bank" in embedded else {}
     head = common.unwrap(model).online_head
