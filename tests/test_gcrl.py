@@ -300,7 +300,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (["--alpha", "0", "--beta", "0"], "not both 0"),
         (["--alpha", "0", "--gen-only-epochs", "1"], "no generative phase"),
         (["--gen-only-epochs", "20"], "--gen-only-epochs <= --epochs"),
-        (["--tau", "0"], "--tau and --temperature must be > 0"),
+        (["--tau", "0"], "argument --tau: 0 is outside (0, inf)"),
         (["--batch-size", "1"], "NT-Xent needs a negative"),
         (["--palette", str(tmp_path / "missing.npy")], "no such file"),
         (["--dataset", "cifar10", "--data-root", str(tmp_path)], "not found"),
