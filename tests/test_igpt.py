@@ -234,8 +234,10 @@ def test_samples_follow_the_model_at_the_temperature_and_decode_to_a_png(tmp_pat
     path = tmp_path / "samples.png"
     common.save_samples(model, tokens[:16], str(path))
     grid = read_png(path)
-    assert grid.shape == (3, 1 + 2 * 3, 1 + 8 * 3)
-    torch.testing.assert_close(grid[:, 1:3, 1:3], model.quantizer.decode(tokens[:1], 2, 2)[0], rtol=0, atol=0)
+    f = 32  # 2 px images are upscaled 32x (nearest) to the 64 px a person can see, 2 px padding
+    assert grid.shape == (3, 2 + 2 * (2 * f + 2), 2 + 8 * (2 * f + 2))
+    first = grid[:, 2 : 2 + 2 * f : f, 2 : 2 + 2 * f : f]  # one pixel per upscaled block
+    torch.testing.assert_close(first, model.quantizer.decode(tokens[:1], 2, 2)[0], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- eval_probe hooks
@@ -298,14 +300,14 @@ def test_presets_and_bad_input_give_one_line_errors(tmp_path, capsys):
     cases = [
         (["--palette", str(tmp_path / "missing.npy")], "no such file"),
         (["--palette", str(bad_palette)], "not a palette"),
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "0"], "argument --temperature: 0 is outside (0, inf)"),
         (["--sample-only"], "--sample-only needs --ckpt"),
         (["--sample-only", "--ckpt", str(tmp_path / "none.pt")], "does not exist"),
         (["--synthetic-size", "16"], "smaller than one global batch"),
         (["--image-size", "4"], "size >= 8"),
         (["--dataset", "cifar10", "--data-root", str(tmp_path)], "not found"),
         (["--resume", str(tmp_path / "none.pt")], "no such checkpoint"),
-        (["--eval-every", "0"], "must be >= 1"),
+        (["--eval-every", "0"], "argument --eval-every: 0 is outside [1, inf)"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

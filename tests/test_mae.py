@@ -192,8 +192,11 @@ def test_reconstruction_png_rows_and_per_patch_unnormalization(norm_pix, tmp_pat
     images = torch.rand(5, 3, 16, 16)
     mae.save_reconstructions(model, images, args, str(tmp_path / "r.png"))
     grid = read_png(tmp_path / "r.png").float() / 255
-    assert grid.shape == (3, 1 + 3 * 17, 1 + 5 * 17)  # 3 rows x 5 images of 16 px, 1 px padding
-    row = [grid[:, 1 + 17 * r : 17 * (r + 1), 1 : 1 + 16] for r in range(3)]  # first image of each row
+    # 3 captioned rows x 5 images of 16 px upscaled 4x (nearest) to 64 px, 2 px padding, a caption margin on the left
+    f, tile, margin = 4, 66, 8 + 6 * len("reconstruction")
+    assert grid.shape == (3, 2 + 3 * tile, margin + 2 + 5 * tile)
+    assert (grid[:, :, :margin] < 0.5).any(dim=0).any()  # the captions are drawn (black text on white)
+    row = [grid[:, 2 + tile * r : 2 + tile * r + 16 * f : f, margin + 2 : margin + 2 + 16 * f : f] for r in range(3)]
     assert (row[0] - images[0]).abs().max() < 1 / 255 + 1e-6  # original
     masked = common.patchify(row[1][None], 4)[0]
     assert ((masked - 0.5).abs().amax(1) < 1 / 255 + 1e-6).sum() == 12  # 12 of 16 patches grey
