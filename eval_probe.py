@@ -1,35 +1,31 @@
 """Evaluate any checkpoint of this repository: linear, kNN, best-layer, OOD and low-shot probes with calibration.
-SPEC section 8; protocols of GCRL (arXiv:2106.06162) 4.2-4.4 / Tables 5, 6, 8, MAE main_linprobe.py, iGPT 4.1
-(README "Evaluation protocols": which paper's numbers use which protocol).
+SPEC section 8; protocols of GCRL (arXiv:2106.06162) 4.2-4.4 / Tables 5, 6, 8, MAE main_linprobe.py, iGPT 4.1.
+README "Evaluation protocols": which papers' numbers use which protocol, and the choices where the papers are silent.
 
 `python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn` rebuilds the model from the checkpoint
 alone (ckpt["method"] names the method file, ckpt["args"] its Args), freezes it (requires_grad False, eval mode:
 BatchNorm statistics and dropout fixed), caches features next to the checkpoint, and runs:
-  linear      a head on cached features of un-augmented images. --linear-protocol gcrl (GCRL 4.2, after iGPT /
-              SimCLR): Linear, AdamW lr 0.01 (CIFAR-size) / 0.1 (ImageNet), wd 1e-4, batch 512, 100 epochs, constant
-              lr (GCRL states no schedule). mae (MAE main_linprobe.py, CAN): BatchNorm1d(affine=False) + Linear
-              (trunc-normal 0.01), LARS base lr 0.1 x batch / 256, wd 0, 10 warmup of 90 epochs, then cosine.
-  linear_aug  MAE main_linprobe.py as it runs (MAE's and CAN's numbers): the mae head on frozen features of fresh
-              RandomResizedCrop(S, 0.08-1, bicubic) + flip views every epoch, tested on the eval view.
+  linear      a head on features of un-augmented images. --linear-protocol gcrl (GCRL 4.2): Linear, AdamW lr 0.01
+              (CIFAR-size) / 0.1 (ImageNet), wd 1e-4, batch 512, 100 epochs, constant lr. mae (MAE main_linprobe.py):
+              BatchNorm1d(affine=False) + Linear (trunc-normal 0.01), LARS lr 0.1 x batch / 256, wd 0, 90 epochs of
+              which 10 warmup, then cosine.
+  linear_aug  the mae head on frozen features of fresh RandomResizedCrop(S, 0.08-1, bicubic) + flip views every
+              epoch, tested on the eval view (MAE main_linprobe.py as it runs: MAE's and CAN's numbers).
   knn         weighted kNN on cosine similarity, k 200, temperature 0.07 (Wu et al. 2018), no training.
-  layers      iGPT 4.1's best layer: the linear (or kNN) probe of every block, fit on the training split minus a
-              class-balanced 10% (--layers-val-fraction) and scored there; the chosen block is refit on the whole
-              training split and only its test accuracy is reported (the test split never chooses).
-  ood         max_c log N(z | mu_c, Sigma_c) of class-conditional Gaussians (GCRL 4.3, Table 5) -> AUROC / AUPRC of
-              the test split vs --ood-dataset's; with a `log_likelihood` hook also the unsupervised
-              -||d log p(x) / d token embeddings||_2 (GCRL Table 6).
-  lowshot     the linear probe on 1 / 5 / 10% of the labels (class balanced, --seeds), mean +- std (GCRL Table 8).
-Every classifier reports its expected calibration error (15 equal-width bins, Guo et al. 2017; kNN: the normalized
-votes are the probabilities). Eval view (--eval-crop auto): the image at the model's size S up to 64 px (GCRL /
-iGPT); from 224 px on Resize(S / 0.875, bicubic) + CenterCrop(S) (MAE / CAN / SimCLR). Results: <ckpt
-dir>/eval_results.jsonl and .csv (protocol, eval view and settings in every row) and a printed table. --untrained
-probes the same architecture freshly initialized: the "vs untrained" baseline.
+  layers      iGPT 4.1: every block's probe, fit on the training split minus a class-balanced 10% and scored there;
+              the best block is refit on all of it and only its test accuracy reported (the test split never chooses).
+  ood         max_c log N(z | mu_c, Sigma_c) of class-conditional Gaussians (GCRL 4.3, Table 5) and, with a
+              log_likelihood hook, -||d log p(x) / d token embeddings||_2 (Table 6): AUROC / AUPRC vs --ood-dataset.
+  lowshot     the linear probe on 1 / 5 / 10% of the labels (class balanced), mean +- std over --seeds (GCRL Table 8).
+Every classifier reports its ECE (15 equal-width bins, Guo et al. 2017; kNN: the normalized votes). Eval view
+(--eval-crop auto): the image at the model's size S up to 64 px; from 224 px on Resize(S / 0.875, bicubic) +
+CenterCrop(S). Results: <ckpt dir>/eval_results.jsonl and .csv and a printed table. --untrained probes the same
+architecture freshly initialized.
 
 Method-file interface (README "Method files"): build_model(args); features(model, images, layer=None, pool=None)
--> (B, D) for float images in [0, 1] (None: the method's representation / default pooling); num_feature_layers(model);
-optional log_likelihood(model, images) -> (log_px (B,) in nats, token_embeddings (B, L, D)), differentiable in the
-embeddings, which the hook makes a leaf that requires grad (the model is frozen); optional eval_batches(args, split,
-batch_size, device) -> (images, labels) batches of a dataset only the method file builds (contrastive_props.py's
+-> (B, D) for float images in [0, 1]; num_feature_layers(model); optional log_likelihood(model, images) -> (log_px
+(B,) in nats, token embeddings (B, L, D), a leaf that requires grad: the model is frozen); optional eval_batches(args,
+split, batch_size, device) -> (images, labels) batches of a dataset only the method file builds (contrastive_props.py's
 RandBit / MultiDigits / DigitOn), used when the checkpoint's dataset is not one of common.py's.
 
 Launch:
@@ -37,12 +33,6 @@ Launch:
   python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear_aug --eval-crop resize_crop
   python eval_probe.py --ckpt runs/<igpt run>/checkpoint.pt --protocols layers,ood --ood-dataset svhn
   python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols lowshot --seeds 0,1,2,3,4
-
-Choices where the papers are silent: probe batch 512 (GCRL's; MAE's global batch is 16384) with MAE's lr scaling;
-the last incomplete batch is dropped (MAE). Covariance: ML estimate + ridge x mean feature variance x I. AUPRC:
-average precision, in-distribution positive. --untrained re-initializes parameters and BatchNorm statistics; other
-buffers (iGPT's palette) come from the checkpoint. linear_aug keeps the backbone in eval mode (MAE leaves a ViT
-without dropout in train mode: the same). Low-shot std: sample std over seeds (ddof 1).
 """
 
 from __future__ import annotations
@@ -51,7 +41,6 @@ import csv
 import dataclasses
 import datetime
 import hashlib
-import importlib
 import importlib.util
 import json
 import math
@@ -71,7 +60,6 @@ from common import arg
 
 METHOD = "eval_probe"
 PROTOCOLS = ("linear", "linear_aug", "knn", "layers", "ood", "lowshot")
-IMAGENET_LIKE = common.IMAGENET_DATASETS  # GCRL 4.2 uses lr 0.1 for ImageNet, 0.01 for CIFAR
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -81,8 +69,8 @@ class ProbeError(ValueError):
 
 @dataclass
 class Args:
-    """Evaluate a checkpoint of any method of this repository (linear / kNN / best-layer / OOD / low-shot probes
-    with ECE). Results are appended to eval_results.jsonl / .csv next to the checkpoint."""
+    """Evaluate a checkpoint of any method of this repository (linear / kNN / best-layer / OOD / low-shot probes with
+    ECE); results are appended to eval_results.jsonl / .csv next to the checkpoint."""
 
     # experiment
     ckpt: str = arg("", "checkpoint.pt written by a method script (required)")
@@ -98,8 +86,7 @@ class Args:
     image_size: int = arg(0, "input size of the model (0 = the checkpoint's image_size)", interval="[0, inf)")
     eval_crop: str = arg("auto", "eval view: full (resize to S) | resize_crop (S/0.875 bicubic, center S) | auto "
                          "(resize_crop from 224 px on)", ["auto", "full", "resize_crop"])  # fmt: skip
-    synthetic_size: int = arg(0, "images per split of the synthetic dataset (0 = the checkpoint's, else its default)",
-                              interval="[0, inf)")  # fmt: skip
+    synthetic_size: int = arg(0, "synthetic images per split (0 = the checkpoint's, else default)", interval="[0, inf)")
     extract_batch_size: int = arg(256, "batch of the frozen forward passes that extract features")
     num_workers: int = arg(4, "DataLoader workers for datasets that are not kept in memory")
     amp: bool = arg(True, "bf16 autocast for feature extraction on CUDA (CPU extraction stays fp32)")
@@ -108,15 +95,12 @@ class Args:
     layer: int = arg(-1, "block whose output is the feature (0-based); -1 = the method's standard representation")
     pool: str = arg("auto", "token pooling of features() (auto = the method's default)", ["auto", "mean", "cls"])
     # linear probe (also used by layers and lowshot)
-    linear_protocol: str = arg("gcrl", "gcrl: AdamW 100 epochs (GCRL 4.2); mae: BN + LARS 90 epochs (MAE linprobe)",
-                               ["gcrl", "mae"])  # fmt: skip
+    linear_protocol: str = arg("gcrl", "gcrl: AdamW, 100 epochs (GCRL 4.2) | mae: LARS, 90 (MAE)", ["gcrl", "mae"])
     epochs: int = arg(0, "probe epochs (0 = protocol default: gcrl 100, mae 90)", interval="[0, inf)")
-    lr: float = arg(0.0, "probe learning rate (0 = protocol default: gcrl 0.01 / 0.1 ImageNet; mae 0.1 x batch/256)",
-                    interval="[0, inf)")  # fmt: skip
+    lr: float = arg(0.0, "probe lr (0 = default: gcrl 0.01, ImageNet 0.1; mae 0.1 x batch/256)", interval="[0, inf)")
     batch_size: int = arg(512, "probe batch (GCRL 4.2: 512; MAE linprobe: 512 per GPU)")
     weight_decay: float = arg(-1.0, "probe weight decay (-1 = default: gcrl 1e-4, mae 0)", interval="[-1, inf)")
-    warmup_epochs: float = arg(-1.0, "mae protocol warmup epochs (-1 = 10/90 of the epochs, MAE's 10 of 90)",
-                               interval="[-1, inf)")  # fmt: skip
+    warmup_epochs: float = arg(-1.0, "mae warmup epochs (-1 = 10/90 of --epochs: MAE's 10 of 90)", interval="[-1, inf)")
     # knn
     knn_k: int = arg(200, "neighbours of the weighted kNN (Wu et al. 2018; DINO / SimCLR monitors)")
     knn_temperature: float = arg(0.07, "temperature of the kNN vote weights exp(cos / t)", interval="(0, inf)")
@@ -137,15 +121,10 @@ class Args:
     ece_bins: int = arg(15, "equal-width confidence bins of the ECE (Guo et al. 2017)", interval="[1, inf)")
 
 
-# ======================================================================================
-# Metrics: accuracy, calibration, ranking (by hand, no sklearn)
-# ======================================================================================
-
-
+# ==== Metrics: accuracy, calibration, ranking (by hand, no sklearn) ===================================================
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
-    """ECE (Guo et al. 2017): confidence = max_c p_c, bins B_m = ((m-1)/M, m/M], m = 1..M;
-    ECE = sum_m |B_m|/N * |acc(B_m) - conf(B_m)| = sum_m |sum_{B_m} correct - sum_{B_m} conf| / N.
-    probs (N, C) rows summing to 1, labels (N,)."""
+    """ECE (Guo et al. 2017) of probs (N, C) (rows sum to 1), labels (N,): confidence = max_c p_c, bins B_m = ((m-1)/M,
+    m/M]; ECE = sum_m |B_m|/N * |acc(B_m) - conf(B_m)| = sum_m |sum_{B_m} correct - sum_{B_m} conf| / N."""
     probs = probs.double()
     conf, pred = probs.max(1)
     correct = (pred == labels.to(probs.device)).double()
@@ -161,24 +140,18 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_bins: 
     return {"acc": acc, "ece": expected_calibration_error(probs, labels, num_bins)}
 
 
-def average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of x (N,) in ascending order; tied values share the average of their ranks."""
-    order = torch.argsort(x)
-    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()  # last rank of each group of equal values
-    group_rank = ends - (counts.double() - 1) / 2  # mean of ranks end-count+1 .. end
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = group_rank[inverse]
-    return ranks
-
-
 def auroc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
     """Area under the ROC curve = P(s_pos > s_neg) + P(s_pos = s_neg) / 2 over all (pos, neg) pairs, computed with
     the Mann-Whitney rank sum: (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg), average ranks for ties."""
     n_pos, n_neg = pos_scores.numel(), neg_scores.numel()
     if n_pos == 0 or n_neg == 0:
         raise ProbeError("AUROC needs at least one positive and one negative score")
-    ranks = average_ranks(torch.cat([pos_scores.flatten(), neg_scores.flatten()]).double())
+    s = torch.cat([pos_scores.flatten(), neg_scores.flatten()]).double()
+    order = torch.argsort(s)
+    _, inverse, counts = torch.unique_consecutive(s[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of the last of each group of equal scores
+    ranks = torch.empty_like(s)
+    ranks[order] = (ends - (counts.double() - 1) / 2)[inverse]  # ties share the mean of ranks end-count+1 .. end
     return ((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
@@ -200,19 +173,14 @@ def auprc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
     return ((recall - recall_prev) * precision).sum().item()
 
 
-# ======================================================================================
-# Class-conditional Gaussian OOD score (GCRL 4.3) and the likelihood-gradient score (GCRL Table 6)
-# ======================================================================================
-
-
+# ==== Class-conditional Gaussian OOD score (GCRL 4.3) and the likelihood-gradient score (GCRL Table 6) ================
 def class_gaussian_score(train_feats, train_labels, num_classes: int, feats, ridge: float) -> torch.Tensor:
     """Supervised OOD score of GCRL 4.3: s(x) = max_c log N(z(x) | mu_c, Sigma_c) (the log of GCRL's max_c N(.), same
     order; higher = more in-distribution) of feats (N, D) -> (N,) float64. From the training features (float64):
     Sigma_c = (1/n_c) sum (z - mu_c)(z - mu_c)^T + ridge * mean_d(Var z_d) * I = L_c L_c^T (Cholesky), and
     log N(z | mu_c, Sigma_c) = -(D log 2pi + log det Sigma_c + ||L_c^-1 (z - mu_c)||^2) / 2."""
-    x = train_feats.double()
+    x, D = train_feats.double(), train_feats.shape[1]
     labels, queries = train_labels.to(x.device), feats.double().to(x.device)
-    D = x.shape[1]
     ridge_eye = ridge * x.var(0, unbiased=False).mean().clamp(min=1e-12) * torch.eye(D, dtype=x.dtype, device=x.device)
     log_densities = []
     for c in range(num_classes):
@@ -239,25 +207,19 @@ def likelihood_gradient_scores(module, model, batches, max_images: int = 0) -> t
         with torch.enable_grad():
             log_px, emb = module.log_likelihood(model, x)
             if not (torch.is_tensor(emb) and emb.requires_grad):
-                raise ProbeError(
-                    f"{module.__name__}.log_likelihood must return token embeddings that require grad (make the "
-                    f"embedding output a leaf with .detach().requires_grad_(); the model itself is frozen)"
-                )
+                raise ProbeError(f"{module.__name__}.log_likelihood must return token embeddings that require grad "
+                                 "(make the embedding output a leaf with .detach().requires_grad_(); the model itself "
+                                 "is frozen)")  # fmt: skip
             if log_px.shape != (x.shape[0],):
-                raise ProbeError(
-                    f"{module.__name__}.log_likelihood must return log p(x) of shape (B,), got {tuple(log_px.shape)}"
-                )
+                name = module.__name__
+                raise ProbeError(f"{name}.log_likelihood must return log p(x) of shape (B,), got {tuple(log_px.shape)}")
             (grad,) = torch.autograd.grad(log_px.double().sum(), emb)
         scores.append(-grad.double().flatten(1).norm(dim=1).cpu())
         seen += x.shape[0]
     return torch.cat(scores)
 
 
-# ======================================================================================
-# Probes on cached features: linear (GCRL / MAE protocols), kNN, low-shot sampling
-# ======================================================================================
-
-
+# ==== Probes on cached features: linear (GCRL / MAE protocols), kNN, low-shot sampling ================================
 @dataclass
 class LinearProtocol:
     name: str
@@ -284,7 +246,7 @@ class LinearProtocol:
 def linear_protocol(args: Args, dataset: str) -> LinearProtocol:
     """The linear-probe recipe chosen by --linear-protocol, with --epochs / --lr / --weight-decay overrides."""
     if args.linear_protocol == "gcrl":
-        lr = args.lr or (0.1 if dataset in IMAGENET_LIKE else 0.01)  # GCRL 4.2: 0.01 CIFAR, 0.1 ImageNet
+        lr = args.lr or (0.1 if dataset in common.IMAGENET_DATASETS else 0.01)  # GCRL 4.2: 0.01 CIFAR, 0.1 ImageNet
         wd = 1e-4 if args.weight_decay < 0 else args.weight_decay  # GCRL 4.2
         return LinearProtocol("gcrl", "adamw", lr, wd, args.batch_size, args.epochs or 100, 0.0, "constant")
     if args.linear_protocol == "mae":
@@ -309,9 +271,8 @@ def build_linear_head(dim: int, num_classes: int, protocol: str) -> nn.Module:
 
 def train_linear_head(epoch_batches, dim: int, num_classes: int, proto: LinearProtocol, steps_per_epoch: int,
                       seed: int, device) -> nn.Module:  # fmt: skip
-    """The probe's optimization: a fresh head (seeded init) trained for proto.epochs, where epoch_batches(epoch)
-    yields (features (B, dim), labels (B,)) on `device`; per-step lr for the cosine schedule. Returns it in eval
-    mode; the global RNG is left untouched."""
+    """A fresh head (seeded init; the global RNG is left untouched) trained for proto.epochs on epoch_batches(epoch)
+    -> (features (B, dim), labels (B,)) on `device`, per-step lr for the cosine schedule; returned in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = build_linear_head(dim, num_classes, proto.name).to(device)
@@ -365,9 +326,8 @@ def knn_eval(train, test, num_classes, k, temperature, num_bins) -> dict:
 
 
 def lowshot_indices(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
-    """Class-balanced subset: round(fraction * N / C) images of every class (all of a class when it has fewer),
-    drawn without replacement by a generator seeded with `seed`. 1% of CIFAR-10 = 50 per class = 500 labels
-    (GCRL Table 8). Returns sorted indices into labels."""
+    """Sorted indices of a class-balanced subset: round(fraction * N / C) images of every class (all when it has fewer),
+    drawn without replacement, seeded. 1% of CIFAR-10 = 50 per class = 500 labels (GCRL Table 8)."""
     labels = labels.cpu()
     per_class = max(1, round(fraction * labels.numel() / num_classes))
     g = torch.Generator().manual_seed(seed)
@@ -379,12 +339,9 @@ def lowshot_indices(labels: torch.Tensor, fraction: float, num_classes: int, see
 
 
 def holdout_split(labels: torch.Tensor, fraction: float, num_classes: int, seed: int):
-    """(fit indices, held-out indices): a class-balanced `fraction` of the labels held out (lowshot_indices), the
-    rest to fit on. Sorted indices."""
+    """Sorted (fit, held-out) indices: a class-balanced `fraction` held out (lowshot_indices), the rest to fit on."""
     held = lowshot_indices(labels, fraction, num_classes, seed)
-    keep = torch.ones(labels.numel(), dtype=torch.bool)
-    keep[held] = False
-    return keep.nonzero().squeeze(1), held
+    return torch.ones(labels.numel(), dtype=torch.bool).index_fill_(0, held, False).nonzero().squeeze(1), held
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -392,11 +349,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-# ======================================================================================
-# Model: rebuild from a checkpoint, freeze
-# ======================================================================================
-
-
+# ==== Model: rebuild from a checkpoint, freeze ========================================================================
 def available_methods() -> list[str]:
     """Method files next to this script (those defining build_model)."""
     files = sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f not in ("common.py", "eval_probe.py"))
@@ -414,30 +367,12 @@ def import_method(name) -> object:
         known = ", ".join(available_methods()) or "none found"
         raise ProbeError(f"unknown method '{name}': no {name}.py next to eval_probe.py (method files: {known})")
     module = importlib.import_module(name)
-    missing = [f for f in ("Args", "build_model", "features", "num_feature_layers") if not hasattr(module, f)]
+    needed = ("Args", "build_model", "features", "num_feature_layers")
+    missing = [f for f in needed if not hasattr(module, f)]
     if missing:
-        raise ProbeError(
-            f"{name} does not expose {', '.join(missing)}: not a method file with the eval interface "
-            f"(the method-file interface of the README: Args, build_model, features, num_feature_layers)"
-        )
+        raise ProbeError(f"{name} does not expose {', '.join(missing)}: not a method file with the eval interface "
+                         f"(the method-file interface of the README: {', '.join(needed)})")  # fmt: skip
     return module
-
-
-def read_checkpoint(path: str) -> dict:
-    """common.load_checkpoint with a clear error for files that torch cannot read at all."""
-    if not path:
-        raise ProbeError("--ckpt is required (a checkpoint.pt written by a method script)")
-    if not os.path.isfile(path):
-        raise ProbeError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = common.load_checkpoint(path)
-    except ValueError as e:
-        raise ProbeError(str(e)) from e
-    except Exception as e:  # torch.load on a file that is not a torch archive (pickle / zip errors)
-        raise ProbeError(f"{path} is not a checkpoint of this repository (torch.load failed: {e})") from e
-    if not isinstance(ckpt.get("args"), dict) or not isinstance(ckpt["model"], dict):
-        raise ProbeError(f"{path} is not a checkpoint of this repository ('args' / 'model' are not dicts)")
-    return ckpt
 
 
 def check_state_dict(model: nn.Module, state: dict, where: str) -> None:
@@ -459,12 +394,22 @@ def check_state_dict(model: nn.Module, state: dict, where: str) -> None:
 
 
 def load_model(ckpt_path: str, untrained: bool = False, seed: int = 0, device="cpu"):
-    """Rebuild the checkpoint's model: (module, method Args, model frozen on device, checkpoint dict). Frozen: no
-    parameter receives a gradient and the model stays in eval mode (BatchNorm uses its running statistics and never
-    updates them; dropout is off), so probing never changes the backbone. untrained=True: fresh parameters and
-    BatchNorm statistics from build_model (seeded); other buffers (e.g. a color palette fitted to the data) still
-    come from the checkpoint."""
-    ckpt = read_checkpoint(ckpt_path)
+    """Rebuild the checkpoint's model: (module, method Args, model, checkpoint dict). The model is frozen on `device`:
+    no parameter receives a gradient and eval mode keeps BatchNorm statistics and dropout fixed, so probing never
+    changes the backbone. untrained=True: fresh parameters and BatchNorm statistics from build_model (seeded); other
+    buffers (e.g. a color palette fitted to the data) still come from the checkpoint."""
+    if not ckpt_path:
+        raise ProbeError("--ckpt is required (a checkpoint.pt written by a method script)")
+    if not os.path.isfile(ckpt_path):
+        raise ProbeError(f"checkpoint {ckpt_path} does not exist")
+    try:
+        ckpt = common.load_checkpoint(ckpt_path)
+    except ValueError as e:
+        raise ProbeError(str(e)) from e
+    except Exception as e:  # torch.load on a file that is not a torch archive (pickle / zip errors)
+        raise ProbeError(f"{ckpt_path} is not a checkpoint of this repository (torch.load failed: {e})") from e
+    if not isinstance(ckpt.get("args"), dict) or not isinstance(ckpt["model"], dict):
+        raise ProbeError(f"{ckpt_path} is not a checkpoint of this repository ('args' / 'model' are not dicts)")
     module = import_method(ckpt["method"])
     unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(module.Args)})
     if unknown:
@@ -485,17 +430,12 @@ def load_model(ckpt_path: str, untrained: bool = False, seed: int = 0, device="c
     return module, args, model.to(device).requires_grad_(False).eval(), ckpt
 
 
-# ======================================================================================
-# Features: extraction (frozen, no grad) and the on-disk cache
-# ======================================================================================
-
-
+# ==== Features: extraction (frozen, no grad) and the on-disk cache ====================================================
 @torch.no_grad()
 def extract_features(module, model, batches, layer: int | None = None, pool: str = "", amp: bool = False,
                      label: str = "extracting features", total: int | None = None):  # fmt: skip
-    """Frozen features of every batch: batches yields (images float (B, 3, S, S) in [0, 1] on the model's device,
-    labels (B,)); pool "" = the method's default. Returns (feats (N, D) float32 CPU, labels (N,) int64 CPU). The
-    model must already be frozen."""
+    """Features of a frozen model for batches of (images float (B, 3, S, S) in [0, 1] on its device, labels (B,));
+    pool "" = the method's default. Returns (feats (N, D) float32 CPU, labels (N,) int64 CPU)."""
     if model.training or any(p.requires_grad for p in model.parameters()):
         raise RuntimeError("extract_features needs a frozen model (eval mode, requires_grad False): see load_model()")
     feats, labels = [], []
@@ -503,9 +443,8 @@ def extract_features(module, model, batches, layer: int | None = None, pool: str
         with common.autocast(x.device, enabled=amp and x.device.type == "cuda"):
             f = module.features(model, x, layer=layer, pool=pool or None)
         if f.ndim != 2 or f.shape[0] != x.shape[0]:
-            raise ProbeError(
-                f"{module.__name__}.features returned shape {tuple(f.shape)} for {x.shape[0]} images; expected (B, D)"
-            )
+            shape, n = tuple(f.shape), x.shape[0]
+            raise ProbeError(f"{module.__name__}.features returned shape {shape} for {n} images; expected (B, D)")
         feats.append(f.float().cpu())
         labels.append(y.cpu().long())
     if not feats:
@@ -520,10 +459,9 @@ def cached_features(cache_dir: str | None, ident: dict, compute):
     if cache_dir is None:
         return compute()
     layer = "std" if ident["layer"] is None else f"block{ident['layer']}"
-    weights = "untrained" if ident["untrained"] else "trained"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    name = f"{ident['dataset']}_{ident['split']}_{layer}_{ident['pool'] or 'default'}_{weights}_{digest}.pt"
-    path = os.path.join(cache_dir, name)
+    weights, digest = "untrained" if ident["untrained"] else "trained", hashlib.sha1(key.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{ident['dataset']}_{ident['split']}_{layer}_{ident['pool'] or 'default'}_"
+                        f"{weights}_{digest}.pt")  # fmt: skip
     if os.path.exists(path):
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -533,16 +471,16 @@ def cached_features(cache_dir: str | None, ident: dict, compute):
             print(f"ignoring unreadable feature cache {path}: {e}")
     feats, labels, num_classes = compute()
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save({"ident": key, "feats": feats, "labels": labels, "num_classes": num_classes}, f"{path}.tmp{os.getpid()}")
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"ident": key, "feats": feats, "labels": labels, "num_classes": num_classes}, tmp)
+    os.replace(tmp, path)
     return feats, labels, num_classes
 
 
 class FeatureStore:
     """Features of (dataset, split, layer, pool) for one frozen model, computed once and cached on disk next to the
-    checkpoint. The cache key holds the checkpoint's absolute path, mtime and size (a new checkpoint invalidates it),
-    the weights (trained / untrained + seed), dataset, data root, synthetic size, image size, split, layer and pool;
-    datasets are only read on a cache miss."""
+    checkpoint, keyed by its absolute path, mtime and size (a new checkpoint invalidates the cache), the weights
+    (trained / untrained + seed), the data settings, split, layer and pool; datasets are only read on a cache miss."""
 
     def __init__(self, module, model, ckpt_path: str, args: Args, data_defaults: dict, device, margs=None):
         self.module, self.model, self.args, self.device, self.margs = module, model, args, device, margs
@@ -550,8 +488,7 @@ class FeatureStore:
         st = os.stat(ckpt_path)
         self.ckpt_ident = {"ckpt": os.path.abspath(ckpt_path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
         self.cache_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "feature_cache")
-        self.datasets: dict = {}
-        self.memory: dict = {}
+        self.datasets, self.memory = {}, {}  # (name, split) -> dataset; identity -> features held in memory
 
     def dataset(self, name: str, split: str):
         if (name, split) not in self.datasets:
@@ -580,9 +517,9 @@ class FeatureStore:
             return self.memory[mkey]
 
         def compute():
-            batches = self.batches(name, split, self.args.extract_batch_size)
-            known = name in common.DATASET_NAMES
-            total = -(-len(self.dataset(name, split)) // self.args.extract_batch_size) if known else None
+            bs, known = self.args.extract_batch_size, name in common.DATASET_NAMES
+            batches = self.batches(name, split, bs)
+            total = -(-len(self.dataset(name, split)) // bs) if known else None  # batches, for the progress line
             where = f"{name} {split}" + ("" if layer is None else f", block {layer}")
             feats, labels = extract_features(self.module, self.model, batches, layer, pool, self.args.amp,
                                              f"extracting features ({where})", total)  # fmt: skip
@@ -602,11 +539,7 @@ class FeatureStore:
         return (tr_x, tr_y), (te_x, te_y), num_classes
 
 
-# ======================================================================================
-# Protocols (each returns one result row: setting + metrics)
-# ======================================================================================
-
-
+# ==== Protocols (each returns one result row: setting + metrics) ======================================================
 def run_linear(store: FeatureStore, args: Args, name: str, layer, pool) -> dict:
     train, test, C = store.train_test(name, layer, pool)
     proto = linear_protocol(args, name)
@@ -630,10 +563,9 @@ def run_linear_aug(store: FeatureStore, args: Args, name: str, layer, pool) -> d
     train_set = store.dataset(name, "train")
     C = getattr(train_set, "num_classes", None) or int(common.dataset_labels(train_set).max()) + 1
     B = min(proto.batch_size, len(train_set))
-    info = common.DistInfo(device=torch.device(store.device))
     view = dict(scale=(0.08, 1.0), interpolation="bicubic")  # MAE main_linprobe: RandomResizedCrop(224, interp. 3)
-    batches = common.TrainBatches(train_set, ["mae"], size, B, info, seed=args.seed, num_workers=args.num_workers,
-                                  aug_kwargs=view)  # fmt: skip
+    batches = common.TrainBatches(train_set, ["mae"], size, B, common.DistInfo(device=torch.device(store.device)),
+                                  seed=args.seed, num_workers=args.num_workers, aug_kwargs=view)  # fmt: skip
     print(f"linear_aug: {proto.describe()}; RandomResizedCrop({size}, scale 0.08-1, bicubic) + flip, "
           f"{batches.steps_per_epoch} steps per epoch")  # fmt: skip
 
@@ -723,11 +655,7 @@ def run_lowshot(store: FeatureStore, args: Args, name: str, layer, pool) -> dict
     return {"protocol": "lowshot", "setting": {**proto.setting(), "seeds": seeds}, "metrics": metrics}
 
 
-# ======================================================================================
-# Results: eval_results.jsonl / .csv next to the checkpoint, printed table
-# ======================================================================================
-
-
+# ==== Results: eval_results.jsonl / .csv next to the checkpoint, printed table ========================================
 def parse_list(s: str, kind=float) -> list:
     """'0.01,0.05' -> [0.01, 0.05] (kind float or int), or a ProbeError naming the text."""
     try:
@@ -775,17 +703,12 @@ def format_table(rows: list[dict]) -> str:
         setting = " ".join(f"{k}={v}" for k, v in row["setting"].items())
         for i, (metric, value) in enumerate(row["metrics"].items()):
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            first = i == 0
-            line = f"{row['protocol'] if first else '':<9} {metric:<16} {shown:>8}   {setting if first else ''}"
+            line = f"{row['protocol'] if i == 0 else '':<9} {metric:<16} {shown:>8}   {setting if i == 0 else ''}"
             lines.append(line.rstrip())
     return "\n".join(lines)
 
 
-# ======================================================================================
-# main
-# ======================================================================================
-
-
+# ==== main ============================================================================================================
 def eval_view(eval_crop: str, image_size: int) -> dict:
     """The eval view's keyword arguments (common.augment_config "eval"): {} = the image resized to S (GCRL / iGPT at
     32-64 px); resize_crop = shorter side to S / 0.875 bicubic, then the center S x S (MAE main_linprobe, CAN and
@@ -800,8 +723,7 @@ def check_writable(folder: str, what: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise ProbeError(f"cannot write {what} in {folder} ({e.strerror})") from None
@@ -832,8 +754,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.image_size and ck.get("image_size") and args.image_size != ck["image_size"]:
             raise ProbeError(f"--image-size {args.image_size} does not match the checkpoint's {ck['image_size']} px "
                              "(the model's input size is fixed at training time): leave --image-size at 0")  # fmt: skip
-        layer = None if args.layer < 0 else args.layer
-        pool = "" if args.pool == "auto" else args.pool
+        layer, pool = None if args.layer < 0 else args.layer, "" if args.pool == "auto" else args.pool
         depth = module.num_feature_layers(model)
         if layer is not None and layer >= depth:
             raise ProbeError(f"--layer {layer}: {ckpt['method']} has {depth} blocks (0-based)")
@@ -843,15 +764,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             check_writable(os.path.join(ckpt_dir, "feature_cache"), "the feature cache: pass --no-cache to skip it")
 
     weights = "untrained" if args.untrained else "trained"
-    print(
-        f"{ckpt['method']} checkpoint {args.ckpt} (step {ckpt.get('step')}, {weights} weights) on {device}; "
-        f"probing {data['dataset']} at {data['image_size']} px, features: "
-        f"{'standard' if layer is None else f'block {layer}'}, pool {args.pool}, eval view "
-        f"{'resize S/0.875 bicubic + center crop' if data['eval_view'] else 'the image at S'}"
-    )
+    print(f"{ckpt['method']} checkpoint {args.ckpt} (step {ckpt.get('step')}, {weights} weights) on {device}; "
+          f"probing {data['dataset']} at {data['image_size']} px, features: "
+          f"{'standard' if layer is None else f'block {layer}'}, pool {args.pool}, eval view "
+          f"{'resize S/0.875 bicubic + center crop' if data['eval_view'] else 'the image at S'}")  # fmt: skip
     store = FeatureStore(module, model, args.ckpt, args, data, device, margs)
-    name = data["dataset"]
-    rows = []
+    name, rows = data["dataset"], []
     for protocol in protocols:
         run = {"linear": run_linear, "linear_aug": run_linear_aug, "knn": run_knn, "layers": run_layers,
                "ood": run_ood, "lowshot": run_lowshot}[protocol]  # fmt: skip
