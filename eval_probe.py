@@ -95,7 +95,8 @@ class Args:
     layer: int = arg(-1, "block whose output is the feature (0-based); -1 = the method's standard representation")
     pool: str = arg("auto", "token pooling of features() (auto = the method's default)", ["auto", "mean", "cls"])
     # linear probe (also used by layers and lowshot)
-    linear_protocol: str = arg("gcrl", "gcrl: AdamW, 100 epochs (GCRL 4.2) | mae: LARS, 90 (MAE)", ["gcrl", "mae"])
+    linear_protocol: str = arg("gcrl", "gcrl: AdamW 100 epochs (GCRL 4.2); mae: BN + LARS 90 epochs (MAE linprobe)",
+                               ["gcrl", "mae"])  # fmt: skip
     epochs: int = arg(0, "probe epochs (0 = protocol default: gcrl 100, mae 90)", interval="[0, inf)")
     lr: float = arg(0.0, "probe lr (0 = default: gcrl 0.01, ImageNet 0.1; mae 0.1 x batch/256)", interval="[0, inf)")
     batch_size: int = arg(512, "probe batch (GCRL 4.2: 512; MAE linprobe: 512 per GPU)")
