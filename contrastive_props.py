@@ -7,9 +7,8 @@ What is implemented (SPEC section 7; REFERENCE_FACTS 3 restates the equations lo
     decoupled (eq. 4, the colab's `dist='logsumexp'`: kernel tau and lambda apart), swd_normal / swd_sphere / swd_cube
     (sliced-Wasserstein matching of the hidden vectors to N(0, I), the hypersphere or U(-1, 1)^d; projections and prior
     samples seeded by (seed, step)); negatives and the distribution term see the GLOBAL batch (common.gather_with_grad);
-  * backbones (paper A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the small ConvNet of the reference colab
-    randbits_mnist.ipynb (3 conv - BN - ReLU, Linear 128 - BN - ReLU = h), 3 + --bits input channels; a 2-layer
-    projection head (Linear - BN - ReLU - Linear, output 64);
+  * backbones (paper A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the colab's ConvNet (randbits_mnist.ipynb:
+    3 conv-BN-ReLU, Linear 128-BN-ReLU = h), 3 + --bits input channels; projection head Linear-BN-ReLU-Linear to 64;
   * datasets built on the fly, seeded (section "Data"; sizes in --help): multidigits (n digits, random or in a 4 x 4
     grid; probe: single digits), multidigits_size (a small and a large digit; probes per size), digit_on (a digit tiled
     at 9 places over a --base image, U = --unique-digits distinct digits; probes: digit, base class), randbit (--bits
@@ -31,8 +30,7 @@ Choices where the paper and its code are silent, and deviations (with reasons):
   * NT-Xent is the mean over the 2N anchors (common.nt_xent's convention; the TF reference reports 2x).
   * MultiDigits: 20 px digits on a 112 px canvas (sizes lost; 4.3's fixed size; fits a grid cell), each its whole 28 px
     frame resized, added, clipped at 255 ("channel addition"); supervised on n digits: multi-label BCE (unstated).
-  * digit_on probes compose held-out base images with digits from the WHOLE digit test split: digit recognition, not
-    memorization of the U training digits.
+  * digit_on probes put digits from the WHOLE digit test split on held-out base images (recognition, not memory of U).
   * --loss-scale (A.1's "x 1000" for normalized h) is 1: not in the authors' code (REFERENCE_FACTS 3); Adam / LARS
     barely feel it. Decoupled lambda 0.003 ~ tau / d = 0.2 / 64 (lost): eq. 3's balance for the colab's alignment.
   * LARS with lr = base_lr * sqrt(batch) (A.1; 0.075 is SimCLR's ImageNet value, the CIFAR value was lost) or Adam lr

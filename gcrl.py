@@ -45,10 +45,9 @@ Deviations from the paper, and choices where it is silent:
   * features(layer=i): iGPT's convention (LayerNorm without parameters, mean over positions) for every block;
     features(layer=None) uses the contrastive branch's trained LayerNorm: exactly the projection head's input.
 
-Measured on the shared 2-core CPU, fp32 (README.md "gcrl.py": commands, ECE, kNN, OOD, throughput). Table 4 at CPU
-scale (Fashion-MNIST 8x8, the tiny model for every method, 500 steps x 32 images, seeds 0-2), linear probe / test bits
-per token: GCRL 0.654 +- 0.023 / 5.43 +- 0.11; iGPT half 0.696 +- 0.011, last block 0.725 +- 0.007 / 5.04 +- 0.05;
-SimCLR 0.558 +- 0.071; untrained 0.476 / 9: only GCRL > SimCLR of the paper's ordering holds at this scale.
+Measured (2-core CPU, fp32; README.md "gcrl.py" has the commands, stds, ECE, kNN, OOD and throughput): Table 4 at CPU
+scale (Fashion-MNIST 8x8, tiny model, 500 steps x 32, seeds 0-2), mean linear probe / test bits per token: GCRL 0.654 /
+5.43, iGPT 0.696 (half), 0.725 (last) / 5.04, SimCLR 0.558, untrained 0.476 / 9: of Table 4's order only GCRL > SimCLR.
 """
 
 from __future__ import annotations
