@@ -2,95 +2,48 @@
 datasets with controllable competing features, training, and the paper's studies as sub-commands.
 
 What is implemented (SPEC section 7; REFERENCE_FACTS 3 restates the equations lost from the paper's text):
-  * the generalized contrastive loss L = L_align + lambda * L_distribution (paper eq. 2, Table 1) on the projections
-    h1, h2 (n, d) of the two views, `--loss`:
-      ntxent      NT-Xent (eq. 1), computed in its rewritten form (eq. 3): tau * L = -1/(2n) sum_i cos(z_i, z_i+)
-                  + tau * 1/(2n) sum_i log sum_{k != i} exp(cos(z_i, z_k) / tau), i.e. alignment + tau x LogSumExp
-                  uniformity, divided by tau;
-      decoupled   decoupled NT-Xent (eq. 4, colab `dist='logsumexp'`): align = mean((u1 - u2)^2) / 2 over all n x d
-                  elements of the normalized u, dist = mean_i logsumexp_j(u_i . u_j / tau) - log d over all 2n x 2n
-                  pairs (diagonal kept, as the colab), weighted by lambda, tau and lambda set separately;
-      swd_normal / swd_sphere / swd_cube   sliced-Wasserstein matching of the 2n hidden vectors to a prior: a fresh
-                  random orthogonal d x d matrix W each step, data and prior samples both projected by W, each
-                  coordinate sorted over the batch, dist = mean squared difference of the sorted values. Priors:
-                  N(0, I) (data not normalized), uniform on the hypersphere (normal samples l2-normalized, data
-                  normalized), uniform hypercube U(-1, 1)^d (data not normalized). W and the prior samples are drawn
-                  from a generator seeded by (seed, step): identical on every rank and after a resume; tests inject
-                  them.
-    Negatives / the distribution term use the GLOBAL batch: hidden vectors of every rank gathered with gradients
-    (common.gather_with_grad), so 2 ranks compute what one process computes on the concatenated batch (tested);
-  * backbones: ResNet-18 with SimCLR's CIFAR stem at <= 32 px (paper A.1) and the small ConvNet of the reference
-    colab randbits_mnist.ipynb (3 x [conv 3x3 stride 2 valid - BN - ReLU], 32/64/64 filters, flatten, Linear 128 - BN
-    - ReLU = h); input channels = 3 + --bits; 2-layer projection head (paper A.1: Linear - BN - ReLU - Linear, output
-    64 at CIFAR scale; hidden = the backbone width, 256 for the ConvNet as the colab);
-  * datasets built on the fly, seeded, from a digit source and a base dataset (section "Data"):
-      multidigits       n in {1, 2, 4, 8, 12, 16} digits on a --canvas (112) canvas, random or in-grid (4 x 4 cells,
-                        one digit per cell, no overlap) placement; probe: images with a single digit;
-      multidigits_size  two digits, one --digit-size (20 px), the other --large-size s (20, 30, ..., 80); probes on
-                        single small and single large digits;
-      digit_on          a digit tiled at 9 fixed places (offsets int(S * r), r in {0.15, 0.45, 0.75}) over an image of
-                        --base, composite `--composite add` (paper) or `max` (colab); each base image gets one of U
-                        = --unique-digits digit images; probes on the digit class and the base class;
-      randbit           --bits constant channels with the binary digits of a per-image random integer in
-                        [0, 2^bits), identical in both views and every epoch, never augmented; probe on the RGB class;
-      plain             --base as it is (a sanity baseline);
-    digits: --digits mnist (from disk, or --download) | fashion_mnist (Debian package) | drawn (procedural digits
-    0-9 from a 5x7 bitmap font with random scale, rotation, shear, stroke width, position and intensity); the choice
-    is printed and saved in args.json, nothing switches silently;
-  * augmentation batched on the device (common.BatchedAugment): crop-and-resize only for the MultiDigits sets (paper
-    3.1 / 4.3), SimCLR's full view on the RGB channels for randbit / digit_on / plain (`--augment crop` gives the
-    colab's crop-only view with area (0.5, 1));
-  * --objective supervised: the same network, augmentation and budget with a linear classifier on h and
-    cross-entropy (binary cross-entropy on the multi-hot digit set for the MultiDigits sets), Tables 3-4's baseline;
-  * at the end of training (and for the untrained network with --probe-untrained) a linear probe per target:
-    frozen h (eval mode), the GCRL protocol (AdamW lr 0.01, wd 1e-4, batch 512, --probe-epochs 100), results in
-    metrics.jsonl and probe.json;
-  * studies (issue 16): `python contrastive_props.py <study> --scale tiny|paper` with study in losses, multidigits,
-    suppression-size, digit-on, randbit; one run per point under <out>/runs, one CSV row per point in
-    <out>/<study>.csv (finished points are skipped on a rerun, an interrupted point resumes), a PNG when matplotlib
-    is installed.
+  * the generalized contrastive loss L = L_align + lambda * L_distribution (eq. 2, Table 1) on the projections h1, h2
+    (n, d) of the two views, --loss: ntxent (eq. 1 computed as eq. 3: alignment + tau x LogSumExp uniformity, over tau),
+    decoupled (eq. 4, the colab's `dist='logsumexp'`: kernel tau and lambda apart), swd_normal / swd_sphere / swd_cube
+    (sliced-Wasserstein matching of the hidden vectors to N(0, I), the hypersphere or U(-1, 1)^d; projections and prior
+    samples seeded by (seed, step)); negatives and the distribution term see the GLOBAL batch (common.gather_with_grad);
+  * backbones (paper A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the colab's ConvNet (randbits_mnist.ipynb:
+    3 conv-BN-ReLU, Linear 128-BN-ReLU = h), 3 + --bits input channels; projection head Linear-BN-ReLU-Linear to 64;
+  * datasets built on the fly, seeded (section "Data"; sizes in --help): multidigits (n digits, random or in a 4 x 4
+    grid; probe: single digits), multidigits_size (a small and a large digit; probes per size), digit_on (a digit tiled
+    at 9 places over a --base image, U = --unique-digits distinct digits; probes: digit, base class), randbit (--bits
+    constant channels of a per-image random integer, the same in both views and every epoch; probe: the RGB class),
+    plain (--base). Digits: --digits mnist | fashion_mnist | drawn (procedural), printed and saved in args.json;
+  * views batched on the device: crop-and-resize for MultiDigits (3.1 / 4.3), else SimCLR's view of the RGB channels;
+    --objective supervised: a linear classifier on h, same network, views and budget (Tables 3-4's baseline); at the end
+    (and untrained: --probe-untrained) a linear probe per target on frozen h, GCRL protocol (probe.json);
+  * studies: `contrastive_props.py <study> --scale tiny|paper` (losses, multidigits, suppression-size, digit-on,
+    randbit): a run and a CSV row per point (finished points skipped), a PNG with matplotlib.
 
 Launch:
     python contrastive_props.py --preset tiny --dataset randbit --bits 4 --steps 200 --probe-untrained
-    python contrastive_props.py --preset tiny --dataset multidigits --num-digits 4 --placement grid --loss swd_sphere
     python contrastive_props.py --dataset randbit --base cifar10 --bits 8             # ResNet-18, LARS, batch 512
-    torchrun --nproc_per_node 8 contrastive_props.py --dataset digit_on --base stl10 --unique-digits 1000
     python contrastive_props.py randbit --scale tiny --out results                   # Figure 7, CPU scale: 28 min here
-    python contrastive_props.py suppression-size --scale tiny --out results          # Table 4 at CPU scale
     python contrastive_props.py losses --scale paper --out results --train-args "--download"   # GPU, Table A.1
-    python contrastive_props.py multidigits --scale tiny --values 1,16               # fewer points
 
 Choices where the paper and its code are silent, and deviations (with reasons):
   * NT-Xent is the mean over the 2N anchors (common.nt_xent's convention; the TF reference reports 2x).
-  * MultiDigits digit size: the paper's numbers were lost in extraction; 20 px digits on a 112 px canvas (the size
-    kept fixed in 4.3, and a digit fits a 28 px grid cell of the 4 x 4 grid). A digit is its whole 28 px frame
-    resized to s x s (no tight crop); digits are composited by addition clipped at 255 (paper "channel addition").
-  * supervised baseline on several digits: multi-label (binary cross-entropy on the set of digit classes present);
-    the paper does not say how its supervised model saw n digits.
-  * digit_on probes use composites of the held-out base images with digits drawn from the WHOLE digit test split (not
-    only the U training digits), so the digit probe measures digit recognition, not memorization of U images.
-  * the paper's "scale the loss by 1000 when the hidden vector is normalized" (A.1) is --loss-scale, default 1: no
-    such constant is in the authors' code (REFERENCE_FACTS 3) and Adam / LARS steps barely depend on it.
-  * decoupled lambda default 0.003 ~ tau / d = 0.2 / 64: with the colab's per-element alignment (1 - cos) / d this is
-    eq. 3's balance between the two terms; the paper's tuned values were lost in extraction.
-  * optimizer: LARS with square-root scaling lr = base_lr * sqrt(batch) (paper A.1; 0.075 is SimCLR's ImageNet value,
-    the paper's CIFAR value was lost), or Adam lr 1e-3 (the colab) for the ConvNet; both with warmup + cosine (the
-    colab decays linearly).
-  * BatchNorm statistics stay per rank on CPU (no CPU SyncBatchNorm); SyncBatchNorm on GPUs.
-  * --scale paper of the studies: the setups the extracted text still states (ResNet-18, 2-layer head, LARS, Table 4's
-    batch 1024, Table A.1's batch 128 and epoch budgets); where the numbers were lost (MultiDigits / DigitOn / RandBit
-    epochs, temperatures) 100 epochs and tau in {0.1, 0.5} (Table 4, Figure 7) or 0.2 are this file's choice. The
-    DigitOnImageNet study runs on STL-10 at 64 px with 16 px digits (ImageNet does not fit the in-memory pipeline).
-  * Table 4's "untrained" row and Figure 7's random-network line: the same architecture and seed, not trained,
-    probed on the same data (--probe-untrained), recorded next to every point.
-  * --steps larger than the epochs hold extends the LR schedule to end at that step (the studies' tiny budgets).
-  * RandBit integers are drawn per image from a seeded generator (the colab hashes the image's JPEG bytes: also a
-    fixed random integer per image). Bit channels enter the network as 0 / 1 next to the standardized RGB channels.
+  * MultiDigits: 20 px digits on a 112 px canvas (sizes lost; 4.3's fixed size; fits a grid cell), each its whole 28 px
+    frame resized, added, clipped at 255 ("channel addition"); supervised on n digits: multi-label BCE (unstated).
+  * digit_on probes put digits from the WHOLE digit test split on held-out base images (recognition, not memory of U).
+  * --loss-scale (A.1's "x 1000" for normalized h) is 1: not in the authors' code (REFERENCE_FACTS 3); Adam / LARS
+    barely feel it. Decoupled lambda 0.003 ~ tau / d = 0.2 / 64 (lost): eq. 3's balance for the colab's alignment.
+  * LARS with lr = base_lr * sqrt(batch) (A.1; 0.075 is SimCLR's ImageNet value, the CIFAR value was lost) or Adam lr
+    1e-3 (the colab) for the ConvNet, both warmup + cosine (the colab decays linearly). --steps beyond the epochs
+    extends the schedule (the studies' tiny budgets). BatchNorm statistics stay per rank on CPU (no CPU SyncBatchNorm).
+  * --scale paper: the setups the text states (ResNet-18, 2-layer head, LARS, Table 4's batch 1024, Table A.1's batch
+    128 and epochs); where numbers were lost, 100 epochs and tau 0.1 / 0.5 (Table 4, Figure 7) or 0.2. DigitOnImageNet
+    runs on STL-10 at 64 px, 16 px digits (in-memory pipeline). Untrained rows: same net and seed.
+  * RandBit integers come from a seeded generator (the colab hashes the JPEG bytes: also fixed per image); bit channels
+    enter as 0 / 1 next to the standardized RGB channels.
 
-Measured (2-core CPU, fp32; commands and tables in README.md, section "contrastive_props.py"):
-  * the five losses, tiny ConvNet, 200 steps on 10k Fashion-MNIST images: linear probe 0.781-0.803 vs 0.698 untrained;
-  * randbit --scale tiny (tau 0.1): 0.778 (0 bits), 0.734 (2), 0.280 (8), 0.131 (16) vs untrained 0.57-0.69;
-  * suppression-size --scale tiny: not reproduced (the 10 px digit is not learned at this budget, see README).
+Measured (2-core CPU; README.md "contrastive_props.py"): linear probe of the five losses 0.781-0.803, untrained 0.698;
+RandBit (tau 0.1) 0.778 / 0.734 / 0.280 / 0.131 at 0/2/8/16 bits, untrained 0.57-0.69; suppression-size not reproduced.
 """
 
 from __future__ import annotations
@@ -123,39 +76,27 @@ class Args:
     CIFAR-scale setup (ResNet-18, 2-layer head to 64, LARS with sqrt scaling); --preset tiny: the colab's ConvNet."""
 
     # --- experiment
-    run_name: str = common.arg(
-        "", "run folder name under --output-dir (default: contrastive_props_<dataset>_<arch>_s<seed>)"
-    )
+    run_name: str = common.arg("", "run folder under --output-dir (default contrastive_props_<dataset>_<arch>_s<seed>)")
     output_dir: str = common.arg("runs", "where run folders are written")
     seed: int = common.arg(0, "random seed (model init, data order, augmentation; each rank adds its rank)")
     data_seed: int = common.arg(0, "seed of the generated datasets (digit placement, assignments, random bits)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = common.arg(
-        0,
-        "stop after this many optimizer steps (0 = all epochs); more than the epochs hold extends the "
-        "LR schedule to end at this step",
-    )
+    steps: int = common.arg(0, "stop after N optimizer steps (0 = all epochs; a larger N stretches the LR schedule)")
     preset: str = common.arg("paper", "a named group of defaults (see PRESETS): paper (A.1, ResNet-18) | tiny (CPU)",
                              ["paper", "tiny"])  # fmt: skip
     # --- data
     dataset: str = common.arg("randbit", "multidigits | multidigits_size | digit_on | randbit | plain", DATASETS)
-    base: str = common.arg(
-        "cifar10", "base images of digit_on / randbit / plain: a common.py dataset name (imagefolder too)"
-    )
+    base: str = common.arg("cifar10", "base images of digit_on / randbit / plain: a common.py dataset (or imagefolder)")
     digits: str = common.arg("mnist", "digit source: mnist (disk or --download) | fashion_mnist | drawn (procedural)",
-                      ["mnist", "fashion_mnist", "drawn"])  # fmt: skip
+                             ["mnist", "fashion_mnist", "drawn"])  # fmt: skip
     data_root: str = common.arg("data", "dataset root folder")
     download: bool = common.arg(False, "download missing datasets (torchvision)")
     image_size: int = common.arg(32, "input size for digit_on / randbit / plain (the MultiDigits sets use --canvas)")
     canvas: int = common.arg(112, "MultiDigits canvas side (paper 3.1 / 4.3: 112)")
-    digit_size: int = common.arg(
-        20, "digit side: MultiDigits digits and the fixed digit of multidigits_size (20); digit_on"
-    )
+    digit_size: int = common.arg(20, "digit side: MultiDigits digits, multidigits_size's fixed digit (20), digit_on")
     num_digits: int = common.arg(1, "multidigits: digits per training image (paper Table 3: 1, 2, 4, 8, 12, 16)")
-    placement: str = common.arg(
-        "random", "multidigits: random | grid (4 x 4 cells, one digit per cell)", ["random", "grid"]
-    )
+    placement: str = common.arg("random", "multidigits: random | grid (4x4 cells, one digit each)", ["random", "grid"])
     large_size: int = common.arg(40, "multidigits_size: side of the second digit (paper Table 4: 20, 30, ..., 80)")
     unique_digits: int = common.arg(100, "digit_on: U, number of distinct digit images assigned to the base images")
     composite: str = common.arg("add", "digit_on: add (paper: channel addition, clipped) | max (colab)", ["add", "max"])
@@ -163,19 +104,13 @@ class Args:
     train_size: int = common.arg(0, "training images to generate (0 = the size of the digit / base training split)")
     test_size: int = common.arg(0, "held-out probe images (0 = the size of the test split)")
     augment: str = common.arg("simclr", "view of randbit / digit_on / plain: simclr (full) | crop (colab, area 0.5-1)",
-                       ["simclr", "crop"])  # fmt: skip
-    crop_min_scale: float = common.arg(
-        0.08, "min crop area of the simclr view and of the MultiDigits crops (SimCLR: 0.08)"
-    )
+                              ["simclr", "crop"])  # fmt: skip
+    crop_min_scale: float = common.arg(0.08, "min crop area of the simclr view and MultiDigits crops (SimCLR: 0.08)")
     jitter_strength: float = common.arg(0.5, "color jitter strength s (SimCLR CIFAR-10: 0.5)")
     # --- model
-    arch: str = common.arg(
-        "resnet18", "resnet18 (CIFAR stem at <= 32 px) | convnet (the colab's)", ["resnet18", "convnet"]
-    )
+    arch: str = common.arg("resnet18", "resnet18 (CIFAR stem at <= 32 px) | convnet (colab)", ["resnet18", "convnet"])
     width: int = common.arg(1, "convnet width multiplier (colab width_mult)")
-    proj_hidden: int = common.arg(
-        0, "projection head hidden width (0 = backbone width; 256 for the convnet as the colab)"
-    )
+    proj_hidden: int = common.arg(0, "projection head hidden width (0 = backbone width; 256 for the convnet, colab)")
     proj_dim: int = common.arg(64, "projection output d (paper A.1: 64 for CIFAR-10, 128 for ImageNet)")
     # --- optimization
     optimizer: str = common.arg("lars", "lars (paper A.1, sqrt lr scaling) | adam (colab)", ["lars", "adam"])
@@ -185,20 +120,16 @@ class Args:
     warmup_epochs: int = common.arg(10, "linear warmup epochs (SimCLR: 10)")
     weight_decay: float = common.arg(1e-6, "weight decay (SimCLR tf2 default 1e-6; LARS skips biases and norms)")
     momentum: float = common.arg(0.9, "LARS momentum")
-    amp: bool = common.arg(
-        True, "bf16 autocast for the networks where the hardware runs bf16 natively (losses stay fp32)"
-    )
+    amp: bool = common.arg(True, "bf16 autocast where the hardware runs it natively (losses stay fp32)")
     # --- method
     objective: str = common.arg("contrastive", "contrastive | supervised (same net and views, Tables 3-4 baseline)",
-                         ["contrastive", "supervised"])  # fmt: skip
+                                ["contrastive", "supervised"])  # fmt: skip
     loss: str = common.arg("ntxent", "ntxent | decoupled | swd_normal | swd_sphere | swd_cube (paper Table 1)", LOSSES)
     temperature: float = common.arg(0.5, "NT-Xent tau (SimCLR CIFAR-10: 0.5; paper Fig 7 / colab sweep 0.05-0.2)")
     decoupled_temperature: float = common.arg(0.2, "decoupled NT-Xent: kernel temperature tau of the LogSumExp term")
     decoupled_lambda: float = common.arg(0.003, "decoupled NT-Xent: weight lambda of the distribution term (~ tau / d)")
     swd_lambda: float = common.arg(1.0, "SWD losses: weight lambda of the distribution term (colab default 1)")
-    loss_scale: float = common.arg(
-        1.0, "multiply the generalized loss (paper A.1 mentions 1000 for normalized h; unverified)"
-    )
+    loss_scale: float = common.arg(1.0, "multiply the loss (paper A.1 mentions 1000 for normalized h; unverified)")
     # --- logging / probing
     log_every: int = common.arg(20, "log every N steps")
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")

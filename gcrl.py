@@ -1,81 +1,53 @@
-"""GCRL: hybrid generative-contrastive representation learning (Kim, Kim, Lee 2021, arXiv:2106.06162). The authors'
-code (github.com/kakaobrain/gcrl) was announced but never published: this file is written from the paper alone.
+"""GCRL: hybrid generative-contrastive representation learning (Kim, Kim, Lee 2021, arXiv:2106.06162), written from
+the paper alone (the authors' code, github.com/kakaobrain/gcrl, was announced but never published).
 
-What is implemented (SPEC section 5; paper sections 3.1-3.2, 4.1, Figure 1, Tables 1-3, Appendix Algorithm 1):
-  * iGPT's pixel tokens: a 512-color palette (k-means on training pixels, fitted on rank 0, broadcast, cached as
-    <run>/palette.npy; or --palette PATH, e.g. iGPT's kmeans_centers.npy as GCRL 3.2 used), images -> tokens in
-    raster order (common.py section 3, shared with igpt.py);
-  * the token transformer of GCRL 3.2: token embedding + learned SOS + learned 2D (row + column) positions, pre-LN
-    blocks (eq. 4) with GCRL's axial attention (row, causal column, shifted down, causal row; ONE set of attention
-    weights per block, Appendix Algorithm 1) or --attention dense, dropout 0.1, 8 heads. The blocks are split into
-    an ENCODER (the first --enc-blocks, default half) and a DECODER (the rest), Figure 1;
-  * two views per image: weak (iGPT's: reflect-pad 4 + random crop + flip, GCRL 4.1) and strong (Table 2:
-    RandomResizedCrop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, flip), batched on
-    the device (common.BatchedAugment). Both views go through the (causal) encoder as one batch of 2B; the
-    contrastive branch is GAP(LN(encoder output)) -> projection head (2-layer MLP with LayerNorm instead of
-    BatchNorm, hidden 1024, output 64 for CIFAR / 128 for ImageNet32, GCRL 4.1) -> normalize -> NT-Xent (eq. 3,
-    common.nt_xent, negatives gathered WITH gradients from every rank). Only the weak view continues through the
-    decoder -> LN -> logits over the palette -> autoregressive NLL (eq. 2);
-  * L = alpha * L_g + beta * L_c (eq. 1), alpha = beta = 1. The first --gen-only-epochs (default: half of the epochs,
-    GCRL 4.1) train L_g alone: the strong view is not even encoded then. Table 3 gives two peak learning rates per
-    GCRL run (CIFAR (5+5)M: 1.6e-3 / 4.8e-4): each phase has its own linear warmup (5 epochs) + cosine decay, the
-    first with --gen-base-lr, the second with --base-lr. AdamW, weight decay 1e-4 (none on LayerNorm, biases and
-    embeddings), gradient clipping 1.0 (GCRL 4.1);
-  * the paper's baselines on the SAME architecture (Table 4): `--beta 0` is iGPT (one generative phase at the
-    generative lr), `--alpha 0 --enc-blocks <depth>` is SimCLR on the token transformer (one contrastive phase at
-    --base-lr); --enc-blocks with --alpha / --beta is Table 7's ablation (hybrid loss on the last block vs the split);
-  * downstream representation: GAP(LN(encoder output)), the projection head's input (GCRL 4.1 "before the projection
-    head"); features(layer=i) for the per-block sweep; log_likelihood for the unsupervised OOD score (Table 6);
-  * metrics: test bits per palette token of the decoder (the paper's "bpd on the color-quantized space", SPEC 1.4:
-    NOT comparable to 8-bit bits/dim), a weighted kNN monitor on the representation, PNG grids of samples.
+What is implemented (SPEC section 5; paper 3.1-3.2, 4.1, Figure 1 (encoder / decoder), Tables 1-3, App. Algorithm 1):
+  * iGPT's pixel tokens (common.py section 3): a 512-color k-means palette of training pixels (fit on rank 0,
+    cached as <run>/palette.npy) or --palette (e.g. iGPT's kmeans_centers.npy, as GCRL 3.2), raster order;
+  * the token transformer of GCRL 3.2: token embedding + learned SOS + row + column positions, pre-LN blocks (eq. 4)
+    with axial attention (row, causal column, shifted down, causal row; ONE set of weights per block, App. Algorithm 1)
+    or --attention dense, dropout 0.1, 8 heads; the ENCODER is the first --enc-blocks (half), the DECODER the rest;
+  * a weak view (iGPT's reflect-pad 4 + crop + flip, GCRL 4.1) and a strong view (Table 2: RandomResizedCrop (0.2, 1),
+    ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, flip), batched on the device. Both go through the causal
+    encoder as one batch -> GAP(LN(.)) -> projection head (2-layer MLP with LayerNorm, hidden 1024, output 64 CIFAR /
+    128 ImageNet32, GCRL 4.1) -> NT-Xent (eq. 3, negatives gathered WITH gradients from every rank); only the weak
+    view continues through the decoder -> LN -> palette logits -> autoregressive NLL (eq. 2);
+  * L = alpha * L_g + beta * L_c (eq. 1), alpha = beta = 1; the first --gen-only-epochs (default half, GCRL 4.1) train
+    L_g alone. Table 3 gives two peak lrs per run (CIFAR (5+5)M: 1.6e-3 / 4.8e-4): each phase has its own 5-epoch warmup
+    + cosine (--gen-base-lr, then --base-lr). AdamW, wd 1e-4 (none on LayerNorm, biases, embeddings, SOS, positions),
+    gradient clipping 1.0 (GCRL 4.1). Table 4's baselines on the SAME architecture: --beta 0 is iGPT, --alpha 0
+    --enc-blocks <depth> is SimCLR (one phase each); --enc-blocks with --alpha / --beta is Table 7's ablation;
+  * representation: GAP(LN(encoder output)) = the projection head's input (GCRL 4.1); features(layer=i) per block;
+    log_likelihood for the OOD score of Table 6. Monitors: bits per palette token (GCRL's "bpd" in the quantized space,
+    not 8-bit bits/dim, SPEC 1.4), kNN, sample grids.
 
 Launch:
     python gcrl.py --preset tiny --epochs 1                          # CPU smoke run (synthetic shapes at 8x8)
-    python gcrl.py                                                   # CIFAR-10, (5+5)M, 200 + 200 epochs (Table 3)
-    python gcrl.py --palette kmeans_centers.npy                      # iGPT's released palette (as GCRL did)
-    torchrun --nproc_per_node 8 gcrl.py --preset imagenet32          # ImageNet32 (5+5)M, data/imagenet32
-    torchrun --nproc_per_node 8 gcrl.py --preset imagenet32_38_38    # ImageNet32 (38+38)M
+    python gcrl.py [--palette kmeans_centers.npy]                    # CIFAR-10, (5+5)M, 200 + 200 epochs (Table 3)
+    torchrun --nproc_per_node 8 gcrl.py --preset imagenet32          # ImageNet32 (5+5)M; imagenet32_38_38: (38+38)M
     python gcrl.py --beta 0 --epochs 200                             # iGPT 10M baseline, same file (Table 3)
     python gcrl.py --alpha 0 --enc-blocks 12 --epochs 400            # SimCLR 10M on the token transformer (Table 3)
     python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn,ood --ood-dataset svhn
 
 Deviations from the paper, and choices where it is silent:
-  * L_g is the MEAN NLL per token (nats), not eq. 2's sum over the tokens of an image: with the sum and
-    alpha = beta = 1 the contrastive term would weigh ~1/2000 of the generative one, which Table 7's (alpha, beta)
-    sweep rules out; iGPT's reference code also averages. Like iGPT, all L tokens are predicted (token 0 from SOS);
-    eq. 2 starts at k = 2.
-  * the NT-Xent temperature is not stated: 0.5, the SimCLR CIFAR-10 recipe GCRL says it follows (--tau).
-  * the encoder is causal (it is the first half of an autoregressive stack) for both views, so the pooled
-    representation of a view never sees its last token (input = [SOS, t_0 .. t_{L-2}]), as in iGPT's features.
-  * Table 3's ImageNet32 cells for GCRL are merged in the extracted text; read as batch 1024 (5+5)M / 768 (38+38)M,
-    50 + 50 epochs, peak lr 4.0e-4 in both phases. The CIFAR (38+38)M model is fine-tuned from ImageNet32 for 15
-    epochs in the paper; no preset here (use --resume with another run's checkpoint and --epochs).
-  * AdamW's moments carry over from the generative phase into the hybrid phase (the paper does not say whether it
-    restarted the optimizer); only the learning-rate schedule restarts.
-  * as in igpt.py: LayerNorm and exact GELU (common.Block) instead of iGPT's RMS norm / GELU approximation, GPT-2
-    initialization with a zero-initialized output head, dropout 0.1 also inside the MLP, no attention dropout,
-    AdamW betas (0.9, 0.999) (PyTorch defaults; GCRL states none), no decay also on the SOS vector and positions.
-  * features(layer=i) is iGPT's convention (LayerNorm without parameters, then mean over positions) for every block;
-    features(layer=None) uses the trained LayerNorm of the contrastive branch, i.e. exactly the projection head's input.
-  * the tiny preset (CPU tests) is a 64-wide, 4-block (2 + 2) model on 8x8 images, weak-view padding 1 (4/32 of
-    the side), not a configuration of the paper.
+  * L_g is the MEAN NLL per token (nats), not eq. 2's sum over an image's tokens: with the sum and alpha = beta = 1,
+    L_c would weigh ~1/2000 of L_g, which Table 7's (alpha, beta) sweep rules out; iGPT's code also averages. As in
+    iGPT all L tokens are predicted (token 0 from SOS); eq. 2 starts at k = 2.
+  * NT-Xent temperature, not stated: 0.5, the SimCLR CIFAR-10 recipe GCRL says it follows (--tau).
+  * the encoder is causal (the first half of an autoregressive stack) for both views, so a view's pooled
+    representation never sees its last token (input [SOS, t_0 .. t_{L-2}]), as in iGPT's features.
+  * Table 3's merged ImageNet32 cells read as batch 1024 (5+5)M / 768 (38+38)M, 50 + 50 epochs, peak lr 4.0e-4 in
+    both phases. The paper fine-tunes its CIFAR (38+38)M model from ImageNet32 for 15 epochs: no preset here (use
+    --resume with another run's checkpoint and --epochs). AdamW's moments carry over into the hybrid phase (the
+    paper does not say); only the lr schedule restarts.
+  * as igpt.py: LayerNorm and exact GELU (common.Block), not iGPT's RMS norm / GELU approximation; GPT-2 init, zero
+    output head; dropout 0.1 also in the MLP, none on attention; AdamW betas (0.9, 0.999) (GCRL states none).
+  * features(layer=i): iGPT's convention (LayerNorm without parameters, mean over positions) for every block;
+    features(layer=None) uses the contrastive branch's trained LayerNorm: exactly the projection head's input.
 
-Measured with this file on the 2-core AMD EPYC CPU of the development machine (fp32; shared with other jobs). Table 4
-at CPU scale (README.md "GCRL" has the full table, ECE, kNN and OOD): Fashion-MNIST 8x8, tiny 64 x 4 (2 + 2) for
-every method, 500 steps x 32 images each, mean +- std over seeds 0, 1, 2:
-    python gcrl.py --preset tiny --dataset fashion_mnist --epochs 0.2667 --eval-images 0 --knn-bank 10000 \
-        --seed S [--beta 0 | --alpha 0 --enc-blocks 4]                 # GCRL | iGPT | SimCLR, same architecture
-    python eval_probe.py --ckpt runs/<run>/checkpoint.pt --protocols linear,knn,ood --ood-dataset synthetic \
-        --ood-max-images 2000 [--layer 1 | --layer 3]                   # iGPT half | last
-  -> linear probe accuracy (eval_probe GCRL protocol) / test bits per palette token, seeds 0-2:
-       GCRL 0.654 +- 0.023 / 5.43 +- 0.11;  iGPT half 0.696 +- 0.011, last 0.725 +- 0.007 / 5.04 +- 0.05;
-       SimCLR 0.558 +- 0.071 / -;  the same network untrained 0.476 / 9.
-     Only GCRL > SimCLR of the paper's ordering holds at this scale (iGPT is best, GCRL 0.39 bits behind it);
-     unsupervised OOD AUROC vs synthetic shapes: GCRL 0.64 +- 0.16, iGPT 0.47 +- 0.08.
-Training images/s, OMP_NUM_THREADS=1 on the loaded shared CPU (lower bounds, +-30%; commands in README.md), dense /
-axial, hybrid phase (--gen-only-epochs 0) | generative phase (--beta 0):
-    tiny preset 8x8 (64 tokens): 359 / 126 | 403 / 209;   tiny at 32x32 (1024 tokens): 9.0 / 8.6 | 8.6 / 11.5;
-    cifar preset (5+5)M at 32x32, batch 4: 1.0 / 0.5 | 1.0 / 1.1 (FLOP counter: 146 / 151 | 97 / 101 GFLOPs per image).
+Measured (2-core CPU, fp32; README.md "gcrl.py" has the commands, stds, ECE, kNN, OOD and throughput): Table 4 at CPU
+scale (Fashion-MNIST 8x8, tiny model, 500 steps x 32, seeds 0-2), mean linear probe / test bits per token: GCRL 0.654 /
+5.43, iGPT 0.696 (half), 0.725 (last) / 5.04, SimCLR 0.558, untrained 0.476 / 9: of Table 4's order only GCRL > SimCLR.
 """
 
 from __future__ import annotations
@@ -103,8 +75,8 @@ GCRL_ARCHS = {
 
 @dataclass
 class Args:
-    """GCRL: an autoregressive token transformer split into encoder + decoder, L = alpha L_g + beta L_c. Defaults:
-    GCRL Table 3, CIFAR-10, (5+5)M (batch 512, 200 generative + 200 hybrid epochs, peak lr 1.6e-3 / 4.8e-4)."""
+    """GCRL: L = alpha L_g + beta L_c on one autoregressive token transformer (encoder + decoder); defaults: Table 3,
+    CIFAR-10, (5+5)M (batch 512, 200 generative + 200 hybrid epochs, peak lr 1.6e-3 / 4.8e-4)."""
 
     # --- experiment
     run_name: str = common.arg("", "run folder name under --output-dir (default: gcrl_<dataset>_<arch>_s<seed>)")
@@ -112,17 +84,14 @@ class Args:
     seed: int = common.arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = common.arg(
-        0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)"
-    )
+    steps: int = common.arg(0, "stop after this many optimizer steps (0 = all epochs; the schedule spans all epochs)")
     # --- data
     dataset: str = common.arg("cifar10", f"an in-memory dataset of <= 64 px: one of {', '.join(common.DATASET_NAMES)}")
     data_root: str = common.arg("data", "dataset root folder")
     download: bool = common.arg(False, "download the dataset when torchvision can")
     synthetic_size: int = common.arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
     image_size: int = common.arg(32, "image side in pixels = tokens per row (GCRL: 32, i.e. 1024 tokens)")
-    augment: str = common.arg("weak", "the generative stream's view: weak = reflect-pad + crop + flip (GCRL 4.1) "
-                              "| none", ["weak", "none"])  # fmt: skip
+    augment: str = common.arg("weak", "generative view: weak (pad + crop + flip, GCRL 4.1) | none", ["weak", "none"])
     weak_pad: int = common.arg(4, "reflect padding of the weak view (GCRL 4.1 / iGPT: 4 at 32 px)")
     num_workers: int = common.arg(8, "DataLoader workers per rank for datasets not kept on the device")
     # --- model
@@ -130,35 +99,22 @@ class Args:
                              ["cifar", "imagenet32", "imagenet32_38_38", "tiny"])  # fmt: skip
     arch: str = common.arg("gcrl_5_5", "token transformer (width x depth, heads): " + ", ".join(
         f"{k} {w}x{d}/{h}" for k, (w, d, h) in GCRL_ARCHS.items()), list(GCRL_ARCHS))  # fmt: skip
-    enc_blocks: int = common.arg(
-        0, "blocks in the encoder (0 = half, GCRL; = depth: hybrid loss on the last block, Table 7)"
-    )
-    attention: str = common.arg("axial", "axial (GCRL App. Algorithm 1) | dense (causal over the whole sequence)",
-                                ["axial", "dense"])  # fmt: skip
+    enc_blocks: int = common.arg(0, "blocks in the encoder (0 = half, GCRL; = depth: loss on the last block, Table 7)")
+    attention: str = common.arg("axial", "axial (GCRL App. Alg. 1) | dense (causal, full sequence)", ["axial", "dense"])
     dropout: float = common.arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
-    num_colors: int = common.arg(
-        512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given"
-    )
-    palette: str = common.arg(
-        "", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start"
-    )
+    num_colors: int = common.arg(512, "palette size K = vocabulary (iGPT: 512); from the file when --palette is given")
+    palette: str = common.arg("", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means")
     palette_pixels: int = common.arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
     kmeans_iters: int = common.arg(20, "k-means iterations of the palette fit")
     proj_hidden: int = common.arg(1024, "projection head hidden width (GCRL 4.1: 1024)")
     proj_dim: int = common.arg(0, "projection head output (0 = auto: 128 for imagenet32/64, else 64; GCRL 4.1)")
     # --- optimization
-    epochs: float = common.arg(
-        400, "training epochs, both phases (GCRL Table 3, CIFAR (5+5)M: 200 + 200); may be fractional"
-    )
+    epochs: float = common.arg(400, "epochs of both phases (GCRL Table 3, CIFAR (5+5)M: 200 + 200); may be fractional")
     gen_only_epochs: float = common.arg(-1, "epochs of L_g alone first (-1 = half (GCRL 4.1); all when --beta 0; "
                                         "0 when --alpha 0)")  # fmt: skip
-    batch_size: int = common.arg(
-        512, "GLOBAL batch of images (2 views each), split over ranks (GCRL Table 3, CIFAR: 512)"
-    )
+    batch_size: int = common.arg(512, "GLOBAL batch (2 views each), split over ranks (GCRL Table 3, CIFAR: 512)")
     gen_base_lr: float = common.arg(8e-4, "generative phase: lr per 256 images (Table 3: peak 1.6e-3 at batch 512)")
-    base_lr: float = common.arg(
-        2.4e-4, "hybrid (or contrastive-only) phase: lr per 256 images (Table 3: 4.8e-4 at 512)"
-    )
+    base_lr: float = common.arg(2.4e-4, "hybrid or contrastive-only phase: lr per 256 images (Table 3: 4.8e-4 at 512)")
     gen_lr: float | None = common.arg(None, "absolute peak lr of the generative phase; overrides --gen-base-lr scaling")
     lr: float | None = common.arg(None, "absolute peak lr of the hybrid phase; overrides --base-lr scaling")
     min_lr: float = common.arg(0.0, "final learning rate of each cosine phase")
@@ -166,9 +122,7 @@ class Args:
     weight_decay: float = common.arg(1e-4, "AdamW weight decay, none on norms, biases and embeddings (GCRL 4.1: 1e-4)")
     betas: tuple[float, float] = common.arg((0.9, 0.999), "AdamW betas (GCRL states none: PyTorch defaults)")
     clip_grad: float = common.arg(1.0, "max gradient norm, 0 = off (GCRL 4.1: 1.0)")
-    amp: bool = common.arg(
-        True, "bf16 autocast for the transformer (quantization, similarities, cross-entropy stay fp32)"
-    )
+    amp: bool = common.arg(True, "bf16 autocast for the transformer (quantization, similarities, losses stay fp32)")
     compile: bool = common.arg(False, "torch.compile the model")
     # --- logging
     log_every: int = common.arg(50, "log every N steps")
@@ -176,9 +130,7 @@ class Args:
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
     keep_every: int = common.arg(0, "also keep a snapshot checkpoint-epNNNN.pt every N epochs (0 = none; MAE: 20)")
     eval_images: int = common.arg(0, "test images scored for bits per token and kNN queries (0 = the whole test split)")
-    knn_bank: int = common.arg(
-        10000, "training images (un-augmented) in the kNN memory bank; 0 disables the kNN monitor"
-    )
+    knn_bank: int = common.arg(10000, "un-augmented training images in the kNN monitor's bank; 0 disables the monitor")
     knn_k: int = common.arg(200, "neighbours of the kNN monitor (SPEC 8: 200; at most the bank size)")
     temperature: float = common.arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
     num_samples: int = common.arg(64, "images in each sample grid (0 = no samples)")
