@@ -174,7 +174,7 @@ class CAN(nn.Module):
         """-> tokens (N, 1 + L_keep, D) after the final norm (cls first), mask (N, L), ids_restore (N, L)."""
         enc = self.encoder
         x = enc.embed_patches(x)  # (N, L, D): patch embedding + positions
-        x, mask, ids_restore = common.random_masking(x, self.mask_ratio, mask_draws)  # keep int(L * (1 - r))
+        x, mask, ids_restore = common.random_masking(x, self.mask_ratio, mask_draws)  # keep floor(L * (1 - r))
         x = enc.with_cls(x)  # the cls token (+ its position) in front of the visible patches
         for block in enc.blocks:
             x = block(x)
@@ -331,7 +331,7 @@ def flops_report(args: Args) -> dict[str, float]:
     can, simclr = training_step_flops(args, "can"), training_step_flops(args, "simclr")
     dim, depth, heads = common.vit_arch(args.arch)
     L = (args.image_size // args.patch_size) ** 2
-    kept = int(L * (1 - args.mask_ratio))
+    kept = common.keep_count(L, args.mask_ratio)
     print(f"FLOPs per image of one training step (forward + backward, 2 views), {args.arch} ({dim}/{depth}/{heads}) "
           f"at {args.image_size} px, patch {args.patch_size}:")  # fmt: skip
     print(f"  CAN    : {can / 1e9:9.1f} GFLOPs  (2 views x {kept}/{L} patches + decoder "

@@ -289,14 +289,26 @@ class VisionTransformer(nn.Module):
         return x
 
 
+def keep_count(num_patches: int, mask_ratio: float) -> int:
+    """Patches each image keeps: floor(L * (1 - r)) in exact arithmetic, r read as the decimal it prints as
+    (Fraction(repr(r)): 0.9 is 9/10). The reference's int(L * (1 - mask_ratio)) gives the same count except where
+    float error pushes an integer product below it: L = 100, r = 0.9 keeps 9 there (int(9.999999999999998)), 10 here;
+    likewise L = 50, r = 0.8 (9 vs 10). MAE's and CAN's settings (196 or 64 patches, r = 0.75 / 0.5) are exact either
+    way."""
+    from fractions import Fraction  # here, not at the top: the only user
+
+    return math.floor(num_patches * (1 - Fraction(repr(float(mask_ratio)))))
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, draws: torch.Tensor | None = None):
     """MAE per-image random masking by argsort of uniform draws (ref code, where they are called `noise`): keep
-    exactly int(L * (1 - mask_ratio)) tokens per image, those with the smallest draws, in draw order.
+    exactly keep_count(L, mask_ratio) = floor(L * (1 - mask_ratio)) tokens per image (the ref code's int(L * (1 - r))
+    without its float error), those with the smallest draws, in draw order.
     x: (N, L, D); draws (N, L) uniform (None: drawn here from the global RNG)
     -> x_kept (N, L_keep, D), mask (N, L) with 0 = keep, 1 = removed, ids_restore (N, L) such that gathering
     [x_kept, filler] with ids_restore puts every token back at its position."""
     N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
+    len_keep = keep_count(L, mask_ratio)
     if draws is None:
         draws = torch.rand(N, L, device=x.device)
     ids_shuffle = torch.argsort(draws, dim=1)

@@ -38,9 +38,21 @@ def tiny_model(args: mae.Args, seed: int = 0) -> mae.MAE:
 
 
 # ---------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("L, ratio, keep, reference", [(100, 0.9, 10, 9), (50, 0.8, 10, 9), (196, 0.75, 49, 49)])
+def test_keep_count_is_exact_where_the_reference_int_loses_a_patch(L, ratio, keep, reference):
+    """keep = floor(L * (1 - r)) in exact arithmetic; the ref code's int(L * (1 - r)) drops a patch to float error
+    (int(100 * (1 - 0.9)) = int(9.999999999999998) = 9)."""
+    assert int(L * (1 - ratio)) == reference  # the official behaviour, kept here as the documented difference
+    assert common.keep_count(L, ratio) == keep
+    kept, mask, _ = common.random_masking(torch.randn(3, L, 2), ratio)
+    assert kept.shape[1] == keep and torch.all(mask.sum(1) == L - keep)
+
+
 @pytest.mark.parametrize("L, ratio", [(16, 0.75), (196, 0.75), (256, 0.75), (64, 0.5), (49, 0.9), (10, 0.33)])
 def test_masking_keeps_exactly_int_L_times_1_minus_r_and_restores(L, ratio):
-    N, keep = 64, int(L * (1 - ratio))
+    N, keep = 64, int(L * (1 - ratio))  # these products carry no float error: the ref code's count
     torch.manual_seed(L)
     noise = torch.rand(N, L)
     x = torch.arange(L, dtype=torch.float32).view(1, L, 1).expand(N, L, 3)  # token i carries the value i
