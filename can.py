@@ -80,6 +80,7 @@ class Args:
     seed: int = common.arg(0, "random seed (each rank adds its rank)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    export_encoder: str = common.arg("", "write --resume's encoder as {'model': timm names} to PATH and exit (README)")
     steps: int = common.arg(0, "stop after this many optimizer steps (0 = all epochs; the schedule spans all epochs)")
     flops_report: bool = common.arg(False, "print CAN vs SimCLR FLOPs per image of a training step, then exit")
     # --- data
@@ -496,6 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, PRESETS)
     with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
+    if args.export_encoder:  # interop, no training: the checkpoint's encoder for MAE's fine-tuning scripts and timm
+        with common.usage_errors(METHOD):
+            return common.export_encoder(args, METHOD, prefix="encoder.")
     if args.flops_report:
         return flops_report(args)
     # --- boilerplate: FLOPs (meta device, before any process group), ranks, seeds, data, model, optimizer, resume

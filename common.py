@@ -289,6 +289,26 @@ class VisionTransformer(nn.Module):
         return x
 
 
+def export_encoder(args, method: str, prefix: str) -> dict:
+    """--export-encoder PATH (mae.py, can.py, simclr.py): the encoder of a checkpoint, for the official fine-tuning
+    scripts and timm. Reads --resume's checkpoint (auto / '': <output_dir>/<run_name>/checkpoint.pt), keeps the keys
+    under `prefix` (mae / can: "encoder.", simclr: "backbone.") with the prefix removed, and writes {"model": ...} to
+    PATH. For a ViT these are timm's / MAE models_vit.py's names: patch_embed.proj.*, cls_token, pos_embed (the fixed
+    sin-cos table, zero cls row, as MAE), blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.*;
+    MAE's main_finetune.py / main_linprobe.py (--finetune PATH) load it with only head.* (and fc_norm.* under
+    --global_pool) missing, timm's VisionTransformer(num_classes=0, global_pool="token") with nothing missing. A
+    SimCLR ResNet exports torchvision's names (no fc). Returns {"exported": PATH, "tensors": count}."""
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(method, args))
+    source = args.resume if args.resume not in ("", "auto") else os.path.join(run_dir, "checkpoint.pt")
+    state = load_checkpoint(source, method)["model"]
+    encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder:
+        raise ValueError(f"{source} has no parameters under '{prefix}'")
+    save_checkpoint(args.export_encoder, {"model": encoder})
+    print0(f"wrote {len(encoder)} encoder tensors of {source} to {args.export_encoder} ({{'model': state_dict}})")
+    return {"exported": args.export_encoder, "tensors": len(encoder)}
+
+
 def keep_count(num_patches: int, mask_ratio: float) -> int:
     """Patches each image keeps: floor(L * (1 - r)) in exact arithmetic, r read as the decimal it prints as
     (Fraction(repr(r)): 0.9 is 9/10). The reference's int(L * (1 - mask_ratio)) gives the same count except where

@@ -368,3 +368,18 @@ def test_torchrun_two_processes(tmp_path):
     ckpt = common.load_checkpoint(str(tmp_path / "runs" / "ddp" / "checkpoint.pt"), "can")
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_export_encoder_writes_the_encoder_with_timm_names(tmp_path):
+    """can.py --export-encoder: the "encoder." tensors, prefix stripped, as {"model": ...}; they load strictly into a
+    plain common.VisionTransformer (timm's names; tests/test_mae.py loads MAE's into a ViT written from the names)."""
+    args = tiny_args()
+    model = tiny_model(args, seed=2)
+    ckpt = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(str(ckpt), {"method": "can", "args": dataclasses.asdict(args), "model": model.state_dict()})
+    can.main(TINY + ["--resume", str(ckpt), "--export-encoder", str(tmp_path / "encoder.pth")])
+    exported = torch.load(tmp_path / "encoder.pth", weights_only=True)["model"]
+    expect = model.encoder.state_dict()
+    assert exported.keys() == expect.keys() and all(torch.equal(exported[k], expect[k]) for k in expect)
+    dim, depth, heads = common.vit_arch(args.arch)
+    common.VisionTransformer(args.image_size, args.patch_size, 3, dim, depth, heads).load_state_dict(exported)

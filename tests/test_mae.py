@@ -265,6 +265,66 @@ def test_encoder_state_dict_matches_timm_vit_names_and_shapes(arch, dim, depth, 
         assert encoder["blocks.0.attn.qkv.weight"] == (2304, 768) and encoder["blocks.11.mlp.fc1.weight"] == (3072, 768)
 
 
+# ---------------------------------------------------------------- encoder export for MAE's fine-tuning scripts and timm
+class TimmNamedViT(torch.nn.Module):
+    """A ViT written from timm's / MAE models_vit.py's parameter NAMES and their documented meaning only (no timm,
+    no common.py): patch_embed.proj (conv p x p, stride p), cls_token, pos_embed (1, 1 + L, D), blocks.N.{norm1,
+    attn.qkv (q | k | v rows, heads contiguous), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm; LayerNorm eps 1e-6, GELU;
+    fc_norm and head are identities (timm num_classes=0, global_pool="token"), so they own no parameters."""
+
+    def __init__(self, img, patch, dim, depth, heads):
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img // patch) ** 2, dim))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            b.attn, b.mlp = nn.Module(), nn.Module()
+            b.attn.qkv, b.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            b.mlp.fc1, b.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.blocks.append(b)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm, self.head = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        B, N, D = x.shape
+        for b in self.blocks:
+            q, k, v = b.attn.qkv(b.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-1, -2) / (D // self.heads) ** 0.5, -1) @ v
+            x = x + b.attn.proj(a.transpose(1, 2).reshape(B, N, D))
+            x = x + b.mlp.fc2(torch.nn.functional.gelu(b.mlp.fc1(b.norm2(x))))
+        return self.norm(x)
+
+
+def test_exported_encoder_loads_by_name_into_a_fresh_vit_and_computes_the_same_features(tmp_path):
+    """mae.py --export-encoder: {"model": state_dict} with the "encoder." prefix stripped; a fresh ViT built from the
+    names alone loads it with no missing and no unexpected keys and gives the encoder's output; the decoder and the
+    mask token stay out (MAE main_finetune.py: only head.* (+ fc_norm.*) missing)."""
+    args = tiny_args()
+    model = tiny_model(args, seed=3)
+    ckpt = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(str(ckpt), {"method": "mae", "args": dataclasses.asdict(args), "model": model.state_dict()})
+    out = tmp_path / "encoder.pth"
+    result = mae.main(TINY + ["--resume", str(ckpt), "--export-encoder", str(out)])
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) == {"model"} and result["tensors"] == len(exported["model"])
+    assert not any(k.startswith(("decoder", "encoder", "mask_token")) for k in exported["model"])
+    dim, depth, heads = common.vit_arch(args.arch)
+    fresh = TimmNamedViT(args.image_size, args.patch_size, dim, depth, heads)
+    missing, unexpected = fresh.load_state_dict(exported["model"], strict=False)
+    assert missing == [] and unexpected == []
+    x = common.normalize(torch.rand(2, 3, args.image_size, args.image_size))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model.encoder(x), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- eval interface, command line, errors
 def test_features_cls_default_mean_and_layers():
     args = tiny_args()

@@ -450,3 +450,22 @@ def test_knn_monitor_on_a_class_sorted_image_folder_matches_the_in_memory_set(tm
     print(f"kNN monitor: folder {on_folder:.3f}, in memory {in_memory:.3f}, first-80 bank {old:.3f}")
     assert old <= 0.55  # 2 of 4 classes in the bank: at most their half of the balanced queries can be right
     assert on_folder > old + 0.2 and abs(on_folder - in_memory) <= 0.05
+
+
+def test_export_encoder_writes_the_vit_backbone_with_timm_names(tmp_path):
+    """simclr.py --export-encoder: the "backbone." tensors (no projector, no online head), prefix stripped, as
+    {"model": ...}; a ViT backbone loads strictly into a plain common.VisionTransformer (timm's names)."""
+    args = tiny_args("--num-classes", "4")
+    torch.manual_seed(0)
+    model = simclr.build_model(args)
+    ckpt = tmp_path / "checkpoint.pt"
+    state = {"method": "simclr", "args": dataclasses.asdict(args), "model": model.state_dict()}
+    common.save_checkpoint(str(ckpt), state)
+    simclr.main(TINY + ["--resume", str(ckpt), "--export-encoder", str(tmp_path / "encoder.pth")])
+    exported = torch.load(tmp_path / "encoder.pth", weights_only=True)["model"]
+    expect = model.backbone.state_dict()
+    assert exported.keys() == expect.keys() and all(torch.equal(exported[k], expect[k]) for k in expect)
+    dim, depth, heads = common.vit_arch(args.arch)
+    common.VisionTransformer(args.image_size, args.patch_size, 3, dim, depth, heads).load_state_dict(exported)
+    with pytest.raises(SystemExit, match="simclr.py: error: checkpoint .*missing.pt does not exist"):  # one line
+        simclr.main(TINY + ["--resume", str(tmp_path / "missing.pt"), "--export-encoder", str(tmp_path / "x.pth")])
