@@ -418,6 +418,39 @@ def test_resume_auto_continues_bitwise_exactly(tmp_path, capsys):
     assert [r["step"] for r in rows if "eval/test_loss" in r] == [0, 2, 3, 4]  # no second "init" evaluation
 
 
+# ---------------------------------------------------------------- --accum-iter
+def test_accumulated_micro_batch_gradients_equal_the_full_batch_gradient():
+    """K micro-batches with loss / K each give the gradient of the whole batch: every image has the same number of
+    removed patches, so the mean over the batch's removed patches is the mean of the micro-batch means."""
+    args = tiny_args()
+    model = tiny_model(args)
+    images, draws = torch.rand(16, 3, 16, 16), torch.rand(16, 16)
+    mae.mae_losses(model, images, args, draws)[0]["total"].backward()
+    full = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for part in (slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)):
+        (mae.mae_losses(model, images[part], args, draws[part])[0]["total"] / 4).backward()
+    for k, g in full.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_accum_iter_run_counts_updates_and_resumes_bitwise_exactly(tmp_path, capsys):
+    """--accum-iter 2 at --batch-size 16: 2 micro-batches of 8 per update, as many updates per epoch as without
+    accumulation (1000 synthetic images: 125 micro-batches -> 62 updates), and a resumed run equals a straight one."""
+    base = TINY + ["--output-dir", str(tmp_path), "--accum-iter", "2", "--eval-every", "100", "--log-every", "1"]
+    mae.main(base + ["--run-name", "straight", "--steps", "4"])
+    assert "1 x 16 images/step (2 micro-batches of 8), 62 steps/epoch" in capsys.readouterr().out
+    mae.main(base + ["--run-name", "resumed", "--steps", "2"])
+    assert mae.main(base + ["--run-name", "resumed", "--steps", "4"])["step"] == 4
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    with pytest.raises(SystemExit, match="--accum-iter must be >= 1"):
+        mae.main(TINY + ["--accum-iter", "0"])
+    with pytest.raises(SystemExit, match="16 images per rank: not divisible by --accum-iter 3"):
+        mae.main(TINY + ["--accum-iter", "3", "--output-dir", str(tmp_path)])
+
+
 def _mae_ddp_worker(rank, world, images, mask_draws):
     """One DDP backward of the MAE loss on this rank's half of a fixed batch with fixed masks."""
     args = tiny_args()
@@ -462,6 +495,14 @@ def test_torchrun_two_processes(tmp_path):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]  # rank 0 alone writes
     assert [r["step"] for r in rows if "loss/total" in r] == [1, 2]
     assert (run / "reconstruction_step0000002.png").exists()
+
+
+def test_torchrun_two_processes_with_accumulation(tmp_path):
+    """--accum-iter under DDP: the first micro-batch's backward runs in no_sync, the last one all-reduces."""
+    argv = ["mae.py", *TINY, "--steps", "2", "--batch-size", "8", "--accum-iter", "2", "--run-name", "ddp"]
+    proc = run_script(argv, cwd=tmp_path, torchrun=2)
+    assert "2 x 4 images/step (2 micro-batches of 2)" in proc.stdout
+    assert common.load_checkpoint(str(tmp_path / "runs" / "ddp" / "checkpoint.pt"), "mae")["step"] == 2
 
 
 def test_learning_smoke_heldout_loss_falls_below_init_and_the_trivial_prediction(tmp_path):
