@@ -453,8 +453,12 @@ def test_nt_xent_and_the_quantizer_switch_autocast_off_themselves():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert common.nt_xent(z1, z2, 0.1).item() == loss.item()
         assert torch.equal(q.encode(images), tokens)
-        # negative control: the same computation without the guard does move under bf16 autocast
+        # negative controls: the same computations without the guard do move under bf16 autocast
         assert abs(common._nt_xent(z1, z2, 0.1).item() - loss.item()) > 1e-5
+        c, pixels = q.centers.float(), q.to_unit(images).permute(0, 2, 3, 1).reshape(-1, 3)
+        unguarded = torch.argmin((c * c).sum(1)[None] - 2 * pixels @ c.T, dim=1).view_as(tokens)
+        assert (unguarded != tokens).float().mean() > 0.01  # bf16 sends some pixels to another palette color
+    assert torch.equal(torch.argmin((c * c).sum(1)[None] - 2 * pixels @ c.T, dim=1).view_as(tokens), tokens)
 
 
 def test_load_split_refuses_an_image_folder_where_a_method_needs_images_in_memory(tmp_path):
