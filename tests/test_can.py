@@ -301,6 +301,8 @@ def test_features_are_mean_pooled_clean_unmasked_patch_tokens():
 def test_presets_and_bad_inputs(capsys):
     a = common.parse_args(can.Args, ["--arch", "vit_l"], can.PRESETS)
     assert (a.base_lr, a.weight_decay, a.grad_checkpointing, a.batch_size) == (1.25e-4, 0.1, True, 4096)
+    h = common.parse_args(can.Args, ["--arch", "vit_h"], can.PRESETS)  # no CAN recipe: ViT-L's, MAE's patch 14
+    assert (h.base_lr, h.weight_decay, h.grad_checkpointing, h.patch_size) == (1.25e-4, 0.1, True, 14)
     c = common.parse_args(can.Args, ["--preset", "cifar"], can.PRESETS)
     assert (c.image_size, c.patch_size, c.arch, c.dataset) == (32, 4, "vit_tiny", "cifar10")
     with pytest.raises(SystemExit):
