@@ -933,7 +933,7 @@ class LARS(torch.optim.Optimizer):
                     updates[i] = di
             mu = [self.state[p]["mu"] if "mu" in self.state[p] else self._new_buffer(p) for p in params]
             torch._foreach_mul_(mu, group["momentum"])
-            if group["classic"]:
+            if group.get("classic", False):  # get: groups loaded from checkpoints written before the option
                 torch._foreach_add_(mu, updates, alpha=group["lr"])
                 torch._foreach_sub_(params, mu)
             else:

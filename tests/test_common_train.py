@@ -181,6 +181,20 @@ def test_lars_classic_and_moco_forms_differ_only_when_lr_changes():
     assert _last_step_size([0.5] * 20, classic=False) == pytest.approx(_last_step_size([0.5] * 20, classic=True))
 
 
+def test_lars_resumes_an_optimizer_state_written_before_the_classic_option():
+    """A checkpoint's param groups from before `classic` existed load and step as they were written (MoCo form)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = common.LARS([p], lr=0.5)
+    state = opt.state_dict()
+    del state["param_groups"][0]["classic"]
+    opt.load_state_dict(state)
+    for lr in (0.5, 1.0):
+        p.grad = torch.ones(2)
+        common.set_lr(opt, lr)
+        opt.step()
+    torch.testing.assert_close(p.detach(), -torch.full((2,), 0.5 + 1.0 * 1.9))  # lr after the momentum
+
+
 def test_knn_predict_weighted_votes():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
