@@ -125,7 +125,7 @@ def test_rec_target_flag_clean_versus_noisy():
         results[target] = terms
         x = common.normalize(images)
         wanted = x if target == "clean" else x + fixed["noise"]
-        expect = common.reconstruction_loss(out["pred"], common.patchify(wanted, 4), out["mask"], True)
+        expect = common.reconstruction_loss(out["pred"], common.patchify(wanted, 4), out["mask"], args.norm_pix_loss)
         assert terms["reconstruction"] == expect
     assert results["clean"]["reconstruction"] != results["noisy"]["reconstruction"]
     assert results["clean"]["contrastive"] == results["noisy"]["contrastive"]
@@ -301,6 +301,7 @@ def test_features_are_mean_pooled_clean_unmasked_patch_tokens():
 def test_presets_and_bad_inputs(capsys):
     a = common.parse_args(can.Args, ["--arch", "vit_l"], can.PRESETS)
     assert (a.base_lr, a.weight_decay, a.grad_checkpointing, a.batch_size) == (1.25e-4, 0.1, True, 4096)
+    assert a.norm_pix_loss is False  # official code; the L_rec scale of CAN Table 4 (header: measured both ways)
     h = common.parse_args(can.Args, ["--arch", "vit_h"], can.PRESETS)  # no CAN recipe: ViT-L's, MAE's patch 14
     assert (h.base_lr, h.weight_decay, h.grad_checkpointing, h.patch_size) == (1.25e-4, 0.1, True, 14)
     c = common.parse_args(can.Args, ["--preset", "cifar"], can.PRESETS)
