@@ -931,7 +931,10 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_mul_(d, list(q.unbind()))
                 for i, di in zip(adapted, d):
                     updates[i] = di
-            mu = [self.state[p]["mu"] if "mu" in self.state[p] else self._new_buffer(p) for p in params]
+            for p in params:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            mu = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(mu, group["momentum"])
             if group.get("classic", False):  # get: groups loaded from checkpoints written before the option
                 torch._foreach_add_(mu, updates, alpha=group["lr"])
@@ -940,10 +943,6 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_add_(mu, updates)
                 torch._foreach_add_(params, mu, alpha=-group["lr"])
         return loss
-
-    def _new_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        self.state[p]["mu"] = buf = torch.zeros_like(p)
-        return buf
 
 
 @torch.no_grad()
