@@ -41,7 +41,7 @@ Deviations from the paper / reference code (google-research/simclr tf2), and why
   * crops: common.py's "simclr" view, bilinear resampling and min area 0.2 at <= 32 px (GCRL Table 2); SimCLR's TF
     code uses bicubic and 0.08 at every size (--crop-min-scale 0.08 restores the latter).
   * the online linear head is in the main optimizer in the no-weight-decay group; under LARS it still gets layer
-    adaptation, where TF excludes `head_supervised` from both and adds wd * l2 of its kernel to the loss instead. It
+    adaptation, where TF excludes `head_supervised` from both and adds wd * ||kernel||^2 / 2 to the loss instead. It
     only monitors: its input is detached, so no other parameter's update depends on it.
   * no gradient accumulation (MAE's --accum-iter): NT-Xent's negatives are the other views of the SAME step, and
     BatchNorm normalizes over the step's batch, so K accumulated micro-batches of B / K images are not a batch of B
