@@ -5,7 +5,7 @@ What is implemented (CAN sections 3.1-3.6, Appendix C; SPEC section 6):
     blur 0.5), both through the ViT encoder as ONE batch of 2B rows (view 1 rows first, then view 2);
   * Gaussian noise x <- x + sigma * e, e ~ N(0, I), sigma ~ U[0, sigma_max] drawn per image AND view, added to
     the whole normalized image before masking (CAN 3.4);
-  * each view independently keeps exactly T' = int(T * (1 - mask_ratio)) patches, mask_ratio 0.5 (CAN 3.1);
+  * each view independently keeps exactly T' = floor(T * (1 - mask_ratio)) patches, mask_ratio 0.5 (CAN 3.1);
   * contrastive branch: mean of the visible encoder PATCH tokens (the cls token is left out, as CAN 3.2 pools
     "the embeddings of unmasked tokens"; the official code also averages the cls slot) -> projection head
     (App. C: FC 4096 - BN - ReLU twice, then FC 128; SyncBN under DDP) -> InfoNCE (CAN 3.2) with tau 0.1 and the
@@ -13,9 +13,11 @@ What is implemented (CAN sections 3.1-3.6, Appendix C; SPEC section 6):
   * MAE decoder (512 wide, 8 blocks, 16 heads, MLP 2048; App. C) over visible tokens + [M] tokens + positions
     + the noise-level embedding p = MLP(sinusoid(sigma)) added to EVERY decoder token, [M] tokens included (CAN
     3.4, Fig 3);
-  * L_rec on masked patches against the clean image (CAN 3.3), L_denoise on visible patches against the added
-    noise sigma * e (CAN 3.4), both on the same decoder output, and
-        L = l_c * L_InfoNCE + (1 - l_c) * (lam * L_rec + (1 - lam) * L_denoise),  l_c = 0.03, lam = 0.7 (CAN 3.5);
+  * L_rec on masked patches against the clean image (our reading of CAN 3.3, see below), L_denoise on visible
+    patches against the added noise sigma * e (CAN 3.4), both on the same decoder output, and
+        L = l_c * L_InfoNCE + (1 - l_c) * (lam * L_rec + (1 - lam) * L_denoise)   (CAN 3.5),
+    l_c = 0.03 (CAN 5, Fig 7), lam = 0.7 (the official code's 0.7 / 0.3 split: CAN 3.5 defines lam without a value,
+    Fig 7 right finds accuracy insensitive to it);
   * ablations without code edits: --no-contrastive (CAN Table 5 "AN"), --no-reconstruction ("CN"),
     --no-denoise ("CA": no noise is added at all and the noise embedding does not exist),
     --no-noise-embedding (CAN Table 1: "+noise, +loss" column; "+noise" = --no-noise-embedding --rec-weight 1);
@@ -32,21 +34,48 @@ Launch:
     python can.py --arch vit_l --flops-report                  # CAN vs SimCLR training FLOPs (CPU, seconds)
 
 Deviations from the paper / the official code (shlokk/mae-contrastive), and why:
-  * losses are means (MAE ref code): L_rec averages the per-patch mean squared error over removed patches,
-    L_denoise over visible patches; CAN 3.3/3.4 write sums of squared errors divided by 2n, i.e. the same loss up
-    to the constant factor p*p*3 * T'.
-  * norm_pix_loss is ON by default (MAE README recipe, MAE Table 1c: per-patch normalized targets improve
-    representations); CAN does not state it. The noise target is never normalized (official code).
-  * the reconstruction target is the clean image (paper); the official code adds the noise in place and thus
-    reconstructs the noisy image: --rec-target noisy.
+  * losses are means (MAE ref code): L_rec averages the per-patch mean squared error over the removed patches,
+    L_denoise over the visible ones; CAN 3.3 / 3.4 write sums of squared errors divided by 2n. Every view has
+    T - T' removed and T' visible patches, so paper L_rec = p*p*3 * (T - T') * ours and paper L_denoise =
+    p*p*3 * T' * ours: one constant for both only at mask ratio 0.5, where T - T' = T'.
+  * norm_pix_loss is OFF by default, as in the official code and its README command; CAN's text does not state it.
+    The paper's l_c = 0.03 "approximately balances the magnitudes" of the terms in its Table 4 (final training
+    values, ViT-B, IN-1K, 50% masking): InfoNCE 9.143, L_rec 0.1633 (MAE alone 0.1658). A per-patch standardized
+    target has unit variance whatever the data, so L_rec sits on another scale than the one l_c was tuned for.
+    Measured here (2-core CPU, fp32; Fashion-MNIST at 32 px, patch 4, vit_micro, batch 64, lr 2.5e-3, 800 steps;
+    mean of the logged values over steps 610-800; one seed):
+        python can.py --preset tiny --dataset fashion_mnist --image-size 32 --batch-size 64 --epochs 1 \
+            --steps 800 --log-every 10 --norm-pix-loss | --no-norm-pix-loss
+      on : L_rec 0.547 (steps 10-50) -> 0.504, InfoNCE 5.08, kNN 0.43 -> 0.43 (patch mean predicted: 0.979)
+      off: L_rec 1.547 (steps 10-50) -> 0.316, InfoNCE 4.56, kNN 0.43 -> 0.53 (zeros: 3.194, patch mean: 0.580)
+    Off, L_rec keeps falling towards the paper's magnitude and the weighted terms are closer (0.03 * 4.56 = 0.14 vs
+    0.679 * 0.32 = 0.21; on: 0.15 vs 0.34; paper: 0.27 vs 0.11); on, L_rec stalls near half its trivial value. The
+    kNN gap rests on one seed and 100 queries. --norm-pix-loss gives MAE's per-patch targets (mae.py keeps them on:
+    MAE Table 1c). The noise target is never normalized (official code).
+  * the reconstruction target is the clean image: our reading of CAN 3.3, whose L_rec compares the decoder output
+    with the image x. Read literally, 3.4's "x <- x + sigma * e" replaces x by the noisy image before L_rec, and the
+    official code does exactly that (noise added in place, then patchify(imgs)): --rec-target noisy.
   * the noise-level MLP maps to the decoder width and is added after the decoder's input projection and positions
     to every token ([M] and cls included), as CAN 3.4 describes; the official code adds a D-wide embedding to the
     encoder outputs before the decoder projection, which leaves the [M] tokens without it.
-  * the projection head ends with BatchNorm without shift after the FC 128 (SimCLR v2, common.ProjectionHead
-    kind="bn"); CAN App. C lists the FC 128 only, and says its preprocessing / heads follow SimCLR.
   * --grad-checkpointing (on for vit_b / vit_l) recomputes every block in backward: 2 x 512 masked views of ViT-L
     per GPU (batch 4096 on 8 GPUs) need ~110 GB of activations without it.
   * the paper trains on TPUs in JAX; this is PyTorch with bf16 autocast (losses in fp32).
+  * sigma_max 0.05 is the paper's (Fig 7); the official code's --std 0.05 never reaches its model (default 0.1).
+  * augmentation follows CAN Table 6, not the official code: RandomResizedCrop min area 0.08 at 224 px (official
+    0.2; --crop-min-scale 0.2) and color jitter strength 1.0 = ColorJitter(0.8, 0.8, 0.8, 0.2) (official
+    ColorJitter(0.4, 0.4, 0.4, 0.1) = strength 0.5; --jitter-strength 0.5).
+  * InfoNCE negatives come from every rank (CAN 3.2: the 2n - 2 others of the batch n); the official code's
+    SupConLoss sees only its own GPU's views (2 x 64 per GPU), so its negatives are per GPU.
+  * projection head: CAN App. C's FC 4096 - BN - ReLU x 2 - FC 128, then BN without shift (SimCLR v2, common.
+    ProjectionHead kind="bn": App. C lists the FC 128 only and says its heads follow SimCLR), on the mean of the
+    visible PATCH tokens, PyTorch's default Linear init; the official code uses Linear(D, D) - ReLU - Linear(D, 128)
+    without BN on the mean of all tokens (cls included), xavier-uniform init (MAE's _init_weights).
+  * --arch vit_h: CAN trains no ViT-H; its entry takes ViT-L's lr / wd (the closest recipe), MAE's patch 14, and
+    gradient checkpointing.
+  * no gradient accumulation (MAE's --accum-iter): the InfoNCE negatives are the other views of the SAME step and
+    the projection head's BatchNorm normalizes over the step's batch, so K micro-batches of B / K images are not a
+    batch of B (2B / K - 2 negatives per anchor, noisier BN statistics); use more ranks instead.
 
 Measured with this file (FlopCounterMode on the meta device; forward + backward of one training step per image,
 both views; `python can.py --arch vit_l --flops-report`, CPU, ~5 s):
@@ -80,6 +109,7 @@ class Args:
     seed: int = common.arg(0, "random seed (each rank adds its rank)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    export_encoder: str = common.arg("", "write --resume's encoder as {'model': timm names} to PATH and exit (README)")
     steps: int = common.arg(0, "stop after this many optimizer steps (0 = all epochs; the schedule spans all epochs)")
     flops_report: bool = common.arg(False, "print CAN vs SimCLR FLOPs per image of a training step, then exit")
     # --- data
@@ -126,7 +156,7 @@ class Args:
     knn_k: int = common.arg(200, "neighbours of the kNN monitor (SPEC 8: 200, tau 0.07)")
     # --- CAN
     mask_ratio: float = common.arg(0.5, "fraction of patches removed from EACH view (CAN 3.1: 0.5)")
-    norm_pix_loss: bool = common.arg(True, "standardize L_rec targets per patch (MAE README recipe; CAN is silent)")
+    norm_pix_loss: bool = common.arg(False, "standardize L_rec targets per patch (MAE); off as official CAN (header)")
     sigma_max: float = common.arg(0.05, "noise level sigma ~ U[0, sigma_max] per image and view (CAN Fig 7: 0.05)")
     noise_embed_dim: int = common.arg(128, "sinusoidal sigma embedding size (CAN official code: 128)")
     temperature: float = common.arg(0.1, "InfoNCE temperature (CAN 3.2: 0.1)")
@@ -175,7 +205,7 @@ class CAN(nn.Module):
         """-> tokens (N, 1 + L_keep, D) after the final norm (cls first), mask (N, L), ids_restore (N, L)."""
         enc = self.encoder
         x = enc.embed_patches(x)  # (N, L, D): patch embedding + positions
-        x, mask, ids_restore = common.random_masking(x, self.mask_ratio, mask_draws)  # keep int(L * (1 - r))
+        x, mask, ids_restore = common.random_masking(x, self.mask_ratio, mask_draws)  # keep floor(L * (1 - r))
         x = enc.with_cls(x)  # the cls token (+ its position) in front of the visible patches
         for block in enc.blocks:
             x = block(x)
@@ -332,7 +362,7 @@ def flops_report(args: Args) -> dict[str, float]:
     can, simclr = training_step_flops(args, "can"), training_step_flops(args, "simclr")
     dim, depth, heads = common.vit_arch(args.arch)
     L = (args.image_size // args.patch_size) ** 2
-    kept = int(L * (1 - args.mask_ratio))
+    kept = common.keep_count(L, args.mask_ratio)
     print(f"FLOPs per image of one training step (forward + backward, 2 views), {args.arch} ({dim}/{depth}/{heads}) "
           f"at {args.image_size} px, patch {args.patch_size}:")  # fmt: skip
     print(f"  CAN    : {can / 1e9:9.1f} GFLOPs  (2 views x {kept}/{L} patches + decoder "
@@ -490,6 +520,11 @@ PRESETS = {
     "arch": {
         **{a: dict(base_lr=2.5e-4, weight_decay=0.05, grad_checkpointing=True) for a in ("vit_b", "vit_base")},
         **{a: dict(base_lr=1.25e-4, weight_decay=0.1, grad_checkpointing=True) for a in ("vit_l", "vit_large")},
+        # not in CAN (no ViT-H there): ViT-L's lr / wd, MAE's ViT-H/14 patch, gradient checkpointing as ViT-L
+        **{
+            a: dict(base_lr=1.25e-4, weight_decay=0.1, patch_size=14, grad_checkpointing=True)
+            for a in ("vit_h", "vit_huge")
+        },
     },
 }
 
@@ -498,6 +533,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, PRESETS)
     with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
+    if args.export_encoder:  # interop, no training: the checkpoint's encoder for MAE's fine-tuning scripts and timm
+        with common.usage_errors(METHOD):
+            return common.export_encoder(args, METHOD, prefix="encoder.")
     if args.flops_report:
         return flops_report(args)
     # --- boilerplate: FLOPs (meta device, before any process group), ranks, seeds, data, model, optimizer, resume

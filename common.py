@@ -292,14 +292,46 @@ class VisionTransformer(nn.Module):
         return x
 
 
+def export_encoder(args, method: str, prefix: str) -> dict:
+    """--export-encoder PATH (mae.py, can.py, simclr.py): the encoder of a checkpoint, for the official fine-tuning
+    scripts and timm. Reads --resume's checkpoint (auto / '': <output_dir>/<run_name>/checkpoint.pt), keeps the keys
+    under `prefix` (mae / can: "encoder.", simclr: "backbone.") with the prefix removed, and writes {"model": ...} to
+    PATH. For a ViT these are timm's / MAE models_vit.py's names: patch_embed.proj.*, cls_token, pos_embed (the fixed
+    sin-cos table, zero cls row, as MAE), blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.*;
+    MAE's main_finetune.py / main_linprobe.py (--finetune PATH) load it with only head.* (and fc_norm.* under
+    --global_pool) missing, timm's VisionTransformer(num_classes=0, global_pool="token") with nothing missing. A
+    SimCLR ResNet exports torchvision's names (no fc). Returns {"exported": PATH, "tensors": count}."""
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(method, args))
+    source = args.resume if args.resume not in ("", "auto") else os.path.join(run_dir, "checkpoint.pt")
+    state = load_checkpoint(source, method)["model"]
+    encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder:
+        raise ValueError(f"{source} has no parameters under '{prefix}'")
+    save_checkpoint(args.export_encoder, {"model": encoder})
+    print0(f"wrote {len(encoder)} encoder tensors of {source} to {args.export_encoder} ({{'model': state_dict}})")
+    return {"exported": args.export_encoder, "tensors": len(encoder)}
+
+
+def keep_count(num_patches: int, mask_ratio: float) -> int:
+    """Patches each image keeps: floor(L * (1 - r)) in exact arithmetic, r read as the decimal it prints as
+    (Fraction(repr(r)): 0.9 is 9/10). The reference's int(L * (1 - mask_ratio)) gives the same count except where
+    float error pushes an integer product below it: L = 100, r = 0.9 keeps 9 there (int(9.999999999999998)), 10 here;
+    likewise L = 50, r = 0.8 (9 vs 10). MAE's and CAN's settings (196 or 64 patches, r = 0.75 / 0.5) are exact either
+    way."""
+    from fractions import Fraction  # here, not at the top: the only user
+
+    return math.floor(num_patches * (1 - Fraction(repr(float(mask_ratio)))))
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, draws: torch.Tensor | None = None):
     """MAE per-image random masking by argsort of uniform draws (ref code, where they are called `noise`): keep
-    exactly int(L * (1 - mask_ratio)) tokens per image, those with the smallest draws, in draw order.
+    exactly keep_count(L, mask_ratio) = floor(L * (1 - mask_ratio)) tokens per image (the ref code's int(L * (1 - r))
+    without its float error), those with the smallest draws, in draw order.
     x: (N, L, D); draws (N, L) uniform (None: drawn here from the global RNG)
     -> x_kept (N, L_keep, D), mask (N, L) with 0 = keep, 1 = removed, ids_restore (N, L) such that gathering
     [x_kept, filler] with ids_restore puts every token back at its position."""
     N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
+    len_keep = keep_count(L, mask_ratio)
     if draws is None:
         draws = torch.rand(N, L, device=x.device)
     ids_shuffle = torch.argsort(draws, dim=1)
@@ -863,33 +895,56 @@ class ProjectionHead(nn.Module):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al.) as in SimCLR / MoCo v3 / MAE linear probing: for parameters with ndim > 1,
-    d = g + wd * p, d *= trust * ||p|| / ||d|| (1 if a norm is 0); biases and norm parameters (ndim <= 1)
-    get neither weight decay nor adaptation. Then mu = momentum * mu + d; p -= lr * mu."""
+    """LARS (You et al. 2017) for SimCLR, MoCo v3 and MAE linear probing. For parameters with ndim > 1,
+        d = g + wd * p,   d *= trust * ||p|| / ||d||   (1 if either norm is 0);
+    biases and norm parameters (ndim <= 1) get neither weight decay nor adaptation (d = g). Then, per group:
+      classic=False (MoCo v3 / MAE util/lars.py, lr AFTER the momentum):  mu = momentum * mu + d;       p -= lr * mu
+      classic=True  (SimCLR tf2/lars_optimizer.py classic_momentum, lr INSIDE): mu = momentum * mu + lr * d; p -= mu
+    The two agree while lr is constant and differ when it changes: during a linear warmup the MoCo form steps by
+    lr_t * sum_s m^(t-s) d_s, the classic form by sum_s m^(t-s) lr_s d_s (1.66x vs classic at step 10 of a warmup with
+    m = 0.9 and constant d). All parameters of a group are updated with torch._foreach_* ops (a few kernels for the
+    whole model instead of a Python loop of small ones); the trust ratios stay on the device (no host sync)."""
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust: float = 0.001,
+        classic: bool = False,
+    ):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust, classic=classic)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    q = torch.where(
-                        (p_norm > 0) & (d_norm > 0), group["trust"] * p_norm / d_norm, torch.ones_like(p_norm)
-                    )
-                    d = d.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"].mul_(group["momentum"]).add_(d)
-                p.add_(mu, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            adapted = [i for i, p in enumerate(params) if p.ndim > 1]
+            if adapted:
+                weights = [params[i] for i in adapted]
+                d = torch._foreach_add([updates[i] for i in adapted], weights, alpha=group["weight_decay"])
+                p_norm, d_norm = torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(d))
+                q = torch.where((p_norm > 0) & (d_norm > 0), group["trust"] * p_norm / d_norm, torch.ones_like(p_norm))
+                torch._foreach_mul_(d, list(q.unbind()))
+                for i, di in zip(adapted, d):
+                    updates[i] = di
+            for p in params:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            mu = [self.state[p]["mu"] for p in params]
+            torch._foreach_mul_(mu, group["momentum"])
+            if group.get("classic", False):  # get: groups loaded from checkpoints written before the option
+                torch._foreach_add_(mu, updates, alpha=group["lr"])
+                torch._foreach_sub_(params, mu)
+            else:
+                torch._foreach_add_(mu, updates)
+                torch._foreach_add_(params, mu, alpha=-group["lr"])
         return loss
 
 
@@ -2586,7 +2641,7 @@ def check_masked_vit_args(args, needs_removed: bool, paper: str) -> None:
         raise ValueError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
     vit_arch(args.arch)
     L = (args.image_size // args.patch_size) ** 2
-    kept = int(L * (1 - args.mask_ratio))
+    kept = keep_count(L, args.mask_ratio)
     if not 0 < kept <= L or (needs_removed and kept == L):
         raise ValueError(
             f"--mask-ratio {args.mask_ratio} keeps {kept} of {L} patches; the reconstruction loss needs some removed "

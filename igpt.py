@@ -32,12 +32,19 @@ Launch:
     torchrun --nproc_per_node 8 igpt.py --preset imagenet32_76m    # iGPT 76M (24 x 512) on ImageNet32
     python igpt.py --sample-only --ckpt runs/<run>/checkpoint.pt --temperature 0.99 --num-samples 64
 
+Two architectures share the file. --arch igpt_10m / igpt_76m (default): GCRL's model and recipe (row + column
+positions, biases, axial or dense attention, AdamW betas (0.9, 0.999), wd 1e-4, dropout 0.1). --arch igpt_s / igpt_m /
+igpt_l: iGPT's (dense causal attention, one learned position per token, no biases in attention and MLP, Adam betas
+(0.9, 0.95), no weight decay, no dropout); what still differs from openai/image-gpt is listed below.
+
 Deviations from the paper / reference code (openai/image-gpt), and why:
   * LayerNorm (GCRL eq. 4) instead of iGPT's RMS-style norm without mean subtraction; exact GELU instead of iGPT's
-    x * sigmoid(1.702 x); qkv and output projections with biases (common.Block, timm layout).
+    x * sigmoid(1.702 x); qkv and output projections with biases (common.Block, timm layout) unless --no-block-bias
+    (the igpt_s / m / l default); learned row + column positions unless --positions 1d (ditto).
   * dropout 0.1 (GCRL 4.1: "before every residual connection"): common.Block also applies it inside the MLP after
     the GELU (timm's Mlp uses one dropout rate for both places); its attention-probability dropout is switched off
-    here, since GCRL does not state one. iGPT itself trains without dropout.
+    here, since GCRL does not state one. iGPT itself trains without dropout (0 for igpt_s / m / l).
+  * igpt_s / m / l keep GCRL Table 3's lr, 5 warmup epochs and epochs (iGPT swept the lr per model).
   * initialization: GPT-2 / minGPT style (Linear N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 * depth)),
     zero biases); iGPT's ref code uses per-tensor scales instead. Its zero-initialized output head is kept.
   * weight decay 1e-4 skips LayerNorm parameters and the embeddings (GCRL 4.1: "layer normalization and token
@@ -96,7 +103,7 @@ IGPT_ARCHS = {
     "igpt_tiny": (64, 2, 4),  # CPU tests and smoke runs (not from a paper)
     "igpt_10m": (256, 12, 8),  # GCRL Table 1 (10M, 12 blocks), 3.2 (width 256, 8 heads)
     "igpt_s": (512, 24, 8),  # iGPT-S, openai/image-gpt run.py defaults: n_embd 512, n_layer 24, n_head 8 (76M)
-    "igpt_76m": (512, 24, 8),  # GCRL Table 1's name for iGPT-S
+    "igpt_76m": (512, 24, 8),  # GCRL Table 1's 76M model: iGPT-S's size in GCRL's architecture and recipe
     "igpt_m": (1024, 36, 8),  # iGPT-M, openai/image-gpt README: 1024 / 8 heads / 36 layers
     "igpt_l": (1536, 48, 16),  # iGPT-L, openai/image-gpt README: 1536 / 16 heads / 48 layers
 }
@@ -137,6 +144,10 @@ class Args:
     attention: str = common.arg(
         "axial", "dense (causal over the sequence) | axial (GCRL App. Alg. 1)", ["dense", "axial"]
     )
+    positions: str = common.arg("rowcol", "learned positions: rowcol = row + column (GCRL 3.2) | 1d = one per token "
+                                "(iGPT ref code wpe; set by --arch igpt_s/m/l)", ["rowcol", "1d"])  # fmt: skip
+    block_bias: bool = common.arg(True, "biases in the blocks' attention and MLP layers (--no-block-bias: iGPT ref "
+                                  "code, set by --arch igpt_s/m/l)")  # fmt: skip
     dropout: float = common.arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
     num_colors: int = common.arg(
         512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given"
@@ -201,7 +212,8 @@ class ImageGPT(nn.Module):
         self.height, self.width, self.depth = H, W, depth
         self.causal = args.objective == "ar"
         self.quantizer = common.ColorQuantizer(common.grid_palette(args.num_colors))
-        self.embed = common.PixelEmbedding(args.num_colors, dim, H, W)
+        embedding = common.PixelEmbedding if args.positions == "rowcol" else SequenceEmbedding
+        self.embed = embedding(args.num_colors, dim, H, W)
         if not self.causal:  # BERT inputs have no SOS: freeze the unused vector (DDP waits for every trainable grad)
             self.embed.sos.requires_grad_(False)
         self.blocks = nn.ModuleList(
@@ -209,6 +221,10 @@ class ImageGPT(nn.Module):
         )
         for block in self.blocks:
             block.attn.attn_drop = 0.0  # GCRL 4.1 states dropout before residual connections only (see header)
+            if not args.block_bias:  # iGPT ref code: q / k / v / c_proj and both MLP layers have no bias
+                for m in block.modules():
+                    if isinstance(m, nn.Linear):
+                        m.register_parameter("bias", None)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, args.num_colors, bias=False)
         self._init_weights()
@@ -238,6 +254,20 @@ class ImageGPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.norm(self.hidden_states(tokens, keep)))
+
+
+class SequenceEmbedding(common.PixelEmbedding):
+    """iGPT's input embedding (ref code): common.PixelEmbedding's tokens and SOS, but one learned position per raster
+    index (wpe, (H*W, D), N(0, 0.01)) instead of GCRL's row + column pair."""
+
+    def __init__(self, vocab_size: int, dim: int, height: int, width: int):
+        super().__init__(vocab_size, dim, height, width)
+        del self.pos_row, self.pos_col
+        self.pos = nn.Parameter(torch.empty(height * width, dim))
+        nn.init.normal_(self.pos, std=0.01)
+
+    def positions(self) -> torch.Tensor:
+        return self.pos
 
 
 def build_model(args: Args) -> ImageGPT:
@@ -448,6 +478,14 @@ PRESETS = {
             num_samples=8,
             num_workers=0,
         ),
+    },
+    # iGPT-S / M / L are iGPT's models (openai/image-gpt): dense causal attention, one learned position per token,
+    # bias-free attention and MLP, and its optimizer: Adam betas (0.9, 0.95), no weight decay, no dropout. igpt_10m and
+    # igpt_76m are GCRL's (axial or dense, row + column positions, biases, its AdamW recipe). The lr, warmup and
+    # epochs stay GCRL Table 3's: iGPT swept the lr per model and states no single value.
+    "arch": {
+        a: dict(attention="dense", positions="1d", block_bias=False, betas=(0.9, 0.95), weight_decay=0.0, dropout=0.0)
+        for a in ("igpt_s", "igpt_m", "igpt_l")
     },
 }
 

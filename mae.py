@@ -5,7 +5,7 @@ What is implemented:
   * one view per image: RandomResizedCrop(scale (0.2, 1), bicubic) + horizontal flip (MAE main_pretrain.py; Table 1e:
     color jitter hurts), then ImageNet mean / std standardization;
   * encoder (MAE.forward_encoder): patch embedding + fixed 2D sin-cos positions -> random_masking (per image, argsort
-    of uniform draws: exactly int(L * (1 - r)) patches stay, r = 0.75, Fig 5) -> cls token -> ViT blocks -> LayerNorm,
+    of uniform draws: exactly floor(L * (1 - r)) patches stay, r = 0.75, Fig 5) -> cls token -> ViT blocks -> LayerNorm,
     on the visible patches only; timm's parameter names (`encoder.*` loads into timm's VisionTransformer);
   * decoder (common.MaskedDecoder): Linear to 512, one learned mask token per removed patch, unshuffle, sin-cos
     positions, 8 blocks of width 512 / 16 heads (Table 1a/1b), Linear to p*p*3 values per patch;
@@ -24,8 +24,13 @@ Deviations from the paper / the reference code, and why:
   * defaults follow MAE (App. A.1 Table 8); CAN Table 8 lists SimCLR's jitter / grayscale / blur for its MAE baseline
     although it says it follows He et al.: --view simclr gives CAN Table 8 as printed.
   * norm_pix_loss is ON by default (MAE README recipe, Table 1c); the reference argparse default is off.
-  * no gradient accumulation: the global batch is split over the ranks (ViT-H/14 at batch 4096 needs 16 GPUs).
+  * --accum-iter K (MAE main_pretrain.py --accum_iter) splits each rank's share of the GLOBAL --batch-size into K
+    micro-batches, each backward on loss / K, one update per K: --batch-size stays the effective batch of the recipe
+    (MAE's batch_size x accum_iter x GPUs) and so does the lr. Every image keeps the same number of patches, so the
+    mean of the K micro-batch losses is the loss of the whole batch (tests/test_mae.py: equal gradients).
   * bf16 autocast instead of fp16 + GradScaler; the loss is computed in fp32.
+  * the kept count floor(L * (1 - r)) is exact (common.keep_count); the ref code's int(L * (1 - r)) loses a patch to
+    float error at e.g. L = 100, r = 0.9 (9 instead of 10). Same count at every setting of the paper.
 
 Measured (2-core AVX2 CPU, fp32): `python mae.py --preset tiny --steps 40 --eval-every 40`: held-out loss 2.147 at
 init -> 0.507 at step 40 (predicting zeros scores 0.979); `--preset tiny --dataset fashion_mnist`: 420-460 images/s.
@@ -33,6 +38,7 @@ init -> 0.507 at step 40 (predicting zeros scores 0.979); `--preset tiny --datas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -55,6 +61,7 @@ class Args:
     seed: int = common.arg(0, "random seed (each rank adds its rank)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    export_encoder: str = common.arg("", "write --resume's encoder as {'model': timm names} to PATH and exit (README)")
     steps: int = common.arg(0, "stop after this many optimizer steps (0 = all epochs; the schedule spans all epochs)")
     # --- data
     dataset: str = common.arg("imagefolder", f"one of {', '.join(common.DATASET_NAMES)}")
@@ -76,7 +83,8 @@ class Args:
     grad_checkpointing: bool = common.arg(False, "recompute transformer blocks in backward (less memory)")
     # --- optimization
     epochs: int = common.arg(800, "training epochs (MAE README / Table 1: 800; 1600 for MAE's final results)")
-    batch_size: int = common.arg(4096, "GLOBAL batch of images, split over ranks (MAE Table 8: 4096)")
+    batch_size: int = common.arg(4096, "GLOBAL batch of images per update, split over ranks (MAE Table 8: 4096)")
+    accum_iter: int = common.arg(1, "gradient accumulation: each rank's share of --batch-size in K micro-batches")
     base_lr: float = common.arg(1.5e-4, "lr per 256 images: lr = base_lr * batch / 256 (MAE Table 8: 1.5e-4)")
     lr: float | None = common.arg(None, "absolute peak learning rate; overrides base_lr scaling")
     min_lr: float = common.arg(0.0, "final learning rate of the cosine schedule (MAE: 0)")
@@ -122,7 +130,7 @@ class MAE(nn.Module):
         """-> tokens (N, 1 + L_keep, D) after the final norm (cls first), mask (N, L), ids_restore (N, L)."""
         enc = self.encoder
         x = enc.embed_patches(x)  # (N, L, D): patch embedding + positions
-        x, mask, ids_restore = common.random_masking(x, self.mask_ratio, mask_draws)  # keep int(L * (1 - r))
+        x, mask, ids_restore = common.random_masking(x, self.mask_ratio, mask_draws)  # keep floor(L * (1 - r))
         x = enc.with_cls(x)  # the cls token (+ its position) in front of the visible patches
         for block in enc.blocks:
             x = block(x)
@@ -265,6 +273,19 @@ def check_args(args: Args) -> None:
     common.check_masked_vit_args(args, needs_removed=True, paper="MAE: 0.75")
     if not 0 < args.crop_min_scale <= 1:
         raise ValueError(f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
+    if args.accum_iter < 1:
+        raise ValueError(f"--accum-iter must be >= 1, got {args.accum_iter}")
+
+
+def accumulation_groups(micro_batches, k: int):
+    """Consecutive groups of k micro-batches, one optimizer step each (--accum-iter); an incomplete last group is
+    dropped, as drop_last drops an incomplete batch."""
+    group = []
+    for item in micro_batches:
+        group.append(item)
+        if len(group) == k:
+            yield group
+            group = []
 
 
 # ======================================================================================================================
@@ -324,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, PRESETS)
     with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
+    if args.export_encoder:  # interop, no training: the checkpoint's encoder for MAE's fine-tuning scripts and timm
+        with common.usage_errors(METHOD):
+            return common.export_encoder(args, METHOD, prefix="encoder.")
     # --- boilerplate: FLOPs (meta device, before any process group), ranks, seeds, data, model, optimizer, resume
     flops_per_image = training_step_flops(args)
     info = common.setup_distributed(args.device)
@@ -331,20 +355,27 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = os.path.join(args.output_dir, args.run_name or common.default_run_name(METHOD, args))
     with common.usage_errors(METHOD):
         per_rank = common.batch_per_rank(args.batch_size, info.world_size)
+        if per_rank % args.accum_iter:
+            raise ValueError(f"--batch-size {args.batch_size} gives {per_rank} images per rank: not divisible by "
+                             f"--accum-iter {args.accum_iter}")  # fmt: skip
+        micro = per_rank // args.accum_iter  # images per micro-batch
         train_set, test_set = common.load_split(args, train=True), common.load_split(args, train=False)
-        batches = common.TrainBatches(train_set, [args.view], args.image_size, per_rank, info, seed=args.seed,
+        batches = common.TrainBatches(train_set, [args.view], args.image_size, micro, info, seed=args.seed,
                                       num_workers=args.num_workers, aug_kwargs=augment_kwargs(args))  # fmt: skip
+        if batches.steps_per_epoch < args.accum_iter:
+            raise ValueError(f"--accum-iter {args.accum_iter} needs more micro-batches than an epoch has")
     held = heldout_data(args, train_set, test_set, info.device)
     model = common.distribute(build_model(args), info, args.compile)
     peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
-    steps_per_epoch = batches.steps_per_epoch
+    steps_per_epoch, accum = batches.steps_per_epoch // args.accum_iter, args.accum_iter
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
     logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
-    common.print0(f"{METHOD} {args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step, "
+    micro_note = f" ({accum} micro-batches of {micro})" if accum > 1 else ""
+    common.print0(f"{METHOD} {args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step{micro_note}, "
                   f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, steps {step} -> {stop_step}, "
                   f"{flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")  # fmt: skip
 
@@ -357,12 +388,15 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     epoch = step // steps_per_epoch
     while step < stop_step:
-        for views, _ in batches.epoch(epoch, start_step=step % steps_per_epoch):
+        for group in accumulation_groups(batches.epoch(epoch, start_step=(step % steps_per_epoch) * accum), accum):
             common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
-            terms, _ = mae_losses(model, views[0], args)
-            logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
             optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
+            for i, (views, _) in enumerate(group):  # --accum-iter K: K micro-batches, loss / K each, one update
+                terms, _ = mae_losses(model, views[0], args)  # logged: the last micro-batch's terms
+                logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
+                sync = i == accum - 1 or not hasattr(model, "no_sync")  # DDP: one all-reduce, on the last one
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    (terms["total"] / accum).backward()
             if args.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()

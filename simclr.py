@@ -27,17 +27,25 @@ Launch:
     torchrun --nproc_per_node 8 simclr.py --preset imagenet          # ImageNet ViT-B/16 (CAN Table 6), data/imagenet
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 simclr.py --preset imagenet --arch vit_l
 
+The LARS recipe (the default, SimCLR README CIFAR-10) makes TF's update: the contrastive loss is TF's mean_a + mean_b
+(--tf-loss-scale, on by default: 2x the mean over the 2N anchors of GCRL eq. 3 / CAN, which the other presets use) and
+common.LARS(classic=True) applies the lr inside the momentum (tf2/lars_optimizer.py classic_momentum=True). With the
+mean over 2N instead, weight decay would weigh twice as much against the gradient in d = g + wd * p and the
+un-adapted biases / BN parameters would move half as far; with the MoCo-v3 form (lr after the momentum) the steps
+during the 10-epoch warmup would be up to 1.66x larger (step 10) and still 1.10x at step 100.
+tests/test_simclr.py checks three LARS steps during warmup against a hand-written TF update with TF's loss.
+
 Deviations from the paper / reference code (google-research/simclr tf2), and why:
-  * the loss is the mean over the 2N anchors; the TF code reports and differentiates mean_a + mean_b = 2x this value
-    (REFERENCE_FACTS 2; tests/test_simclr.py proves the factor). AdamW does not care; under LARS the adapted 2-D
-    weights do not either (the trust ratio normalizes the step), but the un-adapted biases / BN parameters move half
-    as far per step as in TF and weight decay weighs twice as much against the gradient.
   * inputs are standardized with ImageNet mean / std (the ViT/MAE convention of common.py); the TF code feeds [0, 1]
     pixels. For ResNets the first BatchNorm absorbs the difference.
   * crops: common.py's "simclr" view, bilinear resampling and min area 0.2 at <= 32 px (GCRL Table 2); SimCLR's TF
     code uses bicubic and 0.08 at every size (--crop-min-scale 0.08 restores the latter).
   * the online linear head is in the main optimizer in the no-weight-decay group; under LARS it still gets layer
-    adaptation (TF excludes `head_supervised` from it too). It only monitors: its input is detached.
+    adaptation, where TF excludes `head_supervised` from both and adds wd * ||kernel||^2 / 2 to the loss instead. It
+    only monitors: its input is detached, so no other parameter's update depends on it.
+  * no gradient accumulation (MAE's --accum-iter): NT-Xent's negatives are the other views of the SAME step, and
+    BatchNorm normalizes over the step's batch, so K accumulated micro-batches of B / K images are not a batch of B
+    (fewer negatives per anchor, noisier BN statistics); use more ranks instead.
   * SyncBatchNorm needs CUDA: on CPU ranks (gloo, tests) BatchNorm statistics stay per rank.
   * --grad-checkpointing (on for vit_b / vit_l) recomputes transformer blocks in backward: 2 x 512 full 224 px views
     of ViT-B per GPU (batch 4096 on 8 GPUs) need more than 80 GB of activations otherwise.
@@ -71,6 +79,7 @@ class Args:
     seed: int = common.arg(0, "random seed (each rank adds its rank)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
+    export_encoder: str = common.arg("", "write --resume's encoder as {'model': timm names} to PATH and exit (README)")
     steps: int = common.arg(0, "stop after this many optimizer steps (0 = all epochs; the schedule spans all epochs)")
     # --- data
     dataset: str = common.arg("cifar10", f"one of {', '.join(common.DATASET_NAMES)}")
@@ -120,6 +129,9 @@ class Args:
     num_classes: int = common.arg(0, "classes of the online linear head (0 = the dataset's; filled in and saved)")
     # --- SimCLR
     temperature: float = common.arg(0.5, "NT-Xent temperature tau (SimCLR README CIFAR-10: 0.5; ImageNet / CAN: 0.1)")
+    tf_loss_scale: bool = common.arg(True, "contrastive loss in TF SimCLR's scale: mean over the view-1 anchors + mean "
+                                     "over the view-2 anchors = 2x the mean over 2N (matters under LARS); "
+                                     "--no-tf-loss-scale: the mean over 2N (CAN, GCRL eq. 3)")  # fmt: skip
 
 
 # ======================================================================================================================
@@ -232,15 +244,16 @@ def num_feature_layers(model: nn.Module) -> int:
 # ======================================================================================================================
 
 
-def contrastive_loss(z: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(z: torch.Tensor, temperature: float, tf_scale: bool = False) -> torch.Tensor:
     """NT-Xent (SimCLR eq. 1; GCRL eq. 3). z (2n, d): this rank's projections, view-1 rows then view-2 rows. With
     u = normalize(z) and the candidates U = the u of every rank (gathered WITH gradient), anchor i's loss is
         l_i = -log( exp(u_i . u_pos(i) / tau) / sum_{k != i} exp(u_i . U_k / tau) ),
     pos(i) = the other view of the same image; the loss is the mean over the 2n local anchors (DDP's gradient
-    averaging then gives the mean over all 2N anchors). The TF reference reports 2x this (mean of each view's
-    anchors, summed). Always fp32, also when called under autocast: bf16 logits at tau = 0.1 lose ~2 digits."""
+    averaging then gives the mean over all 2N anchors). tf_scale: 2x that, the loss TF SimCLR differentiates
+    (tf2/objective.py: mean over the view-1 anchors + mean over the view-2 anchors). Always fp32, also when called
+    under autocast: bf16 logits at tau = 0.1 lose ~2 digits."""
     n = z.shape[0] // 2
-    return common.nt_xent(z[:n], z[n:], temperature)
+    return (2.0 if tf_scale else 1.0) * common.nt_xent(z[:n], z[n:], temperature)
 
 
 def simclr_losses(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor | None, args: Args):
@@ -252,7 +265,7 @@ def simclr_losses(model: nn.Module, views: list[torch.Tensor], labels: torch.Ten
     x = common.normalize(torch.cat(views).float())  # (2B, 3, S, S): one backbone batch, BN sees both views together
     with common.autocast(x.device, args.amp):
         out = model(x)
-    terms = {"contrastive": contrastive_loss(out["z"], args.temperature)}
+    terms = {"contrastive": contrastive_loss(out["z"], args.temperature, args.tf_loss_scale)}
     if "logits" in out and labels is not None:
         # SimCLR tf2 run.py: labels duplicated for the two views, supervised loss added to the total. h was detached
         # inside the model, so this term trains the linear head only.
@@ -275,10 +288,11 @@ def training_step_flops(args: Args) -> float:
 def build_optimizer(model: nn.Module, args: Args, lr: float, device) -> torch.optim.Optimizer:
     """LARS (SimCLR) or AdamW (CAN Table 6) over two groups (common.param_groups): weight decay on the >= 2-D weights,
     none on biases, norm parameters and the online head. common.LARS also skips layer adaptation for every tensor
-    with ndim <= 1 (biases, BN / LN weights), as SimCLR's tf2/lars_optimizer.py excludes 'batch_normalization|bias'."""
+    with ndim <= 1 (biases, BN / LN weights), as SimCLR's tf2/lars_optimizer.py excludes 'batch_normalization|bias',
+    and applies the lr inside the momentum (classic=True: TF's classic_momentum, its default)."""
     groups = common.param_groups(model, args.weight_decay, no_decay=("online_head.",))
     if args.optimizer == "lars":
-        return common.LARS(groups, lr=lr, momentum=args.momentum, trust=args.lars_trust)
+        return common.LARS(groups, lr=lr, momentum=args.momentum, trust=args.lars_trust, classic=True)
     return common.make_adamw(groups, lr, args.betas, device)
 
 
@@ -359,6 +373,7 @@ PRESETS = {
             warmup_epochs=40,
             epochs=800,
             temperature=0.1,
+            tf_loss_scale=False,  # CAN's SupCon loss: the mean over the 2N anchors (AdamW hardly cares)
             jitter_strength=1.0,
             blur="on",
             num_workers=10,
@@ -384,6 +399,7 @@ PRESETS = {
             epochs=4,
             warmup_epochs=0,
             temperature=0.2,
+            tf_loss_scale=False,
             log_every=10,
             eval_every=1000,
             ckpt_every=1000,
@@ -411,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, PRESETS)
     with common.usage_errors(METHOD):  # bad input: one line, no traceback
         check_args(args)
+    if args.export_encoder:  # interop, no training: the checkpoint's encoder for MAE's fine-tuning scripts and timm
+        with common.usage_errors(METHOD):
+            return common.export_encoder(args, METHOD, prefix="backbone.")
     # --- boilerplate: FLOPs (meta device, before any process group), ranks, seeds, data, model, optimizer, resume
     flops_per_image = training_step_flops(args)
     info = common.setup_distributed(args.device)

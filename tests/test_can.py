@@ -125,7 +125,7 @@ def test_rec_target_flag_clean_versus_noisy():
         results[target] = terms
         x = common.normalize(images)
         wanted = x if target == "clean" else x + fixed["noise"]
-        expect = common.reconstruction_loss(out["pred"], common.patchify(wanted, 4), out["mask"], True)
+        expect = common.reconstruction_loss(out["pred"], common.patchify(wanted, 4), out["mask"], args.norm_pix_loss)
         assert terms["reconstruction"] == expect
     assert results["clean"]["reconstruction"] != results["noisy"]["reconstruction"]
     assert results["clean"]["contrastive"] == results["noisy"]["contrastive"]
@@ -301,6 +301,9 @@ def test_features_are_mean_pooled_clean_unmasked_patch_tokens():
 def test_presets_and_bad_inputs(capsys):
     a = common.parse_args(can.Args, ["--arch", "vit_l"], can.PRESETS)
     assert (a.base_lr, a.weight_decay, a.grad_checkpointing, a.batch_size) == (1.25e-4, 0.1, True, 4096)
+    assert a.norm_pix_loss is False  # official code; the L_rec scale of CAN Table 4 (header: measured both ways)
+    h = common.parse_args(can.Args, ["--arch", "vit_h"], can.PRESETS)  # no CAN recipe: ViT-L's, MAE's patch 14
+    assert (h.base_lr, h.weight_decay, h.grad_checkpointing, h.patch_size) == (1.25e-4, 0.1, True, 14)
     c = common.parse_args(can.Args, ["--preset", "cifar"], can.PRESETS)
     assert (c.image_size, c.patch_size, c.arch, c.dataset) == (32, 4, "vit_tiny", "cifar10")
     with pytest.raises(SystemExit):
@@ -368,3 +371,18 @@ def test_torchrun_two_processes(tmp_path):
     ckpt = common.load_checkpoint(str(tmp_path / "runs" / "ddp" / "checkpoint.pt"), "can")
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_export_encoder_writes_the_encoder_with_timm_names(tmp_path):
+    """can.py --export-encoder: the "encoder." tensors, prefix stripped, as {"model": ...}; they load strictly into a
+    plain common.VisionTransformer (timm's names; tests/test_mae.py loads MAE's into a ViT written from the names)."""
+    args = tiny_args()
+    model = tiny_model(args, seed=2)
+    ckpt = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(str(ckpt), {"method": "can", "args": dataclasses.asdict(args), "model": model.state_dict()})
+    can.main(TINY + ["--resume", str(ckpt), "--export-encoder", str(tmp_path / "encoder.pth")])
+    exported = torch.load(tmp_path / "encoder.pth", weights_only=True)["model"]
+    expect = model.encoder.state_dict()
+    assert exported.keys() == expect.keys() and all(torch.equal(exported[k], expect[k]) for k in expect)
+    dim, depth, heads = common.vit_arch(args.arch)
+    common.VisionTransformer(args.image_size, args.patch_size, 3, dim, depth, heads).load_state_dict(exported)

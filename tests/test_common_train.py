@@ -115,6 +115,86 @@ def test_lars_step_matches_hand_computation():
     torch.testing.assert_close(b.data, torch.tensor([0.0 - 0.5 * (0.9 * 2.0 + 2.0)]))  # momentum
 
 
+def lars_loop_reference(params, grads_per_step, lrs, wd, momentum, trust, classic):
+    """An independent per-tensor LARS (the Python loop common.LARS replaced): returns the parameters after the steps.
+    classic=False: mu = m mu + d, p -= lr mu (MoCo v3); classic=True: mu = m mu + lr d, p -= mu (SimCLR TF)."""
+    params = [p.detach().clone() for p in params]
+    mus = [torch.zeros_like(p) for p in params]
+    for grads, lr in zip(grads_per_step, lrs):
+        for p, g, mu in zip(params, grads, mus):
+            d = g
+            if p.ndim > 1:
+                d = g + wd * p
+                p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                d = d * (trust * p_norm / d_norm if p_norm > 0 and d_norm > 0 else 1.0)
+            if classic:
+                mu.mul_(momentum).add_(lr * d)
+                p.sub_(mu)
+            else:
+                mu.mul_(momentum).add_(d)
+                p.sub_(lr * mu)
+    return params
+
+
+@pytest.mark.parametrize("classic", [False, True])
+def test_lars_foreach_equals_per_tensor_loop_over_warmup_steps(classic):
+    torch.manual_seed(0)
+    shapes = [(8, 4), (8,), (3, 3, 2, 2), (5,), (6, 8)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params[4].data.zero_()  # ||p|| = 0: trust ratio 1
+    steps = 5
+    grads = [[torch.randn(s) for s in shapes] for _ in range(steps)]
+    lrs = [0.3 * (t + 1) / steps for t in range(steps)]  # a linear warmup: the two forms differ
+    expect = lars_loop_reference(params, grads, lrs, 0.01, 0.9, 0.001, classic)
+    opt = common.LARS(params, lr=0.0, weight_decay=0.01, momentum=0.9, trust=0.001, classic=classic)
+    for g, lr in zip(grads, lrs):
+        for p, gi in zip(params, g):
+            p.grad = gi
+        common.set_lr(opt, lr)
+        opt.step()
+    for p, e in zip(params, expect):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
+def _last_step_size(lrs, classic):
+    """Size of the last LARS step on a bias (no adaptation) with gradient 1 at every step, momentum 0.9."""
+    b = torch.nn.Parameter(torch.zeros(1))
+    opt = common.LARS([b], lr=0.0, momentum=0.9, classic=classic)
+    for lr in lrs:
+        b.grad = torch.ones(1)
+        before = b.detach().clone()
+        common.set_lr(opt, lr)
+        opt.step()
+    return (before - b.detach()).item()
+
+
+def test_lars_classic_and_moco_forms_differ_only_when_lr_changes():
+    """Constant d, m = 0.9, the warmup of common.cosine_lr (lr_s = s * c, lr_0 = 0): at step t the MoCo form moves by
+    lr_t * sum_{k<=t} m^k, the classic (TF) form by sum_{k<=t} m^k lr_(t-k). Over a 970-step warmup (SimCLR CIFAR-10:
+    10 epochs of 97 steps) the MoCo step is 1.66x the classic one at step 10 and 1.10x at step 100; at a constant lr
+    the two are the same."""
+    for t, expect in ((10, 1.66), (100, 1.10)):
+        lrs = [common.cosine_lr(s, 97000, 970, 1.0) for s in range(t + 1)]
+        ratio = _last_step_size(lrs, classic=False) / _last_step_size(lrs, classic=True)
+        by_hand = t * sum(0.9**k for k in range(t + 1)) / sum(0.9**k * (t - k) for k in range(t))
+        assert ratio == pytest.approx(by_hand, rel=1e-5) and round(ratio, 2) == expect
+    assert _last_step_size([0.5] * 20, classic=False) == pytest.approx(_last_step_size([0.5] * 20, classic=True))
+
+
+def test_lars_resumes_an_optimizer_state_written_before_the_classic_option():
+    """A checkpoint's param groups from before `classic` existed load and step as they were written (MoCo form)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = common.LARS([p], lr=0.5)
+    state = opt.state_dict()
+    del state["param_groups"][0]["classic"]
+    opt.load_state_dict(state)
+    for lr in (0.5, 1.0):
+        p.grad = torch.ones(2)
+        common.set_lr(opt, lr)
+        opt.step()
+    torch.testing.assert_close(p.detach(), -torch.full((2,), 0.5 + 1.0 * 1.9))  # lr after the momentum
+
+
 def test_knn_predict_weighted_votes():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
@@ -388,8 +468,12 @@ def test_nt_xent_and_the_quantizer_switch_autocast_off_themselves():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert common.nt_xent(z1, z2, 0.1).item() == loss.item()
         assert torch.equal(q.encode(images), tokens)
-        # negative control: the same computation without the guard does move under bf16 autocast
+        # negative controls: the same computations without the guard do move under bf16 autocast
         assert abs(common._nt_xent(z1, z2, 0.1).item() - loss.item()) > 1e-5
+        c, pixels = q.centers.float(), q.to_unit(images).permute(0, 2, 3, 1).reshape(-1, 3)
+        unguarded = torch.argmin((c * c).sum(1)[None] - 2 * pixels @ c.T, dim=1).view_as(tokens)
+        assert (unguarded != tokens).float().mean() > 0.01  # bf16 sends some pixels to another palette color
+    assert torch.equal(torch.argmin((c * c).sum(1)[None] - 2 * pixels @ c.T, dim=1).view_as(tokens), tokens)
 
 
 def test_load_split_refuses_an_image_folder_where_a_method_needs_images_in_memory(tmp_path):

@@ -132,6 +132,44 @@ def test_every_trainable_parameter_gets_a_gradient_and_decay_skips_norms_and_emb
     assert "head.weight" in decayed and no_decay["weight_decay"] == 0
 
 
+# ---------------------------------------------------------------- iGPT's own architecture: --arch igpt_s / m / l
+def test_igpt_arch_names_select_igpt_and_the_gcrl_names_keep_gcrl():
+    s = common.parse_args(igpt.Args, ["--arch", "igpt_s"], igpt.PRESETS)
+    assert (s.attention, s.positions, s.block_bias, s.betas, s.weight_decay, s.dropout) == (
+        "dense", "1d", False, (0.9, 0.95), 0.0, 0.0)  # fmt: skip
+    for arch in ("igpt_m", "igpt_l"):
+        a = common.parse_args(igpt.Args, ["--arch", arch], igpt.PRESETS)
+        assert (a.attention, a.positions, a.block_bias) == ("dense", "1d", False)
+    g = common.parse_args(igpt.Args, ["--arch", "igpt_76m"], igpt.PRESETS)  # GCRL's 76M: its recipe
+    assert (g.attention, g.positions, g.block_bias, g.betas, g.weight_decay, g.dropout) == (
+        "axial", "rowcol", True, (0.9, 0.999), 1e-4, 0.1)  # fmt: skip
+
+
+def test_igpt_variant_has_one_position_per_token_no_block_biases_and_stays_causal():
+    args = tiny_args("--positions", "1d", "--no-block-bias", "--attention", "dense")
+    model = random_model(args)
+    names = dict(model.named_parameters())
+    assert names["embed.pos"].shape == (64, 64) and "embed.pos_row" not in names and "embed.pos_col" not in names
+    assert [n for n in names if n.startswith("blocks.") and n.endswith(".bias") and "norm" not in n] == []
+    tokens = random_tokens(2, 64)
+    with torch.no_grad():
+        base = model(tokens)
+        for k in (0, 9, 63):  # a token changes no logit at positions <= k (SOS shift), and the next one
+            changed = tokens.clone()
+            changed[:, k] = (changed[:, k] + 1) % K
+            out = model(changed)
+            torch.testing.assert_close(out[:, : k + 1], base[:, : k + 1], rtol=0, atol=1e-6)
+            if k < 63:
+                assert (out[:, k + 1] - base[:, k + 1]).abs().max() > 1e-2
+        model.embed.pos[9].add_(0.5 * torch.randn(64))  # the position of index 9 alone: logits from 9 on move
+        out = model(tokens)
+        torch.testing.assert_close(out[:, :9], base[:, :9], rtol=0, atol=1e-6)
+        assert (out[:, 9] - base[:, 9]).abs().max() > 1e-2
+    model.train()
+    igpt.igpt_loss(model, tokens, args)["total"].backward()  # DDP: every trainable parameter gets a gradient
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 # ---------------------------------------------------------------- learning: a short CPU run beats both baselines
 def unigram_bits(train_tokens: torch.Tensor, test_tokens: torch.Tensor, alpha: float) -> float:
     """Independent-per-position model: p(t at position p) = (count_p(t) + alpha) / (N + alpha K) from the training

@@ -38,9 +38,21 @@ def tiny_model(args: mae.Args, seed: int = 0) -> mae.MAE:
 
 
 # ---------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("L, ratio, keep, reference", [(100, 0.9, 10, 9), (50, 0.8, 10, 9), (196, 0.75, 49, 49)])
+def test_keep_count_is_exact_where_the_reference_int_loses_a_patch(L, ratio, keep, reference):
+    """keep = floor(L * (1 - r)) in exact arithmetic; the ref code's int(L * (1 - r)) drops a patch to float error
+    (int(100 * (1 - 0.9)) = int(9.999999999999998) = 9)."""
+    assert int(L * (1 - ratio)) == reference  # the official behaviour, kept here as the documented difference
+    assert common.keep_count(L, ratio) == keep
+    kept, mask, _ = common.random_masking(torch.randn(3, L, 2), ratio)
+    assert kept.shape[1] == keep and torch.all(mask.sum(1) == L - keep)
+
+
 @pytest.mark.parametrize("L, ratio", [(16, 0.75), (196, 0.75), (256, 0.75), (64, 0.5), (49, 0.9), (10, 0.33)])
 def test_masking_keeps_exactly_int_L_times_1_minus_r_and_restores(L, ratio):
-    N, keep = 64, int(L * (1 - ratio))
+    N, keep = 64, int(L * (1 - ratio))  # these products carry no float error: the ref code's count
     torch.manual_seed(L)
     noise = torch.rand(N, L)
     x = torch.arange(L, dtype=torch.float32).view(1, L, 1).expand(N, L, 3)  # token i carries the value i
@@ -256,6 +268,66 @@ def test_encoder_state_dict_matches_timm_vit_names_and_shapes(arch, dim, depth, 
         assert encoder["blocks.0.attn.qkv.weight"] == (2304, 768) and encoder["blocks.11.mlp.fc1.weight"] == (3072, 768)
 
 
+# ---------------------------------------------------------------- encoder export for MAE's fine-tuning scripts and timm
+class TimmNamedViT(torch.nn.Module):
+    """A ViT written from timm's / MAE models_vit.py's parameter NAMES and their documented meaning only (no timm,
+    no common.py): patch_embed.proj (conv p x p, stride p), cls_token, pos_embed (1, 1 + L, D), blocks.N.{norm1,
+    attn.qkv (q | k | v rows, heads contiguous), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm; LayerNorm eps 1e-6, GELU;
+    fc_norm and head are identities (timm num_classes=0, global_pool="token"), so they own no parameters."""
+
+    def __init__(self, img, patch, dim, depth, heads):
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img // patch) ** 2, dim))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            b.attn, b.mlp = nn.Module(), nn.Module()
+            b.attn.qkv, b.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            b.mlp.fc1, b.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.blocks.append(b)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm, self.head = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        B, N, D = x.shape
+        for b in self.blocks:
+            q, k, v = b.attn.qkv(b.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-1, -2) / (D // self.heads) ** 0.5, -1) @ v
+            x = x + b.attn.proj(a.transpose(1, 2).reshape(B, N, D))
+            x = x + b.mlp.fc2(torch.nn.functional.gelu(b.mlp.fc1(b.norm2(x))))
+        return self.norm(x)
+
+
+def test_exported_encoder_loads_by_name_into_a_fresh_vit_and_computes_the_same_features(tmp_path):
+    """mae.py --export-encoder: {"model": state_dict} with the "encoder." prefix stripped; a fresh ViT built from the
+    names alone loads it with no missing and no unexpected keys and gives the encoder's output; the decoder and the
+    mask token stay out (MAE main_finetune.py: only head.* (+ fc_norm.*) missing)."""
+    args = tiny_args()
+    model = tiny_model(args, seed=3)
+    ckpt = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(str(ckpt), {"method": "mae", "args": dataclasses.asdict(args), "model": model.state_dict()})
+    out = tmp_path / "encoder.pth"
+    result = mae.main(TINY + ["--resume", str(ckpt), "--export-encoder", str(out)])
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) == {"model"} and result["tensors"] == len(exported["model"])
+    assert not any(k.startswith(("decoder", "encoder", "mask_token")) for k in exported["model"])
+    dim, depth, heads = common.vit_arch(args.arch)
+    fresh = TimmNamedViT(args.image_size, args.patch_size, dim, depth, heads)
+    missing, unexpected = fresh.load_state_dict(exported["model"], strict=False)
+    assert missing == [] and unexpected == []
+    x = common.normalize(torch.rand(2, 3, args.image_size, args.image_size))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model.encoder(x), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- eval interface, command line, errors
 def test_features_cls_default_mean_and_layers():
     args = tiny_args()
@@ -351,6 +423,39 @@ def test_resume_auto_continues_bitwise_exactly(tmp_path, capsys):
     assert [r["step"] for r in rows if "eval/test_loss" in r] == [0, 2, 3, 4]  # no second "init" evaluation
 
 
+# ---------------------------------------------------------------- --accum-iter
+def test_accumulated_micro_batch_gradients_equal_the_full_batch_gradient():
+    """K micro-batches with loss / K each give the gradient of the whole batch: every image has the same number of
+    removed patches, so the mean over the batch's removed patches is the mean of the micro-batch means."""
+    args = tiny_args()
+    model = tiny_model(args)
+    images, draws = torch.rand(16, 3, 16, 16), torch.rand(16, 16)
+    mae.mae_losses(model, images, args, draws)[0]["total"].backward()
+    full = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for part in (slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)):
+        (mae.mae_losses(model, images[part], args, draws[part])[0]["total"] / 4).backward()
+    for k, g in full.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_accum_iter_run_counts_updates_and_resumes_bitwise_exactly(tmp_path, capsys):
+    """--accum-iter 2 at --batch-size 16: 2 micro-batches of 8 per update, as many updates per epoch as without
+    accumulation (1000 synthetic images: 125 micro-batches -> 62 updates), and a resumed run equals a straight one."""
+    base = TINY + ["--output-dir", str(tmp_path), "--accum-iter", "2", "--eval-every", "100", "--log-every", "1"]
+    mae.main(base + ["--run-name", "straight", "--steps", "4"])
+    assert "1 x 16 images/step (2 micro-batches of 8), 62 steps/epoch" in capsys.readouterr().out
+    mae.main(base + ["--run-name", "resumed", "--steps", "2"])
+    assert mae.main(base + ["--run-name", "resumed", "--steps", "4"])["step"] == 4
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    with pytest.raises(SystemExit, match="--accum-iter must be >= 1"):
+        mae.main(TINY + ["--accum-iter", "0"])
+    with pytest.raises(SystemExit, match="16 images per rank: not divisible by --accum-iter 3"):
+        mae.main(TINY + ["--accum-iter", "3", "--output-dir", str(tmp_path)])
+
+
 def _mae_ddp_worker(rank, world, images, mask_draws):
     """One DDP backward of the MAE loss on this rank's half of a fixed batch with fixed masks."""
     args = tiny_args()
@@ -395,6 +500,14 @@ def test_torchrun_two_processes(tmp_path):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]  # rank 0 alone writes
     assert [r["step"] for r in rows if "loss/total" in r] == [1, 2]
     assert (run / "reconstruction_step0000002.png").exists()
+
+
+def test_torchrun_two_processes_with_accumulation(tmp_path):
+    """--accum-iter under DDP: the first micro-batch's backward runs in no_sync, the last one all-reduces."""
+    argv = ["mae.py", *TINY, "--steps", "2", "--batch-size", "8", "--accum-iter", "2", "--run-name", "ddp"]
+    proc = run_script(argv, cwd=tmp_path, torchrun=2)
+    assert "2 x 4 images/step (2 micro-batches of 2)" in proc.stdout
+    assert common.load_checkpoint(str(tmp_path / "runs" / "ddp" / "checkpoint.pt"), "mae")["step"] == 2
 
 
 def test_learning_smoke_heldout_loss_falls_below_init_and_the_trivial_prediction(tmp_path):

@@ -181,6 +181,61 @@ def test_lars_step_excludes_biases_and_norm_parameters_from_decay_and_adaptation
     assert checked["plain"] > 10 and checked["adapted"] > 10
 
 
+def tf_loss_torch(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """tf_reference above, differentiable and fp32: the loss TF SimCLR differentiates (mean_a + mean_b)."""
+    h1, h2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = len(h1)
+    mask = torch.eye(n) * 1e9
+    labels = torch.arange(n)
+    loss_a = F.cross_entropy(torch.cat([h1 @ h2.T / tau, h1 @ h1.T / tau - mask], 1), labels)
+    loss_b = F.cross_entropy(torch.cat([h2 @ h1.T / tau, h2 @ h2.T / tau - mask], 1), labels)
+    return loss_a + loss_b
+
+
+def test_lars_recipe_equals_tf_simclr_update_over_warmup_steps():
+    """The default (CIFAR-10 README) recipe against SimCLR tf2 written out by hand on a ResNet-18: TF's loss
+    (mean_a + mean_b), and TF's LARS (lars_optimizer.py, classic_momentum=True, eeta 0.001, excluding
+    'batch_normalization' and 'bias' by NAME from weight decay and adaptation):
+        g += wd * w;  trust = eeta * ||w|| / ||g||;  v = m * v + lr * trust * g;  w -= v,
+    three steps during the linear warmup (the lr changes every step, where the MoCo form would differ)."""
+    args = common.parse_args(simclr.Args, ["--no-amp", "--no-online-linear", "--weight-decay", "1e-2"], simclr.PRESETS)
+    assert args.optimizer == "lars" and args.tf_loss_scale and args.arch == "resnet18"
+    torch.manual_seed(0)
+    model = simclr.build_model(args)
+    ref = simclr.build_model(args)
+    ref.load_state_dict(model.state_dict())
+    opt = simclr.build_optimizer(model, args, 4.0, "cpu")
+    batch_norms = [m for m, mod in ref.named_modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    bn_params = {f"{m}.{p}" for m in batch_norms for p in ("weight", "bias")}
+    named = [(k, p) for k, p in ref.named_parameters() if p.requires_grad]
+    velocity = {k: torch.zeros_like(p) for k, p in named}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 4):
+        lr = common.cosine_lr(step, 1000, 100, 4.0)  # warmup: 0.04, 0.08, 0.12
+        views = [torch.rand(6, 3, 32, 32, generator=g) for _ in range(2)]
+        common.set_lr(opt, lr)
+        terms, _ = simclr.simclr_losses(model, views, None, args)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+
+        z = ref(common.normalize(torch.cat(views)))["z"]
+        loss = tf_loss_torch(z[:6], z[6:], args.temperature)
+        assert terms["contrastive"].item() == pytest.approx(loss.item(), rel=1e-5)
+        grads = torch.autograd.grad(loss, [p for _, p in named])
+        with torch.no_grad():
+            for (k, w), grad in zip(named, grads):
+                excluded = k in bn_params or "bias" in k
+                if not excluded:
+                    grad = grad + args.weight_decay * w
+                trust = 1.0 if excluded else args.lars_trust * w.norm() / grad.norm()
+                velocity[k] = args.momentum * velocity[k] + lr * trust * grad
+                w -= velocity[k]
+        for k, w in named:
+            torch.testing.assert_close(dict(model.named_parameters())[k].detach(), w.detach(), rtol=1e-4, atol=1e-6,
+                                       msg=f"step {step}: {k}")  # fmt: skip
+
+
 # ---------------------------------------------------------------- backbones and heads
 def test_resnet_cifar_stem_at_32px_and_standard_stem_at_64px():
     small = simclr.build_model(common.parse_args(simclr.Args, ["--arch", "resnet18", "--image-size", "32"])).backbone
@@ -395,3 +450,22 @@ def test_knn_monitor_on_a_class_sorted_image_folder_matches_the_in_memory_set(tm
     print(f"kNN monitor: folder {on_folder:.3f}, in memory {in_memory:.3f}, first-80 bank {old:.3f}")
     assert old <= 0.55  # 2 of 4 classes in the bank: at most their half of the balanced queries can be right
     assert on_folder > old + 0.2 and abs(on_folder - in_memory) <= 0.05
+
+
+def test_export_encoder_writes_the_vit_backbone_with_timm_names(tmp_path):
+    """simclr.py --export-encoder: the "backbone." tensors (no projector, no online head), prefix stripped, as
+    {"model": ...}; a ViT backbone loads strictly into a plain common.VisionTransformer (timm's names)."""
+    args = tiny_args("--num-classes", "4")
+    torch.manual_seed(0)
+    model = simclr.build_model(args)
+    ckpt = tmp_path / "checkpoint.pt"
+    state = {"method": "simclr", "args": dataclasses.asdict(args), "model": model.state_dict()}
+    common.save_checkpoint(str(ckpt), state)
+    simclr.main(TINY + ["--resume", str(ckpt), "--export-encoder", str(tmp_path / "encoder.pth")])
+    exported = torch.load(tmp_path / "encoder.pth", weights_only=True)["model"]
+    expect = model.backbone.state_dict()
+    assert exported.keys() == expect.keys() and all(torch.equal(exported[k], expect[k]) for k in expect)
+    dim, depth, heads = common.vit_arch(args.arch)
+    common.VisionTransformer(args.image_size, args.patch_size, 3, dim, depth, heads).load_state_dict(exported)
+    with pytest.raises(SystemExit, match="simclr.py: error: checkpoint .*missing.pt does not exist"):  # one line
+        simclr.main(TINY + ["--resume", str(tmp_path / "missing.pt"), "--export-encoder", str(tmp_path / "x.pth")])
