@@ -1172,10 +1172,12 @@ def sample_resized_crops(batch, height, width, scale, ratio, device, generator=N
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32, device=device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    boxes = torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
-    return boxes.to(torch.int64)
+    # Python scalars in torch.where: no tensor is built on the device (torch.tensor(..., device=cuda) is a copy from
+    # the host that waits for the GPU).
+    ok = fits.any(dim=1)
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    boxes = [torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fallback)]
+    return torch.stack(boxes, dim=1).to(torch.int64)
 
 
 def resized_crop_batch(images, boxes, size, flip=None, interpolation="bilinear") -> torch.Tensor:
@@ -1246,16 +1248,74 @@ def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue_batch(images: torch.Tensor, hue_shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image (torchvision's adjust_hue): images (B, 3, H, W) in [0, 1], hue_shift (B,) turns."""
-    hsv = rgb_to_hsv(images)
-    hue = torch.remainder(hsv[:, 0:1] + hue_shift.view(-1, 1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+    """Rotate the hue of each image (torchvision's adjust_hue): images (B, 3, H, W) in [0, 1], hue_shift (B,) turns.
+
+    rgb_to_hsv -> hue + shift -> hsv_to_rgb written as one pass without the HSV tensor: with value v, chroma c and the
+    hue in sixths of a turn from rgb_to_hsv, channel n = v - c * clamp(min(k, 4 - k), 0, 1), k = (o_n + 6 (h + shift))
+    mod 6, o = (5, 3, 1) (v * s = c). Equal to torchvision to float rounding (~1e-6)."""
+    r, g, b = images.unbind(1)
+    value = torch.maximum(torch.maximum(r, g), b).unsqueeze(1)
+    chroma = value - torch.minimum(torch.minimum(r, g), b).unsqueeze(1)
+    inv_chroma = 1.0 / torch.where(chroma > 0, chroma, 1.0)
+    r, g, b = r.unsqueeze(1), g.unsqueeze(1), b.unsqueeze(1)
+    sixths = torch.where(
+        value == r,
+        (g - b) * inv_chroma,
+        torch.where(value == g, 2.0 + (b - r) * inv_chroma, 4.0 + (r - g) * inv_chroma),
+    )  # (B, 1, H, W) in [-1, 5]; grays: 0
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(sixths + (6.0 * hue_shift.to(images.dtype)).view(-1, 1, 1, 1) + offsets, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value - chroma * ramp
 
 
 def _blend(images, target, factor) -> torch.Tensor:
     """torchvision's blend: clamp(factor * images + (1 - factor) * target, 0, 1), factor (B,) per image."""
     factor = factor.view(-1, 1, 1, 1)
     return (images * factor + target * (1.0 - factor)).clamp_(0, 1)
+
+
+_NO_JITTER = 4**4  # sort key of the images without color jitter: after every permutation code
+
+
+def jitter_plan(order: torch.Tensor, apply: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Group the images of a batch by their drawn op order, on the host: order (B, 4), apply (B,) (any device; read
+    on the host, where BatchedAugment draws them, so no GPU sync) -> (sort (B,) int64 host permutation that puts the
+    images of each order next to each other, the jittered first; runs [(ops in order, start, count)] in the sorted
+    batch, images without jitter left out)."""
+    order, apply = order.cpu(), apply.cpu()
+    code = (order * torch.tensor([64, 16, 4, 1])).sum(1)  # the permutation as a base-4 number, unique
+    key = torch.where(apply, code, _NO_JITTER)
+    sort = torch.argsort(key, stable=True)
+    values, counts = torch.unique_consecutive(key[sort], return_counts=True)
+    runs, start = [], 0
+    for v, n in zip(values.tolist(), counts.tolist()):
+        if v != _NO_JITTER:
+            runs.append((tuple((v >> s) & 3 for s in (6, 4, 2, 0)), start, n))
+        start += n
+    return sort, runs
+
+
+def jitter_runs_(x: torch.Tensor, factors: torch.Tensor, runs, enabled=(True, True, True, True)) -> torch.Tensor:
+    """Color jitter IN PLACE on a batch sorted by jitter_plan: each run (contiguous images with one op order) takes
+    its ops in that order, each op once and only on the images that draw it. factors (B, 4) in the sorted order."""
+    for ops, start, n in runs:
+        view, f = x[start : start + n], factors[start : start + n]
+        for op in ops:
+            if not enabled[op]:
+                continue
+            factor = f[:, op].view(-1, 1, 1, 1)
+            if op == 0:  # brightness: blend with black
+                view.mul_(factor).clamp_(0, 1)
+            elif op == 1:  # contrast: blend with the image's mean luma
+                mean = rgb_to_grayscale(view).mean(dim=(-3, -2, -1), keepdim=True)
+                view.mul_(factor).add_(mean * (1.0 - factor)).clamp_(0, 1)
+            elif op == 2:  # saturation: blend with the luma image
+                gray = rgb_to_grayscale(view)
+                view.mul_(factor).add_(gray * (1.0 - factor)).clamp_(0, 1)
+            else:
+                view.copy_(adjust_hue_batch(view, f[:, 3]))
+    return x
 
 
 def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True, True)) -> torch.Tensor:
@@ -1265,24 +1325,13 @@ def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True,
     change) and hue shift (turns, 0 = no change); order: (B, 4) int, order[b, k] = the op applied k-th to image b
     (0 brightness, 1 contrast, 2 saturation, 3 hue); apply: (B,) bool, images left untouched where False;
     enabled: which ops exist at all (torchvision drops an op whose strength is 0).
-    At each of the 4 positions every op runs on the whole batch with the identity factor for the images that do not
-    take it there: a blend with factor 1 returns its input exactly, and hue is selected with torch.where. The batch
-    stays whole (no boolean indexing, hence no host synchronisation on the GPU) at the price of 4x the op count.
-    """
-    for k in range(4):
-        op = torch.where(apply, order[:, k], -1)  # (B,): the op image b takes at position k, -1 for none
-        if enabled[0]:  # brightness: blend with black
-            f = torch.where(op == 0, factors[:, 0], 1.0)
-            images = (images * f.view(-1, 1, 1, 1)).clamp_(0, 1)
-        if enabled[1]:  # contrast: blend with the image's mean luma
-            f = torch.where(op == 1, factors[:, 1], 1.0)
-            images = _blend(images, rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), f)
-        if enabled[2]:  # saturation: blend with the luma image
-            f = torch.where(op == 2, factors[:, 2], 1.0)
-            images = _blend(images, rgb_to_grayscale(images), f)
-        if enabled[3]:
-            images = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue_batch(images, factors[:, 3]), images)
-    return images
+    The images are grouped by their op order (jitter_plan, on the host): every op runs once, in the drawn order, on
+    the images that take it, as contiguous slices (no whole-batch pass of an op with identity factors)."""
+    sort, runs = jitter_plan(order, apply)
+    sort = sort.to(images.device, non_blocking=True)
+    x = images.index_select(0, sort)
+    jitter_runs_(x, factors.to(images.device).index_select(0, sort), runs, enabled)
+    return torch.empty_like(x).index_copy_(0, sort, x)
 
 
 def gaussian_blur_batch(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -1313,6 +1362,10 @@ class BatchedAugment:
 
     aug = BatchedAugment("simclr", 32); views = aug(images_uint8)  # (B, C, H, W) -> float32 (B, 3, 32, 32) in [0, 1]
     `sample_params` draws every random choice, independently per image; `apply` is deterministic given them.
+    The draws are made on the host (the global CPU RNG, or `generator`), a few numbers per image, so that the
+    grouping of the images by their color-jitter order, grayscale and blur is known without reading anything back
+    from the GPU: only the images that take an op run it (each op once, in the drawn order), and a training step never
+    waits for the device. The CPU path draws exactly what it drew before this was introduced.
     Differences from the per-image pipeline, in resampling only (parameters have the same distribution): crops are
     resampled without antialiasing (meant for datasets stored at or near the view size, <= 64 px, where crops are
     enlarged); the mae view's bicubic is grid_sample's (a = -0.75, outer taps may cross the box edge) while
@@ -1332,9 +1385,15 @@ class BatchedAugment:
         """Independent random parameters for `batch` images of height x width; tensors on `device`:
         crop (B, 4) int64 [top, left, h, w] (simclr, mae); offset (B, 2) int64 [top, left] into the padded image
         (weak); flip (B,) bool; jitter (B,) bool, factors (B, 4) [brightness, contrast, saturation, hue],
-        order (B, 4) int64 (op applied at each position), gray (B,) bool, blur (B,) bool, sigma (B,) (simclr)."""
+        order (B, 4) int64 (op applied at each position), gray (B,) bool, blur (B,) bool, sigma (B,) (simclr).
+        Drawn on the generator's device (the CPU without one), then moved to `device`."""
+        params = self._draw(batch, height, width, generator)
+        return {k: v.to(device) for k, v in params.items()}
+
+    def _draw(self, batch: int, height: int, width: int, generator=None) -> dict[str, torch.Tensor]:
+        """sample_params on the host (a CUDA generator draws on its GPU, and then the copy back waits for it)."""
         cfg, B = self.cfg, batch
-        device = torch.device(device)
+        device = torch.device("cpu")
 
         def coin(p):
             return _uniform((B,), 0.0, 1.0, device, generator) < p
@@ -1377,20 +1436,40 @@ class BatchedAugment:
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Deterministic part: images uint8 or float (B, C, H, W), C in {1, 3} -> float32 (B, 3, size, size)."""
+        """Deterministic part: images uint8 or float (B, C, H, W), C in {1, 3} -> float32 (B, 3, size, size).
+        params on any device; the per-image choices (jitter order, grayscale, blur) are read on the host, which costs
+        a GPU sync only for params that live on the GPU (those of __call__ never do)."""
         cfg, S = self.cfg, self.size
-        x = to_float_rgb(images)
-        B, _, H, W = x.shape
+        B, _, H, W = images.shape
+        dev = images.device
         if self.kind in ("simclr", "mae"):
-            x = resized_crop_batch(x, params["crop"], S, params["flip"], cfg["interpolation"])
-        elif self.kind == "weak":
+            sort = None
+            if self.kind == "simclr":  # the images in order of their color-jitter op order: every op on slices
+                on = cfg["jitter_p"] > 0 and max(cfg["jitter"]) > 0
+                sort, runs = jitter_plan(params["order"], params["jitter"].cpu() & on)
+                host = {k: params[k].cpu().index_select(0, sort) for k in ("gray", "blur") if k in params}
+                sort = sort.to(dev, non_blocking=True)
+                images = images.index_select(0, sort)
+                params = {k: v.to(dev, non_blocking=True).index_select(0, sort) for k, v in params.items()}
+            x = resized_crop_batch(to_float_rgb(images), params["crop"], S, params["flip"], cfg["interpolation"])
+            if sort is not None:
+                jitter_runs_(x, params["factors"], runs, tuple(v > 0 for v in cfg["jitter"]))
+                if cfg["gray_p"] > 0:
+                    self._on_subset_(x, host["gray"], lambda v, i: rgb_to_grayscale(v).expand_as(v))
+                if cfg["blur"] and cfg["blur_p"] > 0:
+                    sigma = params["sigma"]
+                    self._on_subset_(x, host["blur"], lambda v, i: gaussian_blur_batch(v, sigma[i], cfg["blur_kernel"]))
+                x = torch.empty_like(x).index_copy_(0, sort, x)  # back to the input order
+            return x
+        x = to_float_rgb(images)
+        if self.kind == "weak":
             pad = cfg["pad"]
             x = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
             Wp = x.shape[-1]
-            steps = torch.arange(S, device=x.device)
-            offset = params["offset"].to(x.device)
+            steps = torch.arange(S, device=dev)
+            offset = params["offset"].to(dev)
             rows = offset[:, 0:1] + steps  # (B, S)
-            cols = offset[:, 1:2] + torch.where(params["flip"].to(x.device)[:, None], S - 1 - steps, steps)
+            cols = offset[:, 1:2] + torch.where(params["flip"].to(dev)[:, None], S - 1 - steps, steps)
             index = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, S * S).expand(B, 3, S * S)
             x = x.reshape(B, 3, -1).gather(2, index).view(B, 3, S, S)
         else:  # eval: resize the shorter side to S (torchvision Resize(int)), then center-crop S x S
@@ -1401,22 +1480,26 @@ class BatchedAugment:
                 H, W = new_h, new_w
             top, left = int(round((H - S) / 2.0)), int(round((W - S) / 2.0))  # torchvision center_crop anchor
             x = x[:, :, top : top + S, left : left + S]
-        if self.kind == "simclr":
-            if cfg["jitter_p"] > 0 and max(cfg["jitter"]) > 0:
-                enabled = tuple(v > 0 for v in cfg["jitter"])
-                x = color_jitter_batch(x, params["factors"], params["order"], params["jitter"], enabled)
-            if cfg["gray_p"] > 0:
-                x = torch.where(params["gray"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand(-1, 3, -1, -1), x)
-            if cfg["blur"] and cfg["blur_p"] > 0:
-                blurred = gaussian_blur_batch(x, params["sigma"], cfg["blur_kernel"])
-                x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
         return x.contiguous()
+
+    @staticmethod
+    def _on_subset_(x: torch.Tensor, chosen: torch.Tensor, fn) -> None:
+        """x[i] = fn(x[i], i) in place for the images i where the host bool mask `chosen` is set (no pass over the
+        others; the indices are known on the host, so no GPU sync)."""
+        idx = chosen.nonzero().flatten()
+        if len(idx) == 0:
+            return
+        if len(idx) == len(x):
+            x.copy_(fn(x, slice(None)))
+            return
+        idx = idx.to(x.device, non_blocking=True)
+        x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images: uint8 or float (B, C, H, W) on any device -> float32 (B, 3, size, size) in [0, 1], same device.
-        generator: optional torch.Generator (on any device) that makes the draw reproducible."""
+        generator: optional torch.Generator that makes the draw reproducible; a CPU one keeps a GPU run sync-free."""
         B, _, H, W = images.shape
-        return self.apply(images, self.sample_params(B, H, W, images.device, generator))
+        return self.apply(images, self._draw(B, H, W, generator))
 
 
 # ======================================================================================

@@ -17,10 +17,10 @@ import time here: timm's Block no longer takes `qk_scale` (dropped, it was None)
 GPU images/s and MFU of every method: bench/gpu.py.
 """
 
+# ruff: noqa: B023  (the closures timed in each loop iteration are called within that iteration)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import statistics
@@ -106,9 +106,7 @@ def bench_attention(a) -> None:
     for d in a.widths:
         heads = max(1, d // 64)
         blocks = {
-            mode: torch.nn.Sequential(
-                *[common.Block(d, heads, attention=mode, grid=(H, W)) for _ in range(a.depth)]
-            )
+            mode: torch.nn.Sequential(*[common.Block(d, heads, attention=mode, grid=(H, W)) for _ in range(a.depth)])
             for mode in ("axial_dense", "axial")
         }
         x = torch.randn(a.batch, H * W, d, requires_grad=True)
