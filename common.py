@@ -674,6 +674,14 @@ def bert_keep_mask(tokens: torch.Tensor, mask_prob: float, generator: torch.Gene
     return u >= mask_prob
 
 
+def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, fp32: logits (B, L, K), tokens (B, L) -> (B, L). Computed on the
+    flat (B*L, K) rows, each row contiguous; F.cross_entropy on the (B, K, L) transposed view reads every class with a
+    stride of L and ran 2.2x slower forward + backward on the CPU (python bench/bench.py tokenloss)."""
+    B, L, K = logits.shape
+    return F.cross_entropy(logits.float().reshape(B * L, K), tokens.reshape(B * L), reduction="none").view(B, L)
+
+
 def token_nll(
     model: nn.Module, tokens: torch.Tensor, args, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -686,7 +694,7 @@ def token_nll(
     keep = None if objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
     with autocast(tokens.device, args.amp):
         logits = model(tokens, keep)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, K, L) vs (B, L)
+    nll = token_cross_entropy(logits, tokens)
     scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
     return nll, scored
 
@@ -765,7 +773,7 @@ def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
     finally:
         handle.remove()
         net.train(was_training)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, L)
+    nll = token_cross_entropy(logits, tokens)  # (B, L)
     return -nll.sum(dim=1), leaf["emb"]
 
 
@@ -1192,12 +1200,12 @@ def resized_crop_batch(images, boxes, size, flip=None, interpolation="bilinear")
     pixel outside the box leaks in (torchvision crops first, then resizes with edge clamping).
     """
     B, _, H, W = images.shape
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    boxes = boxes.to(device=images.device, dtype=torch.float32, non_blocking=True)
     top, left, h, w = boxes.unbind(1)
     centers = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixels in (0, 1)
     across = centers.expand(B, size)
     if flip is not None:  # a mirrored view reads its box from right to left
-        across = torch.where(flip.to(images.device)[:, None], 1.0 - centers, centers)
+        across = torch.where(flip.to(images.device, non_blocking=True)[:, None], 1.0 - centers, centers)
     x = left[:, None] + across * w[:, None] - 0.5  # (B, size) source column of each output column, in pixels
     y = top[:, None] + centers * h[:, None] - 0.5  # (B, size) source row of each output row
     x = torch.minimum(torch.maximum(x, left[:, None]), (left + w - 1)[:, None])
@@ -1330,7 +1338,7 @@ def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True,
     sort, runs = jitter_plan(order, apply)
     sort = sort.to(images.device, non_blocking=True)
     x = images.index_select(0, sort)
-    jitter_runs_(x, factors.to(images.device).index_select(0, sort), runs, enabled)
+    jitter_runs_(x, factors.to(images.device, non_blocking=True).index_select(0, sort), runs, enabled)
     return torch.empty_like(x).index_copy_(0, sort, x)
 
 
@@ -1442,15 +1450,17 @@ class BatchedAugment:
         cfg, S = self.cfg, self.size
         B, _, H, W = images.shape
         dev = images.device
+        host = {k: v.cpu() for k, v in params.items()}  # no-op for the host draws of __call__
+        params = {k: v.to(dev, non_blocking=True) for k, v in params.items()}  # copies that do not wait for the GPU
         if self.kind in ("simclr", "mae"):
             sort = None
             if self.kind == "simclr":  # the images in order of their color-jitter op order: every op on slices
                 on = cfg["jitter_p"] > 0 and max(cfg["jitter"]) > 0
-                sort, runs = jitter_plan(params["order"], params["jitter"].cpu() & on)
-                host = {k: params[k].cpu().index_select(0, sort) for k in ("gray", "blur") if k in params}
+                sort, runs = jitter_plan(host["order"], host["jitter"] & on)
+                host = {k: v.index_select(0, sort) for k, v in host.items()}
                 sort = sort.to(dev, non_blocking=True)
                 images = images.index_select(0, sort)
-                params = {k: v.to(dev, non_blocking=True).index_select(0, sort) for k, v in params.items()}
+                params = {k: v.index_select(0, sort) for k, v in params.items()}
             x = resized_crop_batch(to_float_rgb(images), params["crop"], S, params["flip"], cfg["interpolation"])
             if sort is not None:
                 jitter_runs_(x, params["factors"], runs, tuple(v > 0 for v in cfg["jitter"]))
@@ -1467,9 +1477,9 @@ class BatchedAugment:
             x = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
             Wp = x.shape[-1]
             steps = torch.arange(S, device=dev)
-            offset = params["offset"].to(dev)
+            offset = params["offset"]
             rows = offset[:, 0:1] + steps  # (B, S)
-            cols = offset[:, 1:2] + torch.where(params["flip"].to(dev)[:, None], S - 1 - steps, steps)
+            cols = offset[:, 1:2] + torch.where(params["flip"][:, None], S - 1 - steps, steps)
             index = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, S * S).expand(B, 3, S * S)
             x = x.reshape(B, 3, -1).gather(2, index).view(B, 3, S, S)
         else:  # eval: resize the shorter side to S (torchvision Resize(int)), then center-crop S x S
@@ -2093,16 +2103,23 @@ def load_split(args, train: bool, in_memory: bool = False):
     return ds
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """(1, C, 1, 1) mean and std tensors, built once per device and dtype: torch.tensor(..., device=cuda) on every
+    call would be a host-to-device copy that waits for the GPU in each training step."""
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return m, s
+
+
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] -> standardized with per-channel mean/std (ImageNet's, as MAE/CAN)."""
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device, x.dtype)
     return (x - m) / s
 
 
 def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device, x.dtype)
     return x * s + m
 
 
@@ -2818,25 +2835,39 @@ class RunLogger:
                 self.tb.close()
 
 
-# Peak dense bf16 tensor-core FLOP/s per GPU (vendor datasheets) for MFU; matched by substring of the name.
-GPU_PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "4090": 165e12,
-    "3090": 71e12,
-    "V100": 125e12,  # fp16 tensor cores (no bf16 on V100)
-}
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s per GPU, from the vendor datasheets, for MFU. Matched on whole
+# words of torch.cuda.get_device_name (so "L4" never matches "NVIDIA L40S"), the form factor first: an H100 PCIe
+# ("NVIDIA H100 PCIe") peaks at 756 TFLOP/s, not the SXM part's 989 ("NVIDIA H100 80GB HBM3"). Unknown GPUs: no MFU.
+GPU_PEAK_BF16_FLOPS = [  # (model word, form-factor word or "" for any, peak)
+    ("H100", "PCIE", 756e12),
+    ("H100", "NVL", 835e12),
+    ("H100", "", 989e12),  # SXM5
+    ("H200", "NVL", 835e12),
+    ("H200", "", 989e12),  # SXM
+    ("GH200", "", 989e12),
+    ("B200", "", 2250e12),
+    ("A100", "", 312e12),  # SXM4 and PCIe alike
+    ("L40S", "", 362e12),
+    ("L40", "", 181e12),
+    ("L4", "", 121e12),
+    ("A10G", "", 70e12),
+    ("A10", "", 125e12),
+    ("4090", "", 165e12),
+    ("3090", "", 71e12),
+    ("V100", "", 125e12),  # fp16 tensor cores (no bf16 on V100)
+]
 
 
-def gpu_peak_flops(device) -> float | None:
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
+def gpu_peak_flops(device=None, name: str | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device (or of a device `name` as torch.cuda.get_device_name spells it);
+    None on the CPU or for a GPU not in GPU_PEAK_BF16_FLOPS."""
+    if name is None:
+        if device is None or torch.device(device).type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    words = set("".join(c if c.isalnum() else " " for c in name.upper()).split())
+    matches = (peak for model, form, peak in GPU_PEAK_BF16_FLOPS if model in words and (not form or form in words))
+    return next(matches, None)
 
 
 @contextlib.contextmanager
@@ -2870,7 +2901,10 @@ def count_flops(fn, *args, **kwargs) -> int:
 
 
 def mfu(flops_per_image: float, images_per_s_per_gpu: float, device) -> float | None:
-    """Model FLOPs utilization = achieved FLOP/s / peak FLOP/s of this GPU (None when the peak is unknown)."""
+    """Model FLOPs utilization = achieved FLOP/s / peak FLOP/s of this GPU (None when the peak is unknown).
+    flops_per_image comes from count_step_flops (FlopCounterMode): every matmul, and attention as 4 * T^2 * d per
+    layer forward even when it is causal (PaLM's MFU convention; a causal kernel skips about half of it), so the MFU
+    of the causal pixel-token models (igpt, gcrl) counts their attention as full T^2."""
     peak = gpu_peak_flops(device)
     return None if peak is None else flops_per_image * images_per_s_per_gpu / peak
 

@@ -21,6 +21,7 @@ GPU images/s and MFU of every method: bench/gpu.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -165,7 +166,7 @@ def bench_mae(a) -> None:
         ref = official.MaskedAutoencoderViT(
             img_size=S, patch_size=p, embed_dim=dim, depth=depth, num_heads=heads, decoder_embed_dim=ddim,
             decoder_depth=ddepth, decoder_num_heads=dheads, mlp_ratio=4.0,
-            norm_layer=lambda n: torch.nn.LayerNorm(n, eps=1e-6), norm_pix_loss=True,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), norm_pix_loss=True,  # models_mae's mae_vit_* use
         )  # fmt: skip
         n_ours = sum(t.numel() for t in ours.parameters())
         n_ref = sum(t.numel() for t in ref.parameters())

@@ -1,0 +1,71 @@
+"""Performance plumbing (issue #19) that must not change results: the MFU peak table, the pixel-token loss on flat
+rows, normalize's cached statistics, and, where a GPU exists, a training step's data path without host syncs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM5
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40", 181e12),  # "L4" must not match inside "L40"
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA A10G", 70e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("Tesla V100-SXM2-16GB", 125e12),
+        ("NVIDIA T4", None),  # unknown: no MFU rather than a wrong one
+    ],
+)
+def test_gpu_peak_table_matches_whole_words_and_form_factor(name, peak):
+    assert common.gpu_peak_flops(name=name) == peak
+    assert common.gpu_peak_flops("cpu") is None
+
+
+def test_token_cross_entropy_equals_the_transposed_form():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 10, 7, requires_grad=True), torch.randint(0, 7, (3, 10))
+    flat = common.token_cross_entropy(logits, tokens)
+    ref = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    torch.testing.assert_close(flat, ref)
+    (g1,) = torch.autograd.grad(flat.sum(), logits)
+    (g2,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(g1, g2)
+    assert flat.dtype == torch.float32 and common.token_cross_entropy(logits.bfloat16(), tokens).dtype == torch.float32
+
+
+def test_normalize_round_trip_and_cached_statistics():
+    x = torch.rand(2, 3, 4, 4)
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(common.normalize(x), (x - mean) / std)
+    torch.testing.assert_close(common.denormalize(common.normalize(x)), x)
+    a = common._channel_stats(common.IMAGENET_MEAN, common.IMAGENET_STD, x.device, x.dtype)
+    b = common._channel_stats(common.IMAGENET_MEAN, common.IMAGENET_STD, x.device, x.dtype)
+    assert a[0] is b[0]  # built once per device and dtype, not on every call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
+def test_augment_and_normalize_do_not_sync_the_gpu():
+    """torch.cuda.set_sync_debug_mode("error") raises on any operation that makes the host wait for the GPU: the
+    batched views (draws on the host, grouping by op order known there) and normalize must run without one."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    augs = [common.BatchedAugment(k, 32) for k in ("simclr", "mae", "weak")] + [common.BatchedAugment("simclr", 96)]
+    big = torch.randint(0, 256, (16, 3, 100, 100), dtype=torch.uint8, device="cuda")
+    common.normalize(torch.rand(2, 3, 4, 4, device="cuda"))  # the statistics' one-time copy to the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for aug in augs[:3]:
+            common.normalize(aug(images))
+        augs[3](big)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
