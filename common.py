@@ -2183,22 +2183,48 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def distribute(model: nn.Module, info: DistInfo, compile: bool = False, find_unused_parameters: bool = False):
+def distribute(
+    model: nn.Module,
+    info: DistInfo,
+    compile: bool = False,
+    find_unused_parameters: bool = False,
+    static_graph: bool = False,
+):
     """The model on its device, wrapped for training: BatchNorm -> SyncBatchNorm (statistics over the global batch,
     SimCLR's global BN) and DistributedDataParallel when running on several processes; torch.compile with
     `compile`. Every method builds its models so that each trainable parameter gets a gradient every step (parts
     whose loss is off are not built), so DDP needs no find_unused_parameters, unless a method's graph changes during
-    training (GCRL's two phases) and it says so. Checkpoints save unwrap(model).
-    Models without BatchNorm are unaffected by the conversion; DDP's buffer broadcast then moves nothing."""
+    training (GCRL's two phases) and it says so. static_graph: the method runs the same autograd graph at every step
+    with the same shapes (MAE, CAN, SimCLR, iGPT; not GCRL). Checkpoints save unwrap(model)."""
     dev = info.device
     model = model.to(dev)
     if info.world_size > 1:
         if dev.type == "cuda":  # PyTorch has no CPU SyncBatchNorm (DDP refuses it): on CPU ranks BN stays per rank
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+            model,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+            # The gradients ARE views into DDP's all-reduce buckets: no copy of every gradient into a bucket and back
+            # after each backward, and one gradient-sized buffer less (optimizers zero with set_to_none, which is safe).
+            gradient_as_bucket_view=True,
+            # A graph known to be the same at every step lets DDP fix its buckets and their order after the first
+            # step and skip the per-step search for unused parameters; GCRL (graph changes at its phase switch) passes
+            # find_unused_parameters instead.
+            static_graph=static_graph and not find_unused_parameters,
+            # Rank 0's buffers are broadcast before every forward by default. On CUDA they need not be: SyncBatchNorm
+            # updates its running statistics from the global batch (equal on every rank) and every other buffer is
+            # a constant built identically on every rank. On CPU, BatchNorm stays per rank, so rank 0's statistics
+            # are still broadcast to keep the ranks' models equal.
+            broadcast_buffers=dev.type != "cuda",
         )
-    return torch.compile(model) if compile else model
+    if compile:
+        # CUDA graphs ("reduce-overhead": one graph replay per step instead of thousands of kernel launches) need the
+        # same shapes at every step, which static_graph promises; under DDP, inductor's default mode (its all-reduce
+        # hooks sit between the compiled pieces).
+        cuda_graphs = dev.type == "cuda" and static_graph and info.world_size == 1
+        model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -2238,6 +2264,20 @@ class _ViewsDataset(torch.utils.data.Dataset):
         return tuple(t(img) for t in self.transforms), label
 
 
+class _EpochOrder(torch.utils.data.Sampler):
+    """The sample order of the current epoch, set before each epoch (TrainBatches): the DataLoader and its worker
+    processes are made once and persist across epochs; only this list changes."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class TrainBatches:
     """Augmented training batches for this rank: `for views, labels in batches.epoch(e, start_step)`.
 
@@ -2267,8 +2307,17 @@ class TrainBatches:
             self.labels = dataset.labels.to(info.device)
             self.augs = [BatchedAugment(k, image_size, **aug_kwargs) for k in kinds]
         else:
-            self.views = _ViewsDataset(dataset, [per_image_transform(k, image_size, **aug_kwargs) for k in kinds])
-            self.num_workers = num_workers
+            self.order = _EpochOrder()
+            # Workers persist across epochs (no re-spawn and re-import of every worker at each epoch boundary).
+            self.loader = torch.utils.data.DataLoader(
+                _ViewsDataset(dataset, [per_image_transform(k, image_size, **aug_kwargs) for k in kinds]),
+                batch_size=batch_per_rank,
+                sampler=self.order,
+                num_workers=num_workers,
+                pin_memory=info.device.type == "cuda",
+                drop_last=True,
+                persistent_workers=num_workers > 0,
+            )
         self.steps_per_epoch = len(dataset) // (batch_per_rank * info.world_size)
         epoch_indices(len(dataset), 0, seed, info.rank, info.world_size, batch_per_rank)  # validates the size
 
@@ -2281,16 +2330,8 @@ class TrainBatches:
                 x = self.images[b]
                 yield [aug(x) for aug in self.augs], self.labels[b]
         else:
-            loader = torch.utils.data.DataLoader(
-                self.views,
-                batch_size=self.batch,
-                sampler=idx.tolist(),
-                num_workers=self.num_workers,
-                pin_memory=self.info.device.type == "cuda",
-                drop_last=True,
-                persistent_workers=False,
-            )
-            for views, labels in loader:
+            self.order.indices = idx.tolist()
+            for views, labels in self.loader:
                 dev = self.info.device
                 yield [v.to(dev, non_blocking=True) for v in views], labels.to(dev, non_blocking=True)
 

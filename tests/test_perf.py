@@ -69,3 +69,29 @@ def test_augment_and_normalize_do_not_sync_the_gpu():
         augs[3](big)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_dataloader_batches_follow_the_epoch_order_with_persistent_workers():
+    """The DataLoader path of TrainBatches: each epoch's labels come in epoch_indices order (resume-exact, as the
+    on-device path) and the worker processes are the same in epoch 0, epoch 1 and a resumed epoch."""
+    n, batch = 24, 4
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    data = common.ImageArray(images, torch.arange(n), "toy", n)
+    info = common.DistInfo()
+    batches = common.TrainBatches(data, ["weak"], 8, batch, info, seed=3, on_device=False, num_workers=1)
+    pids = []
+    for epoch, start in ((0, 0), (1, 0), (1, 2)):
+        labels = torch.cat([y for _, y in batches.epoch(epoch, start_step=start)])
+        expect = common.epoch_indices(n, epoch, 3, 0, 1, batch)[start * batch :]
+        assert torch.equal(labels, expect)
+        pids.append([w.pid for w in batches.loader._iterator._workers])
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 1
+
+
+def test_compile_flag_wraps_the_model_and_unwrap_finds_it():
+    """--compile goes through common.distribute (torch.compile is lazy: nothing compiles until the first call, so
+    this costs nothing on the CPU; the compiled step itself is run by bench/gpu.py on a GPU)."""
+    net = torch.nn.Linear(4, 4)
+    model = common.distribute(net, common.DistInfo(), compile=True, static_graph=True)
+    assert model is not net and hasattr(model, "_orig_mod") and common.unwrap(model) is net
+    assert common.distribute(torch.nn.Linear(4, 4), common.DistInfo()).__class__ is torch.nn.Linear
