@@ -420,14 +420,31 @@ class AxialAttention(Attention):
         H, W = self.height, self.width
         if L != H * W:
             raise ValueError(f"axial attention built for a {H}x{W} grid got a sequence of {L} tokens")
-        rows = rearrange(x, "b (h w) d -> (b h) w d", h=H)
-        a = self.attend(rows, is_causal=False)  # each row attends within itself
-        a = self.attend(rearrange(a, "(b h) w d -> (b w) h d", b=B), is_causal=is_causal)  # up each column
-        a = rearrange(a, "(b w) h d -> b h w d", b=B)
-        if is_causal:
-            a = F.pad(a, (0, 0, 0, 0, 1, 0))[:, :H]  # shift down by one row
-        out = self.attend(rows + rearrange(a, "b h w d -> (b h) w d"), is_causal=is_causal)
-        return self.proj_drop(rearrange(out, "(b h) w d -> b (h w) d", b=B))
+        rows = x.reshape(B * H, W, D)  # a view: each row of the grid is one sequence
+        a = self.msa(rows, B, is_causal=False, transpose=True)  # each row attends within itself -> (B*W, H, D)
+        a = self.msa(a, B, is_causal=is_causal, transpose=True)  # up each column -> (B*H, W, D) rows again
+        if is_causal:  # shift down by one row: row r gets rows < r only, the top row nothing
+            a = a.view(B, H, W, D)
+            h = torch.cat([x.view(B, H, W, D)[:, :1], x.view(B, H, W, D)[:, 1:] + a[:, :-1]], dim=1)
+        else:
+            h = x.view(B, H, W, D) + a.view(B, H, W, D)
+        out = self.msa(h.view(B * H, W, D), B, is_causal=is_causal, transpose=False)
+        return self.proj_drop(out.view(B, L, D))
+
+    def msa(self, x: torch.Tensor, batch: int, is_causal: bool, transpose: bool) -> torch.Tensor:
+        """The shared MSA over the middle axis of x (batch*A, N, D) (A sequences of N tokens per image). With
+        `transpose` the heads are merged straight into the other axis' layout, (batch*N, A, D): the one copy that
+        merging the heads makes anyway also turns rows into columns (and back), so the passes need no copies of their
+        own; SDPA reads q, k, v as strided views of the qkv output."""
+        BA, N, D = x.shape
+        q, k, v = self.qkv(x).view(BA, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)  # (BA, heads, N, hd)
+        if transpose:
+            out = rearrange(out, "(b a) n l e -> (b l) a (n e)", b=batch)
+        else:
+            out = rearrange(out, "ba n l e -> ba l (n e)")
+        return self.proj(out)
 
 
 class PixelEmbedding(nn.Module):

@@ -95,3 +95,27 @@ def test_compile_flag_wraps_the_model_and_unwrap_finds_it():
     model = common.distribute(net, common.DistInfo(), compile=True, static_graph=True)
     assert model is not net and hasattr(model, "_orig_mod") and common.unwrap(model) is net
     assert common.distribute(torch.nn.Linear(4, 4), common.DistInfo()).__class__ is torch.nn.Linear
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_axial_attention_batch_is_each_image_alone(is_causal):
+    """AxialAttention's passes merge the heads straight into the other axis' layout (rows <-> columns of every image
+    of the batch): on a non-square grid, a batch gives each image exactly what it gets alone (no mixing across
+    images or axes), causal or not (BERT); test_common_models checks one image against GCRL Algorithm 1."""
+    torch.manual_seed(0)
+    att = common.AxialAttention(16, 4, 3, 5).eval()
+    x = torch.randn(4, 15, 16)
+    with torch.no_grad():
+        batch = att(x, is_causal=is_causal)
+        for i in range(4):
+            torch.testing.assert_close(batch[i : i + 1], att(x[i : i + 1], is_causal=is_causal), atol=1e-6, rtol=0)
+        if not is_causal:  # unmasked: rows, then columns, then rows of h + h_a, no shift
+            h = x.view(4, 3, 5, 16)
+
+            def msa(seq):  # (n, L, D) -> (n, L, D), plain attention with the module's weights
+                return att.attend(seq, is_causal=False)
+
+            ha = msa(h.reshape(12, 5, 16)).view(4, 3, 5, 16)
+            ha = msa(ha.transpose(1, 2).reshape(20, 3, 16)).view(4, 5, 3, 16).transpose(1, 2)
+            expect = msa((h + ha).reshape(12, 5, 16)).view(4, 15, 16)
+            torch.testing.assert_close(batch, expect, atol=1e-5, rtol=0)
