@@ -105,7 +105,7 @@ def bench_attention(a) -> None:
     output, same width / depth / heads (GCRL Table 11's comparison)."""
     H = W = a.grid
     for d in a.widths:
-        heads = max(1, d // 64)
+        heads = max(1, d // 32)  # head width 32: igpt_10m is 256 wide with 8 heads (GCRL 3.2)
         blocks = {
             mode: torch.nn.Sequential(*[common.Block(d, heads, attention=mode, grid=(H, W)) for _ in range(a.depth)])
             for mode in ("axial_dense", "axial")
@@ -166,7 +166,7 @@ def bench_mae(a) -> None:
         ref = official.MaskedAutoencoderViT(
             img_size=S, patch_size=p, embed_dim=dim, depth=depth, num_heads=heads, decoder_embed_dim=ddim,
             decoder_depth=ddepth, decoder_num_heads=dheads, mlp_ratio=4.0,
-            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), norm_pix_loss=True,  # models_mae's mae_vit_* use
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), norm_pix_loss=True,  # as mae_vit_*
         )  # fmt: skip
         n_ours = sum(t.numel() for t in ours.parameters())
         n_ref = sum(t.numel() for t in ref.parameters())
