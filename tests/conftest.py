@@ -1,5 +1,5 @@
-"""Shared test setup: the repository root on sys.path, one torch thread (TEST_TORCH_THREADS to change), helpers to run the
-method scripts as a user would (python / torchrun subprocesses) and to run a function on 2 gloo processes."""
+"""Shared test setup: the repository root on sys.path, one torch thread (TEST_TORCH_THREADS to change), helpers to run
+the method scripts as a user would (python / torchrun subprocesses) and to run a function on 2 gloo processes."""
 
 import os
 import socket
