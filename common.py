@@ -2357,7 +2357,7 @@ class TrainBatches:
         idx = epoch_indices(len(self.dataset), epoch, self.seed, self.info.rank, self.info.world_size, self.batch)
         idx = idx[start_step * self.batch :]
         if self.on_device:
-            idx = idx.to(self.info.device)
+            idx = idx.to(self.info.device, non_blocking=True)  # once per epoch, without waiting for the GPU
             for b in idx.split(self.batch):
                 x = self.images[b]
                 yield [aug(x) for aug in self.augs], self.labels[b]
