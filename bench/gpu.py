@@ -43,6 +43,7 @@ RUNS = [
     ("simclr", "resnet18 32px bf16 (cifar)", ["--preset", "cifar", "--batch-size", "512"]),
     ("igpt", "igpt_10m axial 32px bf16 (cifar)", ["--preset", "cifar", "--batch-size", "64"]),
     ("gcrl", "gcrl_5_5 32px bf16 (cifar)", ["--preset", "cifar", "--batch-size", "64"]),
+    ("contrastive_props", "resnet randbit 32px bf16 (paper A.1)", ["--preset", "paper"]),
 ]
 COMPILED = ["mae", "can"]  # also run with --compile under --compile
 
@@ -80,9 +81,11 @@ def run_one(method: str, flags: list[str], steps: int, workdir: str, where: bool
     original = counter.install()
     run_name = f"{method}_{abs(hash(tuple(flags))) % 10**6}"
     log_every = max(1, steps // 3)
-    argv = ["--dataset", "synthetic", "--synthetic-size", "4096", "--steps", str(steps), "--log-every", str(log_every),
-            "--eval-every", BIG, "--ckpt-every", BIG, "--output-dir", workdir, "--run-name", run_name, "--device",
-            device, *flags]  # fmt: skip
+    argv = ["--steps", str(steps), "--log-every", str(log_every), "--ckpt-every", BIG, "--output-dir", workdir,
+            "--run-name", run_name, "--device", device]  # fmt: skip
+    if method != "contrastive_props":  # that one generates its own datasets and has no periodic monitors
+        argv += ["--dataset", "synthetic", "--synthetic-size", "4096", "--eval-every", BIG]
+    argv += flags
     if method in ("igpt", "gcrl"):
         argv += ["--num-samples", "0", "--eval-images", "256"]
     t0 = time.time()
