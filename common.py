@@ -2349,6 +2349,9 @@ class TrainBatches:
                 pin_memory=info.device.type == "cuda",
                 drop_last=True,
                 persistent_workers=num_workers > 0,
+                # the workers' seeds come from this generator, not from the training RNG (masks, noise, dropout),
+                # whose stream then does not depend on how many loaders were started
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + info.rank),
             )
         self.steps_per_epoch = len(dataset) // (batch_per_rank * info.world_size)
         epoch_indices(len(dataset), 0, seed, info.rank, info.world_size, batch_per_rank)  # validates the size
