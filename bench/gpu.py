@@ -1,7 +1,7 @@
 """GPU images/s, MFU and host-device syncs per training step of the method files, through their own main() (the
 real training step: on-device data and augmentation, bf16 autocast, the optimizer, the logger).
 
-    python bench/gpu.py                      # all runs below, about 6-8 minutes on one H100/H200
+    python bench/gpu.py                      # all runs below (30 steps each; not yet run: no GPU lent so far)
     python bench/gpu.py --only mae can       # some methods
     python bench/gpu.py --steps 60 --compile # more steps; add the torch.compile runs of mae and can
 
@@ -43,7 +43,12 @@ RUNS = [
     ("simclr", "resnet18 32px bf16 (cifar)", ["--preset", "cifar", "--batch-size", "512"]),
     ("igpt", "igpt_10m axial 32px bf16 (cifar)", ["--preset", "cifar", "--batch-size", "64"]),
     ("gcrl", "gcrl_5_5 32px bf16 (cifar)", ["--preset", "cifar", "--batch-size", "64"]),
-    ("contrastive_props", "resnet randbit 32px bf16 (paper A.1)", ["--preset", "paper"]),
+    # paper A.1's setup on RandBit over the synthetic shapes with drawn digits (no dataset files on the GPU machine)
+    (
+        "contrastive_props",
+        "resnet18 randbit 32px bf16 (paper A.1)",
+        ["--preset", "paper", "--base", "synthetic", "--digits", "drawn"],
+    ),
 ]
 COMPILED = ["mae", "can"]  # also run with --compile under --compile
 
