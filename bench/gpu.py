@@ -4,6 +4,7 @@ real training step: on-device data and augmentation, bf16 autocast, the optimize
     python bench/gpu.py                      # all runs below (30 steps each; not yet run: no GPU lent so far)
     python bench/gpu.py --only mae can       # some methods
     python bench/gpu.py --steps 60 --compile # more steps; add the torch.compile runs of mae and can
+    python bench/gpu.py --only igpt --compile --compile-methods igpt    # one method, eager and compiled
 
 Each run trains on the synthetic shapes (no dataset needed) for --steps steps, logging every --steps/3 steps; images/s
 and perf/mfu are read from the run's metrics.jsonl (the median of the logging rows after the first, which holds the
@@ -146,7 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=[r[0] for r in RUNS], help="methods to run")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (logging every steps/3)")
-    parser.add_argument("--compile", action="store_true", help="also run mae and can with --compile")
+    parser.add_argument("--compile", action="store_true", help="also run --compile-methods with --compile")
+    parser.add_argument("--compile-methods", nargs="+", default=COMPILED, help="methods of the --compile runs")
     parser.add_argument("--where", action="store_true", help="list every sync call site")
     parser.add_argument("--cpu-smoke", action="store_true", help="check this script on a CPU: tiny presets, no GPU")
     a = parser.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
     runs = [(m, "tiny", ["--preset", "tiny"]) for m, _, _ in RUNS] if a.cpu_smoke else RUNS
     plan = [(m, label, flags) for m, label, flags in runs if m in a.only]
     if a.compile:
-        plan += [(m, label + " --compile", flags + ["--compile"]) for m, label, flags in runs if m in COMPILED]
+        plan += [(m, label + " --compile", flags + ["--compile"]) for m, label, flags in runs if m in a.compile_methods]
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for method, label, flags in plan:
