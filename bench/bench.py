@@ -120,6 +120,25 @@ def bench_attention(a) -> None:
 
         contenders = {"dense": lambda: step(blocks["axial_dense"]), "axial": lambda: step(blocks["axial"])}
         report(f"width {d} heads {heads} depth {a.depth}", interleaved(contenders, a.reps, 1), "axial", "dense")
+        if a.profile:
+            for name, fn in contenders.items():
+                print(f"  {name}: {profile_shares(fn)}", flush=True)
+
+
+def profile_shares(fn, reps: int = 2) -> str:
+    """Where the time of fn goes (torch.profiler, self CPU time): matrix products, attention kernels, copies."""
+    from torch.profiler import profile
+
+    fn()
+    with profile() as prof:
+        for _ in range(reps):
+            fn()
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("scaled_dot_product",),
+              "copies": ("aten::copy_", "aten::cat", "aten::constant_pad_nd")}  # fmt: skip
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {g: sum(e.self_cpu_time_total for e in events if any(k in e.key for k in ks)) for g, ks in groups.items()}
+    return ", ".join(f"{g} {v / total:.0%}" for g, v in shares.items()) + f" of {total / reps / 1e3:.0f} ms"
 
 
 # ----------------------------------------------------------------------------------------------------- MAE
@@ -250,6 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256], help="attention: model widths")
     parser.add_argument("--depth", type=int, default=2, help="attention: blocks")
     parser.add_argument("--grid", type=int, default=32, help="attention: tokens per side")
+    parser.add_argument("--profile", action="store_true", help="attention: also print where each step's time goes")
     parser.add_argument("--official-mae", default="", help="mae: path of facebookresearch/mae's models_mae.py")
     parser.add_argument("--configs", nargs="+", default=list(MAE_CONFIGS), choices=list(MAE_CONFIGS))
     a = parser.parse_args(argv)
