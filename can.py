@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         batches = common.TrainBatches(train_set, ["simclr", "simclr"], args.image_size, per_rank, info, seed=args.seed,
                                       num_workers=args.num_workers, aug_kwargs=augment_kwargs(args))  # fmt: skip
     held = heldout_data(args, train_set, test_set, info.device)
-    model = common.distribute(build_model(args), info, args.compile)
+    model = common.distribute(build_model(args), info, args.compile, static_graph=True)
     peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch

@@ -455,14 +455,31 @@ class AxialAttention(Attention):
         H, W = self.height, self.width
         if L != H * W:
             raise ValueError(f"axial attention built for a {H}x{W} grid got a sequence of {L} tokens")
-        rows = rearrange(x, "b (h w) d -> (b h) w d", h=H)
-        a = self.attend(rows, is_causal=False)  # each row attends within itself
-        a = self.attend(rearrange(a, "(b h) w d -> (b w) h d", b=B), is_causal=is_causal)  # up each column
-        a = rearrange(a, "(b w) h d -> b h w d", b=B)
-        if is_causal:
-            a = F.pad(a, (0, 0, 0, 0, 1, 0))[:, :H]  # shift down by one row
-        out = self.attend(rows + rearrange(a, "b h w d -> (b h) w d"), is_causal=is_causal)
-        return self.proj_drop(rearrange(out, "(b h) w d -> b (h w) d", b=B))
+        rows = x.reshape(B * H, W, D)  # a view: each row of the grid is one sequence
+        a = self.msa(rows, B, is_causal=False, transpose=True)  # each row attends within itself -> (B*W, H, D)
+        a = self.msa(a, B, is_causal=is_causal, transpose=True)  # up each column -> (B*H, W, D) rows again
+        if is_causal:  # shift down by one row: row r gets rows < r only, the top row nothing
+            a = a.view(B, H, W, D)
+            h = torch.cat([x.view(B, H, W, D)[:, :1], x.view(B, H, W, D)[:, 1:] + a[:, :-1]], dim=1)
+        else:
+            h = x.view(B, H, W, D) + a.view(B, H, W, D)
+        out = self.msa(h.view(B * H, W, D), B, is_causal=is_causal, transpose=False)
+        return self.proj_drop(out.view(B, L, D))
+
+    def msa(self, x: torch.Tensor, batch: int, is_causal: bool, transpose: bool) -> torch.Tensor:
+        """The shared MSA over the middle axis of x (batch*A, N, D) (A sequences of N tokens per image). With
+        `transpose` the heads are merged straight into the other axis' layout, (batch*N, A, D): the one copy that
+        merging the heads makes anyway also turns rows into columns (and back), so the passes need no copies of their
+        own; SDPA reads q, k, v as strided views of the qkv output."""
+        BA, N, D = x.shape
+        q, k, v = self.qkv(x).view(BA, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)  # (BA, heads, N, hd)
+        if transpose:
+            out = rearrange(out, "(b a) n l e -> (b l) a (n e)", b=batch)
+        else:
+            out = rearrange(out, "ba n l e -> ba l (n e)")
+        return self.proj(out)
 
 
 class PixelEmbedding(nn.Module):
@@ -709,6 +726,14 @@ def bert_keep_mask(tokens: torch.Tensor, mask_prob: float, generator: torch.Gene
     return u >= mask_prob
 
 
+def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, fp32: logits (B, L, K), tokens (B, L) -> (B, L). Computed on the
+    flat (B*L, K) rows, each row contiguous; F.cross_entropy on the (B, K, L) transposed view reads every class with a
+    stride of L and ran 2.2x slower forward + backward on the CPU (python bench/bench.py tokenloss)."""
+    B, L, K = logits.shape
+    return F.cross_entropy(logits.float().reshape(B * L, K), tokens.reshape(B * L), reduction="none").view(B, L)
+
+
 def token_nll(
     model: nn.Module, tokens: torch.Tensor, args, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,7 +746,7 @@ def token_nll(
     keep = None if objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
     with autocast(tokens.device, args.amp):
         logits = model(tokens, keep)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, K, L) vs (B, L)
+    nll = token_cross_entropy(logits, tokens)
     scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
     return nll, scored
 
@@ -800,7 +825,7 @@ def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
     finally:
         handle.remove()
         net.train(was_training)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, L)
+    nll = token_cross_entropy(logits, tokens)  # (B, L)
     return -nll.sum(dim=1), leaf["emb"]
 
 
@@ -1231,10 +1256,12 @@ def sample_resized_crops(batch, height, width, scale, ratio, device, generator=N
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32, device=device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    boxes = torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
-    return boxes.to(torch.int64)
+    # Python scalars in torch.where: no tensor is built on the device (torch.tensor(..., device=cuda) is a copy from
+    # the host that waits for the GPU).
+    ok = fits.any(dim=1)
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    boxes = [torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fallback)]
+    return torch.stack(boxes, dim=1).to(torch.int64)
 
 
 def resized_crop_batch(images, boxes, size, flip=None, interpolation="bilinear") -> torch.Tensor:
@@ -1249,12 +1276,12 @@ def resized_crop_batch(images, boxes, size, flip=None, interpolation="bilinear")
     pixel outside the box leaks in (torchvision crops first, then resizes with edge clamping).
     """
     B, _, H, W = images.shape
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    boxes = boxes.to(device=images.device, dtype=torch.float32, non_blocking=True)
     top, left, h, w = boxes.unbind(1)
     centers = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixels in (0, 1)
     across = centers.expand(B, size)
     if flip is not None:  # a mirrored view reads its box from right to left
-        across = torch.where(flip.to(images.device)[:, None], 1.0 - centers, centers)
+        across = torch.where(flip.to(images.device, non_blocking=True)[:, None], 1.0 - centers, centers)
     x = left[:, None] + across * w[:, None] - 0.5  # (B, size) source column of each output column, in pixels
     y = top[:, None] + centers * h[:, None] - 0.5  # (B, size) source row of each output row
     x = torch.minimum(torch.maximum(x, left[:, None]), (left + w - 1)[:, None])
@@ -1305,16 +1332,74 @@ def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue_batch(images: torch.Tensor, hue_shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image (torchvision's adjust_hue): images (B, 3, H, W) in [0, 1], hue_shift (B,) turns."""
-    hsv = rgb_to_hsv(images)
-    hue = torch.remainder(hsv[:, 0:1] + hue_shift.view(-1, 1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+    """Rotate the hue of each image (torchvision's adjust_hue): images (B, 3, H, W) in [0, 1], hue_shift (B,) turns.
+
+    rgb_to_hsv -> hue + shift -> hsv_to_rgb written as one pass without the HSV tensor: with value v, chroma c and the
+    hue in sixths of a turn from rgb_to_hsv, channel n = v - c * clamp(min(k, 4 - k), 0, 1), k = (o_n + 6 (h + shift))
+    mod 6, o = (5, 3, 1) (v * s = c). Equal to torchvision to float rounding (~1e-6)."""
+    r, g, b = images.unbind(1)
+    value = torch.maximum(torch.maximum(r, g), b).unsqueeze(1)
+    chroma = value - torch.minimum(torch.minimum(r, g), b).unsqueeze(1)
+    inv_chroma = 1.0 / torch.where(chroma > 0, chroma, 1.0)
+    r, g, b = r.unsqueeze(1), g.unsqueeze(1), b.unsqueeze(1)
+    sixths = torch.where(
+        value == r,
+        (g - b) * inv_chroma,
+        torch.where(value == g, 2.0 + (b - r) * inv_chroma, 4.0 + (r - g) * inv_chroma),
+    )  # (B, 1, H, W) in [-1, 5]; grays: 0
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(sixths + (6.0 * hue_shift.to(images.dtype)).view(-1, 1, 1, 1) + offsets, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value - chroma * ramp
 
 
 def _blend(images, target, factor) -> torch.Tensor:
     """torchvision's blend: clamp(factor * images + (1 - factor) * target, 0, 1), factor (B,) per image."""
     factor = factor.view(-1, 1, 1, 1)
     return (images * factor + target * (1.0 - factor)).clamp_(0, 1)
+
+
+_NO_JITTER = 4**4  # sort key of the images without color jitter: after every permutation code
+
+
+def jitter_plan(order: torch.Tensor, apply: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Group the images of a batch by their drawn op order, on the host: order (B, 4), apply (B,) (any device; read
+    on the host, where BatchedAugment draws them, so no GPU sync) -> (sort (B,) int64 host permutation that puts the
+    images of each order next to each other, the jittered first; runs [(ops in order, start, count)] in the sorted
+    batch, images without jitter left out)."""
+    order, apply = order.cpu(), apply.cpu()
+    code = (order * torch.tensor([64, 16, 4, 1])).sum(1)  # the permutation as a base-4 number, unique
+    key = torch.where(apply, code, _NO_JITTER)
+    sort = torch.argsort(key, stable=True)
+    values, counts = torch.unique_consecutive(key[sort], return_counts=True)
+    runs, start = [], 0
+    for v, n in zip(values.tolist(), counts.tolist()):
+        if v != _NO_JITTER:
+            runs.append((tuple((v >> s) & 3 for s in (6, 4, 2, 0)), start, n))
+        start += n
+    return sort, runs
+
+
+def jitter_runs_(x: torch.Tensor, factors: torch.Tensor, runs, enabled=(True, True, True, True)) -> torch.Tensor:
+    """Color jitter IN PLACE on a batch sorted by jitter_plan: each run (contiguous images with one op order) takes
+    its ops in that order, each op once and only on the images that draw it. factors (B, 4) in the sorted order."""
+    for ops, start, n in runs:
+        view, f = x[start : start + n], factors[start : start + n]
+        for op in ops:
+            if not enabled[op]:
+                continue
+            factor = f[:, op].view(-1, 1, 1, 1)
+            if op == 0:  # brightness: blend with black
+                view.mul_(factor).clamp_(0, 1)
+            elif op == 1:  # contrast: blend with the image's mean luma
+                mean = rgb_to_grayscale(view).mean(dim=(-3, -2, -1), keepdim=True)
+                view.mul_(factor).add_(mean * (1.0 - factor)).clamp_(0, 1)
+            elif op == 2:  # saturation: blend with the luma image
+                gray = rgb_to_grayscale(view)
+                view.mul_(factor).add_(gray * (1.0 - factor)).clamp_(0, 1)
+            else:
+                view.copy_(adjust_hue_batch(view, f[:, 3]))
+    return x
 
 
 def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True, True)) -> torch.Tensor:
@@ -1324,24 +1409,13 @@ def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True,
     change) and hue shift (turns, 0 = no change); order: (B, 4) int, order[b, k] = the op applied k-th to image b
     (0 brightness, 1 contrast, 2 saturation, 3 hue); apply: (B,) bool, images left untouched where False;
     enabled: which ops exist at all (torchvision drops an op whose strength is 0).
-    At each of the 4 positions every op runs on the whole batch with the identity factor for the images that do not
-    take it there: a blend with factor 1 returns its input exactly, and hue is selected with torch.where. The batch
-    stays whole (no boolean indexing, hence no host synchronisation on the GPU) at the price of 4x the op count.
-    """
-    for k in range(4):
-        op = torch.where(apply, order[:, k], -1)  # (B,): the op image b takes at position k, -1 for none
-        if enabled[0]:  # brightness: blend with black
-            f = torch.where(op == 0, factors[:, 0], 1.0)
-            images = (images * f.view(-1, 1, 1, 1)).clamp_(0, 1)
-        if enabled[1]:  # contrast: blend with the image's mean luma
-            f = torch.where(op == 1, factors[:, 1], 1.0)
-            images = _blend(images, rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), f)
-        if enabled[2]:  # saturation: blend with the luma image
-            f = torch.where(op == 2, factors[:, 2], 1.0)
-            images = _blend(images, rgb_to_grayscale(images), f)
-        if enabled[3]:
-            images = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue_batch(images, factors[:, 3]), images)
-    return images
+    The images are grouped by their op order (jitter_plan, on the host): every op runs once, in the drawn order, on
+    the images that take it, as contiguous slices (no whole-batch pass of an op with identity factors)."""
+    sort, runs = jitter_plan(order, apply)
+    sort = sort.to(images.device, non_blocking=True)
+    x = images.index_select(0, sort)
+    jitter_runs_(x, factors.to(images.device, non_blocking=True).index_select(0, sort), runs, enabled)
+    return torch.empty_like(x).index_copy_(0, sort, x)
 
 
 def gaussian_blur_batch(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -1372,6 +1446,10 @@ class BatchedAugment:
 
     aug = BatchedAugment("simclr", 32); views = aug(images_uint8)  # (B, C, H, W) -> float32 (B, 3, 32, 32) in [0, 1]
     `sample_params` draws every random choice, independently per image; `apply` is deterministic given them.
+    The draws are made on the host (the global CPU RNG, or `generator`), a few numbers per image, so that the
+    grouping of the images by their color-jitter order, grayscale and blur is known without reading anything back
+    from the GPU: only the images that take an op run it (each op once, in the drawn order), and a training step never
+    waits for the device. The CPU path draws exactly what it drew before this was introduced.
     Differences from the per-image pipeline, in resampling only (parameters have the same distribution): crops are
     resampled without antialiasing (meant for datasets stored at or near the view size, <= 64 px, where crops are
     enlarged); the mae view's bicubic is grid_sample's (a = -0.75, outer taps may cross the box edge) while
@@ -1391,9 +1469,15 @@ class BatchedAugment:
         """Independent random parameters for `batch` images of height x width; tensors on `device`:
         crop (B, 4) int64 [top, left, h, w] (simclr, mae); offset (B, 2) int64 [top, left] into the padded image
         (weak); flip (B,) bool; jitter (B,) bool, factors (B, 4) [brightness, contrast, saturation, hue],
-        order (B, 4) int64 (op applied at each position), gray (B,) bool, blur (B,) bool, sigma (B,) (simclr)."""
+        order (B, 4) int64 (op applied at each position), gray (B,) bool, blur (B,) bool, sigma (B,) (simclr).
+        Drawn on the generator's device (the CPU without one), then moved to `device`."""
+        params = self._draw(batch, height, width, generator)
+        return {k: v.to(device) for k, v in params.items()}
+
+    def _draw(self, batch: int, height: int, width: int, generator=None) -> dict[str, torch.Tensor]:
+        """sample_params on the host (a CUDA generator draws on its GPU, and then the copy back waits for it)."""
         cfg, B = self.cfg, batch
-        device = torch.device(device)
+        device = torch.device("cpu")
 
         def coin(p):
             return _uniform((B,), 0.0, 1.0, device, generator) < p
@@ -1436,20 +1520,59 @@ class BatchedAugment:
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Deterministic part: images uint8 or float (B, C, H, W), C in {1, 3} -> float32 (B, 3, size, size)."""
+        """Deterministic part: images uint8 or float (B, C, H, W), C in {1, 3} -> float32 (B, 3, size, size).
+        params on any device; the per-image choices (jitter order, grayscale, blur) are read on the host, which costs
+        a GPU sync only for params that live on the GPU (those of __call__ never do)."""
         cfg, S = self.cfg, self.size
-        x = to_float_rgb(images)
-        B, _, H, W = x.shape
+        B, _, H, W = images.shape
+        dev = images.device
+        host = {k: v.cpu() for k, v in params.items()}  # no-op for the host draws of __call__
+        params = {k: v.to(dev, non_blocking=True) for k, v in params.items()}  # copies that do not wait for the GPU
         if self.kind in ("simclr", "mae"):
-            x = resized_crop_batch(x, params["crop"], S, params["flip"], cfg["interpolation"])
-        elif self.kind == "weak":
+            color = self.kind == "simclr"
+            sort, runs = None, []
+            if color:  # the images in order of their color-jitter op order: every op on contiguous slices
+                on = cfg["jitter_p"] > 0 and max(cfg["jitter"]) > 0
+                sort, runs = jitter_plan(host["order"], host["jitter"] & on)
+                host = {k: v.index_select(0, sort) for k, v in host.items()}
+                sort = sort.to(dev, non_blocking=True)
+                params = {k: v.index_select(0, sort) for k, v in params.items()}
+            # On the CPU the batch goes through in chunks of about 4 MB of float pixels: every temporary of the crop,
+            # the color ops and the blur stays in cache and is reused by the allocator (whole-batch temporaries of
+            # 20-80 MB at 96-224 px are fresh pages, faulted in on every call). On a GPU: one chunk.
+            step = B if dev.type != "cpu" else max(1, (4 << 20) // (12 * max(H * W, S * S)))
+            if step >= B and sort is None:
+                return resized_crop_batch(to_float_rgb(images), params["crop"], S, params["flip"], cfg["interpolation"])
+            out = torch.empty(B, 3, S, S, device=dev)
+            for c0 in range(0, B, step):
+                c1 = min(B, c0 + step)
+                source = images[c0:c1] if sort is None else images.index_select(0, sort[c0:c1])
+                x = resized_crop_batch(
+                    to_float_rgb(source), params["crop"][c0:c1], S, params["flip"][c0:c1], cfg["interpolation"]
+                )
+                if color:
+                    local = [(ops, max(r0, c0) - c0, min(r0 + n, c1) - max(r0, c0)) for ops, r0, n in runs]
+                    local = [r for r in local if r[2] > 0]  # the runs' parts inside this chunk
+                    jitter_runs_(x, params["factors"][c0:c1], local, tuple(v > 0 for v in cfg["jitter"]))
+                    if cfg["gray_p"] > 0:
+                        self._on_subset_(x, host["gray"][c0:c1], lambda v, _: rgb_to_grayscale(v).expand_as(v))
+                    if cfg["blur"] and cfg["blur_p"] > 0:
+                        blur = functools.partial(gaussian_blur_batch, kernel_size=cfg["blur_kernel"])
+                        self._on_subset_(x, host["blur"][c0:c1], blur, params["sigma"][c0:c1])
+                if sort is None:
+                    out[c0:c1] = x
+                else:
+                    out.index_copy_(0, sort[c0:c1], x)  # back to the input order
+            return out
+        x = to_float_rgb(images)
+        if self.kind == "weak":
             pad = cfg["pad"]
             x = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
             Wp = x.shape[-1]
-            steps = torch.arange(S, device=x.device)
-            offset = params["offset"].to(x.device)
+            steps = torch.arange(S, device=dev)
+            offset = params["offset"]
             rows = offset[:, 0:1] + steps  # (B, S)
-            cols = offset[:, 1:2] + torch.where(params["flip"].to(x.device)[:, None], S - 1 - steps, steps)
+            cols = offset[:, 1:2] + torch.where(params["flip"][:, None], S - 1 - steps, steps)
             index = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, S * S).expand(B, 3, S * S)
             x = x.reshape(B, 3, -1).gather(2, index).view(B, 3, S, S)
         else:  # eval: resize the shorter side to S (torchvision Resize(int)), then center-crop S x S
@@ -1460,22 +1583,24 @@ class BatchedAugment:
                 H, W = new_h, new_w
             top, left = int(round((H - S) / 2.0)), int(round((W - S) / 2.0))  # torchvision center_crop anchor
             x = x[:, :, top : top + S, left : left + S]
-        if self.kind == "simclr":
-            if cfg["jitter_p"] > 0 and max(cfg["jitter"]) > 0:
-                enabled = tuple(v > 0 for v in cfg["jitter"])
-                x = color_jitter_batch(x, params["factors"], params["order"], params["jitter"], enabled)
-            if cfg["gray_p"] > 0:
-                x = torch.where(params["gray"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand(-1, 3, -1, -1), x)
-            if cfg["blur"] and cfg["blur_p"] > 0:
-                blurred = gaussian_blur_batch(x, params["sigma"], cfg["blur_kernel"])
-                x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
         return x.contiguous()
+
+    @staticmethod
+    def _on_subset_(x: torch.Tensor, chosen: torch.Tensor, fn, per_image: torch.Tensor | None = None) -> None:
+        """x[i] = fn(x[i], per_image[i]) in place for the images i where the host bool mask `chosen` is set (no pass
+        over the others; the indices are known on the host, so no GPU sync)."""
+        idx = chosen.nonzero().flatten()
+        if len(idx) == len(x):
+            x.copy_(fn(x, per_image))
+        elif len(idx) > 0:
+            idx = idx.to(x.device, non_blocking=True)
+            x.index_copy_(0, idx, fn(x.index_select(0, idx), None if per_image is None else per_image[idx]))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images: uint8 or float (B, C, H, W) on any device -> float32 (B, 3, size, size) in [0, 1], same device.
-        generator: optional torch.Generator (on any device) that makes the draw reproducible."""
+        generator: optional torch.Generator that makes the draw reproducible; a CPU one keeps a GPU run sync-free."""
         B, _, H, W = images.shape
-        return self.apply(images, self.sample_params(B, H, W, images.device, generator))
+        return self.apply(images, self._draw(B, H, W, generator))
 
 
 # ======================================================================================
@@ -2071,16 +2196,23 @@ def load_split(args, train: bool, in_memory: bool = False):
     return ds
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """(1, C, 1, 1) mean and std tensors, built once per device and dtype: torch.tensor(..., device=cuda) on every
+    call would be a host-to-device copy that waits for the GPU in each training step."""
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return m, s
+
+
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] -> standardized with per-channel mean/std (ImageNet's, as MAE/CAN)."""
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device, x.dtype)
     return (x - m) / s
 
 
 def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device, x.dtype)
     return x * s + m
 
 
@@ -2151,22 +2283,48 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def distribute(model: nn.Module, info: DistInfo, compile: bool = False, find_unused_parameters: bool = False):
+def distribute(
+    model: nn.Module,
+    info: DistInfo,
+    compile: bool = False,
+    find_unused_parameters: bool = False,
+    static_graph: bool = False,
+):
     """The model on its device, wrapped for training: BatchNorm -> SyncBatchNorm (statistics over the global batch,
     SimCLR's global BN) and DistributedDataParallel when running on several processes; torch.compile with
     `compile`. Every method builds its models so that each trainable parameter gets a gradient every step (parts
     whose loss is off are not built), so DDP needs no find_unused_parameters, unless a method's graph changes during
-    training (GCRL's two phases) and it says so. Checkpoints save unwrap(model).
-    Models without BatchNorm are unaffected by the conversion; DDP's buffer broadcast then moves nothing."""
+    training (GCRL's two phases) and it says so. static_graph: the method runs the same autograd graph at every step
+    with the same shapes (MAE, CAN, SimCLR, iGPT; not GCRL). Checkpoints save unwrap(model)."""
     dev = info.device
     model = model.to(dev)
     if info.world_size > 1:
         if dev.type == "cuda":  # PyTorch has no CPU SyncBatchNorm (DDP refuses it): on CPU ranks BN stays per rank
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+            model,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+            # The gradients ARE views into DDP's all-reduce buckets: no copy of every gradient into a bucket and back
+            # after each backward, and one gradient-sized buffer less (optimizers zero with set_to_none, which is safe).
+            gradient_as_bucket_view=True,
+            # A graph known to be the same at every step lets DDP fix its buckets and their order after the first
+            # step and skip the per-step search for unused parameters; GCRL (graph changes at its phase switch) passes
+            # find_unused_parameters instead.
+            static_graph=static_graph and not find_unused_parameters,
+            # Rank 0's buffers are broadcast before every forward by default. On CUDA they need not be: SyncBatchNorm
+            # updates its running statistics from the global batch (equal on every rank) and every other buffer is
+            # a constant built identically on every rank. On CPU, BatchNorm stays per rank, so rank 0's statistics
+            # are still broadcast to keep the ranks' models equal.
+            broadcast_buffers=dev.type != "cuda",
         )
-    return torch.compile(model) if compile else model
+    if compile:
+        # CUDA graphs ("reduce-overhead": one graph replay per step instead of thousands of kernel launches) need the
+        # same shapes at every step, which static_graph promises; under DDP, inductor's default mode (its all-reduce
+        # hooks sit between the compiled pieces).
+        cuda_graphs = dev.type == "cuda" and static_graph and info.world_size == 1
+        model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -2206,6 +2364,20 @@ class _ViewsDataset(torch.utils.data.Dataset):
         return tuple(t(img) for t in self.transforms), label
 
 
+class _EpochOrder(torch.utils.data.Sampler):
+    """The sample order of the current epoch, set before each epoch (TrainBatches): the DataLoader and its worker
+    processes are made once and persist across epochs; only this list changes."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class TrainBatches:
     """Augmented training batches for this rank: `for views, labels in batches.epoch(e, start_step)`.
 
@@ -2235,8 +2407,20 @@ class TrainBatches:
             self.labels = dataset.labels.to(info.device)
             self.augs = [BatchedAugment(k, image_size, **aug_kwargs) for k in kinds]
         else:
-            self.views = _ViewsDataset(dataset, [per_image_transform(k, image_size, **aug_kwargs) for k in kinds])
-            self.num_workers = num_workers
+            self.order = _EpochOrder()
+            # Workers persist across epochs (no re-spawn and re-import of every worker at each epoch boundary).
+            self.loader = torch.utils.data.DataLoader(
+                _ViewsDataset(dataset, [per_image_transform(k, image_size, **aug_kwargs) for k in kinds]),
+                batch_size=batch_per_rank,
+                sampler=self.order,
+                num_workers=num_workers,
+                pin_memory=info.device.type == "cuda",
+                drop_last=True,
+                persistent_workers=num_workers > 0,
+                # the workers' seeds come from this generator, not from the training RNG (masks, noise, dropout),
+                # whose stream then does not depend on how many loaders were started
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + info.rank),
+            )
         self.steps_per_epoch = len(dataset) // (batch_per_rank * info.world_size)
         epoch_indices(len(dataset), 0, seed, info.rank, info.world_size, batch_per_rank)  # validates the size
 
@@ -2244,21 +2428,13 @@ class TrainBatches:
         idx = epoch_indices(len(self.dataset), epoch, self.seed, self.info.rank, self.info.world_size, self.batch)
         idx = idx[start_step * self.batch :]
         if self.on_device:
-            idx = idx.to(self.info.device)
+            idx = idx.to(self.info.device, non_blocking=True)  # once per epoch, without waiting for the GPU
             for b in idx.split(self.batch):
                 x = self.images[b]
                 yield [aug(x) for aug in self.augs], self.labels[b]
         else:
-            loader = torch.utils.data.DataLoader(
-                self.views,
-                batch_size=self.batch,
-                sampler=idx.tolist(),
-                num_workers=self.num_workers,
-                pin_memory=self.info.device.type == "cuda",
-                drop_last=True,
-                persistent_workers=False,
-            )
-            for views, labels in loader:
+            self.order.indices = idx.tolist()
+            for views, labels in self.loader:
                 dev = self.info.device
                 yield [v.to(dev, non_blocking=True) for v in views], labels.to(dev, non_blocking=True)
 
@@ -3143,25 +3319,39 @@ class RunLogger:
                 self.tb.close()
 
 
-# Peak dense bf16 tensor-core FLOP/s per GPU (vendor datasheets) for MFU; matched by substring of the name.
-GPU_PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "4090": 165e12,
-    "3090": 71e12,
-    "V100": 125e12,  # fp16 tensor cores (no bf16 on V100)
-}
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s per GPU, from the vendor datasheets, for MFU. Matched on whole
+# words of torch.cuda.get_device_name (so "L4" never matches "NVIDIA L40S"), the form factor first: an H100 PCIe
+# ("NVIDIA H100 PCIe") peaks at 756 TFLOP/s, not the SXM part's 989 ("NVIDIA H100 80GB HBM3"). Unknown GPUs: no MFU.
+GPU_PEAK_BF16_FLOPS = [  # (model word, form-factor word or "" for any, peak)
+    ("H100", "PCIE", 756e12),
+    ("H100", "NVL", 835e12),
+    ("H100", "", 989e12),  # SXM5
+    ("H200", "NVL", 835e12),
+    ("H200", "", 989e12),  # SXM
+    ("GH200", "", 989e12),
+    ("B200", "", 2250e12),
+    ("A100", "", 312e12),  # SXM4 and PCIe alike
+    ("L40S", "", 362e12),
+    ("L40", "", 181e12),
+    ("L4", "", 121e12),
+    ("A10G", "", 70e12),
+    ("A10", "", 125e12),
+    ("4090", "", 165e12),
+    ("3090", "", 71e12),
+    ("V100", "", 125e12),  # fp16 tensor cores (no bf16 on V100)
+]
 
 
-def gpu_peak_flops(device) -> float | None:
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
+def gpu_peak_flops(device=None, name: str | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device (or of a device `name` as torch.cuda.get_device_name spells it);
+    None on the CPU or for a GPU not in GPU_PEAK_BF16_FLOPS."""
+    if name is None:
+        if device is None or torch.device(device).type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    words = set("".join(c if c.isalnum() else " " for c in name.upper()).split())
+    matches = (peak for model, form, peak in GPU_PEAK_BF16_FLOPS if model in words and (not form or form in words))
+    return next(matches, None)
 
 
 @contextlib.contextmanager
@@ -3195,7 +3385,10 @@ def count_flops(fn, *args, **kwargs) -> int:
 
 
 def mfu(flops_per_image: float, images_per_s_per_gpu: float, device) -> float | None:
-    """Model FLOPs utilization = achieved FLOP/s / peak FLOP/s of this GPU (None when the peak is unknown)."""
+    """Model FLOPs utilization = achieved FLOP/s / peak FLOP/s of this GPU (None when the peak is unknown).
+    flops_per_image comes from count_step_flops (FlopCounterMode): every matmul, and attention as 4 * T^2 * d per
+    layer forward even when it is causal (PaLM's MFU convention; a causal kernel skips about half of it), so the MFU
+    of the causal pixel-token models (igpt, gcrl) counts their attention as full T^2."""
     peak = gpu_peak_flops(device)
     return None if peak is None else flops_per_image * images_per_s_per_gpu / peak
 

@@ -121,6 +121,7 @@ class Args:
     weight_decay: float = common.arg(1e-6, "weight decay (SimCLR tf2 default 1e-6; LARS skips biases and norms)")
     momentum: float = common.arg(0.9, "LARS momentum")
     amp: bool = common.arg(True, "bf16 autocast where the hardware runs it natively (losses stay fp32)")
+    compile: bool = common.arg(False, "torch.compile the model")
     # --- method
     objective: str = common.arg("contrastive", "contrastive | supervised (same net and views, Tables 3-4 baseline)",
                                 ["contrastive", "supervised"])  # fmt: skip
@@ -808,7 +809,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = ImageSet(train_set.images.to(dev), {}, bits=None if train_set.bits is None else train_set.bits.to(dev))
     targets = train_set.multi_hot if train_set.multi_hot is not None else next(iter(train_set.targets.values()))
     targets, augment = targets.to(dev), make_augment(args)
-    model = common.distribute(build_model(args), info)
+    model = common.distribute(build_model(args), info, args.compile)
     common.seed_everything(args.seed + info.rank)  # the views' stream starts at the seed, whatever the init drew
     optimizer, peak_lr = build_optimizer(common.unwrap(model), args)
     steps_per_epoch = len(train_set) // args.batch_size

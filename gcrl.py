@@ -283,7 +283,7 @@ def gcrl_loss(model: nn.Module, weak: torch.Tensor, strong: torch.Tensor, args: 
         out = model(weak, strong=strong, generative=use_g) if use_c else {"logits": model(weak), "z": None}
     terms = {}
     if use_g:
-        terms["generative"] = F.cross_entropy(out["logits"].float().transpose(1, 2), weak)  # (B, K, L) vs (B, L)
+        terms["generative"] = common.token_cross_entropy(out["logits"], weak).mean()  # mean over B*L tokens
     if use_c:
         z = out["z"].float()
         terms["contrastive"] = common.nt_xent(z[: weak.shape[0]], z[weak.shape[0] :], args.tau)

@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
     held = heldout_data(args, train_set, test_set, info.device)
     model = build_model(args)
     model.quantizer.centers.copy_(palette)  # the only buffer (6 KB), identical on every rank
-    model = common.distribute(model, info, args.compile)
+    model = common.distribute(model, info, args.compile, static_graph=True)
     peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         if batches.steps_per_epoch < args.accum_iter:
             raise ValueError(f"--accum-iter {args.accum_iter} needs more micro-batches than an epoch has")
     held = heldout_data(args, train_set, test_set, info.device)
-    model = common.distribute(build_model(args), info, args.compile)
+    model = common.distribute(build_model(args), info, args.compile, static_graph=True)
     peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch, accum = batches.steps_per_epoch // args.accum_iter, args.accum_iter

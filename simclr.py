@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     held = heldout_data(args, train_set, test_set, info.device)
     if args.online_linear and args.num_classes == 0:
         args.num_classes = int(train_set.num_classes)  # saved in args.json / the checkpoint: build_model needs it
-    model = common.distribute(build_model(args), info, args.compile)
+    model = common.distribute(build_model(args), info, args.compile, static_graph=True)
     peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch = batches.steps_per_epoch

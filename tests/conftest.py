@@ -1,5 +1,5 @@
-"""Shared test setup: the repository root on sys.path, two CPU threads (CI has 2 cores), helpers to run the
-method scripts as a user would (python / torchrun subprocesses) and to run a function on 2 gloo processes."""
+"""Shared test setup: the repository root on sys.path, one torch thread (TEST_TORCH_THREADS to change), helpers to run
+the method scripts as a user would (python / torchrun subprocesses) and to run a function on 2 gloo processes."""
 
 import os
 import socket
@@ -13,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(2)
+# One thread by default: the tests' tensors are small (a second thread mostly adds synchronization), the scripts the
+# tests launch run with OMP_NUM_THREADS=1 beside them, and a loaded 2-core CI machine is not oversubscribed.
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 
 def free_port() -> int:

@@ -389,3 +389,43 @@ def test_arguments_are_checked():
     assert augment_config("simclr", 224)["scale"] == (0.08, 1.0)  # SimCLR
     assert augment_config("simclr", 224)["blur_kernel"] == 23 and not augment_config("simclr", 32)["blur"]
     assert augment_config("simclr", 32, jitter_strength=1.0)["jitter"] == (0.8, 0.8, 0.8, 0.2)
+
+
+def test_simclr_apply_equals_per_image_ops_with_the_same_params():
+    """The batched view is each image's own ops with its own parameters: BatchedAugment.apply groups the images by
+    their jitter order, grayscale and blur draws (and puts them back in order); a per-image reference applies
+    torchvision's functional ops in the drawn order to each image alone. 96 px, so the blur is on."""
+    torch.manual_seed(0)
+    n, S = 48, 96
+    images = torch.randint(0, 256, (n, 3, 100, 120), dtype=torch.uint8)
+    aug = BatchedAugment("simclr", S, jitter_strength=1.0)
+    params = aug.sample_params(n, 100, 120, "cpu", torch.Generator().manual_seed(5))
+    # every branch is exercised: jittered and not, gray and not, blurred and not, several op orders
+    for key in ("jitter", "gray", "blur"):
+        assert 0 < int(params[key].sum()) < n, key
+    out = aug.apply(images, params)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    x = images.float() / 255
+    for i in range(n):
+        p = {k: v[i : i + 1] for k, v in params.items()}
+        expect = resized_crop_batch(x[i : i + 1], p["crop"], S, p["flip"])[0]
+        if p["jitter"]:
+            for op in p["order"][0].tolist():
+                expect = ops[op](expect, p["factors"][0, op].item())
+        if p["gray"]:
+            expect = TF.rgb_to_grayscale(expect, num_output_channels=3)
+        if p["blur"]:
+            expect = TF.gaussian_blur(expect, [9, 9], [p["sigma"].item()] * 2)
+        torch.testing.assert_close(out[i], expect, atol=3e-5, rtol=0, msg=f"image {i}")
+
+
+def test_color_jitter_leaves_its_input_and_unjittered_images_untouched():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 8, 8)
+    before = images.clone()
+    factors = torch.tensor([[1.3, 0.7, 1.2, 0.05]]).expand(8, 4)
+    order = torch.tensor([[3, 2, 1, 0]]).expand(8, 4)
+    apply = torch.tensor([True, False] * 4)
+    out = color_jitter_batch(images, factors, order, apply)
+    assert torch.equal(images, before)
+    assert torch.equal(out[~apply], images[~apply]) and not torch.allclose(out[apply], images[apply])
