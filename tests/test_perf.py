@@ -121,23 +121,26 @@ def test_axial_attention_batch_is_each_image_alone(is_causal):
             torch.testing.assert_close(batch, expect, atol=1e-5, rtol=0)
 
 
-def training_steps(method: str, device: str):
-    """A generator of training steps of `method` (tiny preset) between two logging steps, without the finiteness
-    check (common.check_finite reads the loss on the host by design): views from the on-device batches, the losses,
-    backward and the optimizer, as the method's main() runs them."""
+def training_steps(method: str, device: str, run_dir: str):
+    """A generator of training steps of `method` (tiny preset) between two logging steps: views from the on-device
+    batches, the losses, the finiteness check (RunLogger.check_finite: on a GPU it reads the loss on the host only on
+    logging and checkpoint steps), backward and the optimizer, as the method's main() runs them."""
     module = __import__(method)
-    args = common.parse_args(module.Args, ["--preset", "tiny", "--device", device], module.PRESETS)
+    argv = ["--preset", "tiny", "--device", device, "--log-every", "1000", "--ckpt-every", "1000"]
+    args = common.parse_args(module.Args, argv, module.PRESETS)
     info = common.DistInfo(device=torch.device(device))
+    logger = common.RunLogger(run_dir, args, info, 0.0, 10**6, 0, method=method)
     model = common.distribute(module.build_model(args), info)
     optimizer = module.build_optimizer(common.unwrap(model), args, 1e-4, info.device)
     data = common.ImageArray(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 4, "toy", 4)
     kinds = ["mae"] if method == "mae" else ["simclr", "simclr"]
     batches = common.TrainBatches(data, kinds, args.image_size, 16, info, aug_kwargs=module.augment_kwargs(args))
-    for views, labels in batches.epoch(0):
+    for step, (views, labels) in enumerate(batches.epoch(0)):
         if method == "mae":
             terms, _ = module.mae_losses(model, views[0], args)
         else:
             terms, _ = module.simclr_losses(model, views, labels, args)
+        logger.check_finite(step, terms)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
@@ -146,9 +149,9 @@ def training_steps(method: str, device: str):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
 @pytest.mark.parametrize("method", ["mae", "simclr"])
-def test_training_step_does_not_sync_the_gpu(method):
+def test_training_step_does_not_sync_the_gpu(method, tmp_path):
     """Two training steps under set_sync_debug_mode("error") (after one warm-up step: lazy optimizer state)."""
-    steps = training_steps(method, "cuda")
+    steps = training_steps(method, "cuda", str(tmp_path))
     next(steps)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
