@@ -2534,8 +2534,11 @@ FLAG_INTERVALS = {
     "crop_min_scale": "(0, 1]",
     **dict.fromkeys(["gray_p", "blur_p", "bert_mask_prob"], "[0, 1]"),
     **dict.fromkeys(["batch_size", "extract_batch_size", "image_size", "patch_size", "knn_k", "k"], "[1, inf)"),
-    **dict.fromkeys(["log_every", "eval_every", "ckpt_every", "num_colors", "synthetic_size"], "[1, inf)"),
+    **dict.fromkeys(["log_every", "eval_every", "ckpt_every", "num_colors"], "[1, inf)"),
     **dict.fromkeys(["num_workers", "warmup_epochs", "keep_every", "num_samples", "test_images"], "[0, inf)"),
+    **dict.fromkeys(["synthetic_size"], "[0, inf)"),  # 0 = common.py's default size
+    "betas": "[0, 1)",
+    **dict.fromkeys(["contrastive_weight", "rec_weight"], "[0, 1]"),  # CAN: l_c and 1 - l_c, lam and 1 - lam
     **dict.fromkeys(["knn_bank", "knn_queries", "eval_images", "palette_pixels", "kmeans_iters"], "[0, inf)"),
 }
 
@@ -2878,7 +2881,7 @@ def weights_report(model: nn.Module) -> tuple[float, float, str]:
     return norm, top, named[int(where) if math.isfinite(where) else 0][0]
 
 
-def save_checkpoint(path: str, state: dict, previous: str | None = None) -> None:
+def save_checkpoint(path: str, state: dict, previous: str | None = None, script: str = "") -> None:
     """Atomic write: temp file in the same folder, fsync, rename over the old file (moved to `previous` first when
     given). A failed write removes its temp file; a full disk is a one-line error that leaves the old file intact."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -2896,8 +2899,9 @@ def save_checkpoint(path: str, state: dict, previous: str | None = None) -> None
         if full or (isinstance(e, RuntimeError) and "write" in str(e) and shutil.disk_usage(folder).free < 2**30):
             free = shutil.disk_usage(folder).free / 2**20
             raise ExitError(
-                f"error: the disk is full: writing {path} failed with {free:.0f} MiB free; the previous checkpoint is "
-                f"intact. Free some space (or move the run with --output-dir) and resume with --resume auto",
+                f"{script + ': ' if script else ''}error: the disk is full: writing {path} failed with {free:.0f} MiB "
+                f"free; the previous checkpoint is intact. Free some space (or move the run with --output-dir) and "
+                f"resume with --resume auto",
                 code=1,
             ) from None
         raise
@@ -3091,7 +3095,7 @@ def save_training_state(
             **extra,
         }
         path = os.path.join(run_dir, CHECKPOINT)
-        save_checkpoint(path, state, previous=os.path.join(run_dir, PREVIOUS))
+        save_checkpoint(path, state, previous=os.path.join(run_dir, PREVIOUS), script=f"{method}.py")
         snapshot = _snapshot_epoch(step, args, steps_per_epoch)
         if snapshot is not None:  # a hard link: no second copy on disk while checkpoint.pt is this file
             keep = os.path.join(run_dir, f"checkpoint-ep{snapshot:04d}.pt")
@@ -3191,6 +3195,14 @@ class Throughput:
         return ips, str(datetime.timedelta(seconds=int(eta)))
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; inf for a line a kill cut short (dropped on resume)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class RunLogger:
     """The run folder (rank 0): args.json (with what the presets set, the precision that actually runs and the
     method's `notes`), metrics.jsonl (one JSON object per row; on a resume, cut back to the checkpoint's step so no
@@ -3203,11 +3215,12 @@ class RunLogger:
     `step s/S ep e | loss/total ... | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
 
     def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int,
-                 notes: dict | None = None, method: str = ""):  # fmt: skip
+                 notes: dict | None = None, method: str = "", steps_per_epoch: int = 0):  # fmt: skip
         self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
         self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
         self.script, self.lr, self.first_bad = f"{method or 'train'}.py", None, None
         self.sync_every_step = info.device.type == "cpu"  # a host read costs nothing there
+        self.steps_per_epoch = steps_per_epoch  # --keep-every snapshots are checkpoint steps too
         self.meter = Throughput(stop_step, start_step)
         if not self.enabled:
             return
@@ -3222,7 +3235,7 @@ class RunLogger:
         kept = []
         if start_step > 0 and os.path.exists(metrics):  # rows after the checkpoint were logged by the killed run
             with open(metrics) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                kept = [line for line in f if _row_step(line) <= start_step]  # a torn last line goes too
         with open(metrics, "w") as f:
             f.writelines(kept)
         self.file = open(metrics, "a")
@@ -3248,8 +3261,8 @@ class RunLogger:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         after = step + 1
-        if not self.sync_every_step and after % self.args.log_every and after % self.args.ckpt_every:
-            if after < self.stop_step:
+        if not (self.sync_every_step or after % self.args.log_every == 0 or after >= self.stop_step):
+            if not checkpoint_due(after, False, self.args, self.steps_per_epoch):
                 return
         first = self.first_bad.clone()
         if self.info.world_size > 1:
@@ -3266,11 +3279,16 @@ class RunLogger:
             prev, bad_path = os.path.join(self.run_dir, PREVIOUS), os.path.join(self.run_dir, DIVERGED)
             if self.info.is_main:
                 os.replace(os.path.join(self.run_dir, CHECKPOINT), bad_path)
+                for name in os.listdir(self.run_dir):  # a --keep-every snapshot of that state (a hard link) goes too
+                    path = os.path.join(self.run_dir, name)
+                    if name.startswith("checkpoint-ep") and os.path.samefile(path, bad_path):
+                        os.remove(path)
                 if os.path.exists(prev):
                     os.replace(prev, os.path.join(self.run_dir, CHECKPOINT))
             if os.path.exists(os.path.join(self.run_dir, CHECKPOINT)):
+                before = f"step {saved['prev_step']}" if saved["prev_step"] is not None else PREVIOUS
                 story = (f"The checkpoint of step {first} gives this loss itself: it was moved to {DIVERGED}, and "
-                         f"{CHECKPOINT} is again the one before it (step {saved['prev_step']}); resume it")  # fmt: skip
+                         f"{CHECKPOINT} is again the one before it ({before}); resume it")  # fmt: skip
             else:
                 story = f"The only checkpoint (step {first}) gives this loss itself: moved to {DIVERGED}; start again"
         else:

@@ -817,7 +817,17 @@ def main(argv: list[str] | None = None) -> dict:
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
-    logger = common.RunLogger(run_dir, args, info, 0.0, stop_step, step, notes={"digit_source": source}, method=METHOD)
+    logger = common.RunLogger(
+        run_dir,
+        args,
+        info,
+        0.0,
+        stop_step,
+        step,
+        notes={"digit_source": source},
+        method=METHOD,
+        steps_per_epoch=steps_per_epoch,
+    )
     what = args.loss if args.objective == "contrastive" else "supervised"
     common.print0(f"{METHOD} {args.arch} on {args.dataset}, {what}: {info.world_size} x {per_rank} images/step, "
                   f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {peak_lr:.3g}, steps {step} -> "

@@ -111,7 +111,7 @@ class Args:
     # --- optimization
     epochs: float = common.arg(400, "epochs of both phases (GCRL Table 3, CIFAR (5+5)M: 200 + 200); may be fractional")
     gen_only_epochs: float = common.arg(-1, "epochs of L_g alone first (-1 = half (GCRL 4.1); all when --beta 0; "
-                                        "0 when --alpha 0)")  # fmt: skip
+                                        "0 when --alpha 0)", interval="[-1, inf)")  # fmt: skip
     batch_size: int = common.arg(512, "GLOBAL batch (2 views each), split over ranks (GCRL Table 3, CIFAR: 512)")
     gen_base_lr: float = common.arg(8e-4, "generative phase: lr per 256 images (Table 3: peak 1.6e-3 at batch 512)")
     base_lr: float = common.arg(2.4e-4, "hybrid or contrastive-only phase: lr per 256 images (Table 3: 4.8e-4 at 512)")
@@ -499,7 +499,9 @@ def main(argv: list[str] | None = None) -> dict:
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
+    logger = common.RunLogger(
+        run_dir, args, info, flops_per_image, stop_step, step, method=METHOD, steps_per_epoch=steps_per_epoch
+    )
     net = common.unwrap(model)
     n_enc = sum(p.numel() for m in (net.embed, net.encoder, net.enc_norm, net.projector) for p in m.parameters())
     n_dec = sum(p.numel() for m in (net.decoder, net.norm, net.head) for p in m.parameters())

@@ -523,7 +523,9 @@ def main(argv: list[str] | None = None) -> dict:
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
+    logger = common.RunLogger(
+        run_dir, args, info, flops_per_image, stop_step, step, method=METHOD, steps_per_epoch=steps_per_epoch
+    )
     n_params = sum(p.numel() for p in common.unwrap(model).parameters())
     common.print0(f"{METHOD} {args.arch} ({n_params / 1e6:.2f}M parameters, {args.attention} attention, "
                   f"{args.objective}) on {args.dataset}: {args.image_size}x{args.image_size} tokens, K = "

@@ -277,6 +277,19 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--accum-iter must be >= 1, got {args.accum_iter}")
 
 
+def accumulated_backward(model: nn.Module, group: list, args: Args, check) -> dict:
+    """Forward and backward of each micro-batch of `group` (K = len(group)) with its loss / K, after check(terms);
+    returns the last micro-batch's terms (the logged ones). Under DDP the first K - 1 run inside no_sync, forward
+    included (DDP decides at the forward whether the backward all-reduces): one all-reduce per update."""
+    for i, (views, _) in enumerate(group):
+        last = i == len(group) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if last else model.no_sync():
+            terms, _ = mae_losses(model, views[0], args)
+            check(terms)
+            (terms["total"] / len(group)).backward()
+    return terms
+
+
 def accumulation_groups(micro_batches, k: int):
     """Consecutive groups of k micro-batches, one optimizer step each (--accum-iter); an incomplete last group is
     dropped, as drop_last drops an incomplete batch."""
@@ -365,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
         if batches.steps_per_epoch < args.accum_iter:
             raise ValueError(f"--accum-iter {args.accum_iter} needs more micro-batches than an epoch has")
     held = heldout_data(args, train_set, test_set, info.device)
-    model = common.distribute(build_model(args), info, args.compile, static_graph=True)
+    # a static graph cannot skip the all-reduce of a no_sync micro-batch (torch asserts): only without accumulation
+    model = common.distribute(build_model(args), info, args.compile, static_graph=args.accum_iter == 1)
     peak_lr = args.lr if args.lr is not None else common.scaled_lr(args.base_lr, args.batch_size)
     optimizer = build_optimizer(common.unwrap(model), args, peak_lr, info.device)
     steps_per_epoch, accum = batches.steps_per_epoch // args.accum_iter, args.accum_iter
@@ -373,7 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
+    logger = common.RunLogger(
+        run_dir, args, info, flops_per_image, stop_step, step, method=METHOD, steps_per_epoch=steps_per_epoch
+    )
     micro_note = f" ({accum} micro-batches of {micro})" if accum > 1 else ""
     common.print0(f"{METHOD} {args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step{micro_note}, "
                   f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, steps {step} -> {stop_step}, "
@@ -391,12 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
         for group in accumulation_groups(batches.epoch(epoch, start_step=(step % steps_per_epoch) * accum), accum):
             common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
             optimizer.zero_grad(set_to_none=True)
-            for i, (views, _) in enumerate(group):  # --accum-iter K: K micro-batches, loss / K each, one update
-                terms, _ = mae_losses(model, views[0], args)  # logged: the last micro-batch's terms
-                logger.check_finite(step, terms)  # a non-finite loss stops the run before it reaches a checkpoint
-                sync = i == accum - 1 or not hasattr(model, "no_sync")  # DDP: one all-reduce, on the last one
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    (terms["total"] / accum).backward()
+            # --accum-iter K: K micro-batches, loss / K each, one update; a non-finite loss stops the run before it
+            # reaches a checkpoint (RunLogger.check_finite)
+            terms = accumulated_backward(model, group, args, lambda terms, step=step: logger.check_finite(step, terms))
             if args.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()

@@ -451,7 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
-    logger = common.RunLogger(run_dir, args, info, flops_per_image, stop_step, step, method=METHOD)
+    logger = common.RunLogger(
+        run_dir, args, info, flops_per_image, stop_step, step, method=METHOD, steps_per_epoch=steps_per_epoch
+    )
     common.print0(f"{METHOD} {args.arch} on {args.dataset}: {info.world_size} x {per_rank} images/step, "
                   f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, steps {step} -> {stop_step}, "
                   f"{flops_per_image / 1e9:.3f} GFLOPs per image (forward + backward)")  # fmt: skip

@@ -1,5 +1,6 @@
 """GPU images/s, MFU and host-device syncs per training step of the method files, through their own main() (the
-real training step: on-device data and augmentation, bf16 autocast, the optimizer, the logger).
+real training step: the data path main() picks (on-device batches up to 64 px, DataLoader workers above: mae and can
+at 224 px), bf16 autocast, the optimizer, the logger).
 
     python bench/gpu.py                      # all runs below (30 steps each; not yet run: no GPU lent so far)
     python bench/gpu.py --only mae can       # some methods
@@ -166,7 +167,7 @@ def main() -> None:
         for method, label, flags in plan:
             try:
                 r = run_one(method, flags, a.steps, workdir, a.where, device)
-            except Exception as e:  # one failing method must not hide the others' numbers
+            except (Exception, SystemExit) as e:  # one failing method (a one-line error exits) must not hide the rest
                 r = {"method": method, "flags": " ".join(flags), "error": f"{type(e).__name__}: {e}"[:500]}
             r["label"] = label
             print(json.dumps(r), flush=True)

@@ -488,6 +488,37 @@ def test_ddp_gradients_on_two_processes_equal_one_process(tmp_path):
     assert grad.abs().max() > 0
 
 
+def _accumulation_allreduce_worker(rank, world, accum):
+    """Count the gradient all-reduces of one --accum-iter update of a DDP model (2 gloo processes)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    args = tiny_args()
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(mae.build_model(args), static_graph=accum == 1)
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting)
+    g = torch.Generator().manual_seed(rank)
+    group = [([torch.rand(2, 3, 16, 16, generator=g)], None) for _ in range(accum)]
+    mae.accumulated_backward(ddp, group, args, lambda terms: None)
+    grad = torch.cat([p.grad.flatten() for p in ddp.parameters() if p.grad is not None])
+    return [len(calls), grad.tolist()]
+
+
+def test_accumulation_all_reduces_once_per_update(tmp_path):
+    """--accum-iter 3 under DDP: as many gradient all-reduces (buckets) as one micro-batch without accumulation, and
+    the ranks end with the same (averaged) gradient. Counted with a DDP communication hook."""
+    one = run_distributed(_accumulation_allreduce_worker, 2, tmp_path, 1)
+    (tmp_path / "k3").mkdir()
+    three = run_distributed(_accumulation_allreduce_worker, 2, tmp_path / "k3", 3)
+    assert one[0][0] >= 1 and three[0][0] == three[1][0] == one[0][0]
+    torch.testing.assert_close(torch.tensor(three[0][1]), torch.tensor(three[1][1]))
+
+
 def test_torchrun_two_processes(tmp_path):
     proc = run_script(
         ["mae.py", *TINY, "--steps", "2", "--batch-size", "8", "--run-name", "ddp"], cwd=tmp_path, torchrun=2
@@ -503,7 +534,8 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_torchrun_two_processes_with_accumulation(tmp_path):
-    """--accum-iter under DDP: the first micro-batch's backward runs in no_sync, the last one all-reduces."""
+    """--accum-iter under torchrun (2 processes): the run completes and reports its micro-batches (the all-reduce count
+    per update is test_accumulation_all_reduces_once_per_update's)."""
     argv = ["mae.py", *TINY, "--steps", "2", "--batch-size", "8", "--accum-iter", "2", "--run-name", "ddp"]
     proc = run_script(argv, cwd=tmp_path, torchrun=2)
     assert "2 x 4 images/step (2 micro-batches of 2)" in proc.stdout

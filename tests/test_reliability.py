@@ -72,19 +72,27 @@ def test_a_checkpoint_whose_weights_give_nan_is_set_aside(tmp_path, monkeypatch)
 
 
 def test_the_finiteness_check_syncs_only_on_logging_and_checkpoint_steps_on_a_gpu(tmp_path):
-    """On a GPU the check records the first bad step on the device and reads it back on logging / checkpoint steps
-    (and the last step) only; on the CPU every step is read. The GPU rule, forced on CPU tensors: a NaN at step 3
-    passes silently, and step 4 (before logging step 5) stops the run naming step 3 as the first bad one."""
-    args = mae.Args(log_every=5, ckpt_every=100)
-    logger = common.RunLogger(str(tmp_path), args, common.DistInfo(), 0.0, 100, 0, method="mae")
-    assert logger.sync_every_step  # a CPU run
-    logger.sync_every_step = False
-    for step in range(3):
-        logger.check_finite(step, {"total": torch.tensor(1.0)})
-    logger.check_finite(3, {"total": torch.tensor(float("nan"))})  # no host sync: nothing raised yet
-    with pytest.raises(SystemExit, match=r"non-finite loss first at step 3 \(at step 4: total=nan\)"):
-        logger.check_finite(4, {"total": torch.tensor(float("nan"))})
-    logger.close()
+    """On a GPU the check records the first bad step on the device and reads it back on logging, checkpoint and
+    --keep-every snapshot steps (and the last step) only; on the CPU every step is read. The GPU rule, forced on CPU
+    tensors: a NaN passes silently until the step before the next logging / checkpoint / snapshot step, which stops
+    the run naming the first bad step."""
+    cases = [  # (log_every, ckpt_every, keep_every, steps per epoch, bad step, the step that reads it)
+        (5, 100, 0, 0, 3, 4),  # logging step 5
+        (100, 6, 0, 0, 1, 5),  # checkpoint step 6
+        (100, 100, 1, 4, 1, 3),  # snapshot at the end of epoch 1 (step 4)
+    ]
+    for log_every, ckpt_every, keep_every, per_epoch, bad, reads in cases:
+        args = mae.Args(log_every=log_every, ckpt_every=ckpt_every, keep_every=keep_every)
+        logger = common.RunLogger(
+            str(tmp_path), args, common.DistInfo(), 0.0, 100, 0, method="mae", steps_per_epoch=per_epoch
+        )
+        assert logger.sync_every_step  # a CPU run
+        logger.sync_every_step = False
+        for step in range(reads):
+            logger.check_finite(step, {"total": torch.tensor(float("nan") if step == bad else 1.0)})
+        with pytest.raises(SystemExit, match=rf"non-finite loss first at step {bad} \(at step {reads}: total=1\)"):
+            logger.check_finite(reads, {"total": torch.tensor(1.0)})
+        logger.close()
 
 
 # ---------------------------------------------------------------------------------------------- faults
@@ -123,9 +131,9 @@ def test_interrupted_and_failed_writes_leave_no_temp_files(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         common.save_training_state(str(run_dir), "mae", mae.Args(), model, opt, 2, 0, info)
     assert e.value.code == 1 and "\n" not in str(e.value)
-    assert str(e.value).startswith("error: the disk is full: writing") and "previous checkpoint is intact" in str(
-        e.value
-    )
+    assert str(e.value).startswith(
+        "mae.py: error: the disk is full: writing"
+    ) and "previous checkpoint is intact" in str(e.value)
     assert sorted(os.listdir(run_dir)) == ["checkpoint.pt"] and (run_dir / "checkpoint.pt").read_bytes() == good
     monkeypatch.setattr(torch, "save", real_save)
 
