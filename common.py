@@ -2973,21 +2973,28 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
     return resume
 
 
+def unwritable(folder: str) -> str | None:
+    """Create `folder` and write a probe file there: None when that works, else the reason (e.g. "Not a directory")."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def prepare_run_dir(run_dir: str, info: DistInfo) -> None:
     """Rank 0: create the run folder, prove it writable (a ValueError naming --output-dir otherwise) and delete the
     temp files that killed checkpoint writes left there."""
     if not info.is_main:
         return
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
+    if reason := unwritable(run_dir):
         raise ValueError(
-            f"--output-dir: cannot write the run folder {run_dir} ({e.strerror}): pick a writable --output-dir"
-        ) from None
+            f"--output-dir: cannot write the run folder {run_dir} ({reason}): pick a writable --output-dir"
+        )
     freed = remove_stale_temp_files(run_dir)
     if freed:
         print0(f"removed {freed / 2**20:.1f} MiB of temp files left by interrupted checkpoint writes in {run_dir}")
@@ -3218,7 +3225,7 @@ class RunLogger:
                  notes: dict | None = None, method: str = "", steps_per_epoch: int = 0):  # fmt: skip
         self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
         self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
-        self.script, self.lr, self.first_bad = f"{method or 'train'}.py", None, None
+        self.method, self.script, self.lr, self.first_bad = method, f"{method or 'train'}.py", None, None
         self.sync_every_step = info.device.type == "cpu"  # a host read costs nothing there
         self.steps_per_epoch = steps_per_epoch  # --keep-every snapshots are checkpoint steps too
         self.meter = Throughput(stop_step, start_step)
@@ -3299,6 +3306,13 @@ class RunLogger:
             f"with --resume auto and a lower --lr{lr}, or in fp32 (--no-amp).",
             code=1,
         )
+
+    def checkpoint(self, step: int, last: bool, model: nn.Module, optimizer, epoch: int) -> None:
+        """Collective: save_training_state when checkpoint_due (every --ckpt-every steps, the last step, the
+        --keep-every snapshots)."""
+        if checkpoint_due(step, last, self.args, self.steps_per_epoch):
+            save_training_state(self.run_dir, self.method, self.args, model, optimizer, step, epoch, self.info,
+                                self.steps_per_epoch)  # fmt: skip
 
     def step(self, step: int, terms: dict, lr: float, epoch: float, images: int, **extra) -> dict:
         self.meter.add(images)

@@ -851,10 +851,7 @@ def main(argv: list[str] | None = None) -> dict:
             # --- logging, checkpoints (boilerplate)
             final.update(logger.step(step, terms, lr, step / steps_per_epoch, args.batch_size))
             with logger.paused():  # images/s counts training time only
-                if common.checkpoint_due(step, last, args, steps_per_epoch):
-                    common.save_training_state(
-                        run_dir, METHOD, args, model, optimizer, step, epoch, info, steps_per_epoch
-                    )
+                logger.checkpoint(step, last, model, optimizer, epoch)
             if last:
                 break
         epoch += 1

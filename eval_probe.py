@@ -719,17 +719,6 @@ def eval_view(eval_crop: str, image_size: int) -> dict:
     return {}
 
 
-def check_writable(folder: str, what: str) -> None:
-    """ProbeError naming the flag when `folder` cannot be created or written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ProbeError(f"cannot write {what} in {folder} ({e.strerror})") from None
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the chosen protocols on one checkpoint; returns the result rows (also appended to eval_results.*)."""
     args = common.parse_args(Args, argv)
@@ -760,9 +749,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if layer is not None and layer >= depth:
             raise ProbeError(f"--layer {layer}: {ckpt['method']} has {depth} blocks (0-based)")
         out_dir = args.output_dir or ckpt_dir
-        check_writable(out_dir, "eval_results.jsonl (--output-dir picks another folder)")
+        folders = {out_dir: "eval_results.jsonl (--output-dir picks another folder)"}
         if args.cache:
-            check_writable(os.path.join(ckpt_dir, "feature_cache"), "the feature cache: pass --no-cache to skip it")
+            folders[os.path.join(ckpt_dir, "feature_cache")] = "the feature cache: pass --no-cache to skip it"
+        for folder, what in folders.items():
+            if reason := common.unwritable(folder):
+                raise ProbeError(f"cannot write {what} in {folder} ({reason})")
 
     weights = "untrained" if args.untrained else "trained"
     print(f"{ckpt['method']} checkpoint {args.ckpt} (step {ckpt.get('step')}, {weights} weights) on {device}; "

@@ -542,10 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
             with logger.paused():  # images/s counts training time only
                 if step % args.eval_every == 0 or last:
                     final.update(evaluate(step))
-                if common.checkpoint_due(step, last, args, steps_per_epoch):
-                    common.save_training_state(
-                        run_dir, METHOD, args, model, optimizer, step, epoch, info, steps_per_epoch
-                    )
+                logger.checkpoint(step, last, model, optimizer, epoch)
             if last:
                 break
         epoch += 1
