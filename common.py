@@ -63,13 +63,7 @@ VIT_ARCHS = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
-VIT_ALIASES = {
-    "vit_t": "vit_tiny",
-    "vit_s": "vit_small",
-    "vit_b": "vit_base",
-    "vit_l": "vit_large",
-    "vit_h": "vit_huge",
-}
+VIT_ALIASES = dict(vit_t="vit_tiny", vit_s="vit_small", vit_b="vit_base", vit_l="vit_large", vit_h="vit_huge")
 
 
 def vit_arch(name: str) -> tuple[int, int, int]:
@@ -160,12 +154,8 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = (
-            nn.Linear(dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, dim),
-            nn.Dropout(drop),
-        )
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU()
+        self.fc2, self.drop = nn.Linear(hidden, dim), nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -293,14 +283,10 @@ class VisionTransformer(nn.Module):
 
 
 def export_encoder(args, method: str, prefix: str) -> dict:
-    """--export-encoder PATH (mae.py, can.py, simclr.py): the encoder of a checkpoint, for the official fine-tuning
-    scripts and timm. Reads --resume's checkpoint (auto / '': <output_dir>/<run_name>/checkpoint.pt), keeps the keys
-    under `prefix` (mae / can: "encoder.", simclr: "backbone.") with the prefix removed, and writes {"model": ...} to
-    PATH. For a ViT these are timm's / MAE models_vit.py's names: patch_embed.proj.*, cls_token, pos_embed (the fixed
-    sin-cos table, zero cls row, as MAE), blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.*;
-    MAE's main_finetune.py / main_linprobe.py (--finetune PATH) load it with only head.* (and fc_norm.* under
-    --global_pool) missing, timm's VisionTransformer(num_classes=0, global_pool="token") with nothing missing. A
-    SimCLR ResNet exports torchvision's names (no fc). Returns {"exported": PATH, "tensors": count}."""
+    """--export-encoder PATH (mae, can, simclr): the keys under `prefix` ("encoder." / "backbone.") of --resume's
+    checkpoint (auto / '': the run folder's), prefix removed, written as {"model": ...}. A ViT's names are timm's and
+    MAE models_vit.py's: MAE's main_finetune.py / main_linprobe.py (--finetune PATH) load it with only head.* (and
+    fc_norm.*) missing, timm's VisionTransformer(num_classes=0) with nothing missing; a ResNet has torchvision's."""
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(method, args))
     source = args.resume if args.resume not in ("", "auto") else os.path.join(run_dir, "checkpoint.pt")
     state = load_checkpoint(source, method)["model"]
@@ -313,23 +299,19 @@ def export_encoder(args, method: str, prefix: str) -> dict:
 
 
 def keep_count(num_patches: int, mask_ratio: float) -> int:
-    """Patches each image keeps: floor(L * (1 - r)) in exact arithmetic, r read as the decimal it prints as
-    (Fraction(repr(r)): 0.9 is 9/10). The reference's int(L * (1 - mask_ratio)) gives the same count except where
-    float error pushes an integer product below it: L = 100, r = 0.9 keeps 9 there (int(9.999999999999998)), 10 here;
-    likewise L = 50, r = 0.8 (9 vs 10). MAE's and CAN's settings (196 or 64 patches, r = 0.75 / 0.5) are exact either
-    way."""
+    """Patches each image keeps: floor(L * (1 - r)) in exact arithmetic (r as the decimal it prints as). MAE's
+    int(L * (1 - r)) agrees except where float error lands below an integer (L = 100, r = 0.9: 9 there, 10 here);
+    MAE's and CAN's own settings (196 or 64 patches, r = 0.75 / 0.5) are exact either way."""
     from fractions import Fraction  # here, not at the top: the only user
 
     return math.floor(num_patches * (1 - Fraction(repr(float(mask_ratio)))))
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, draws: torch.Tensor | None = None):
-    """MAE per-image random masking by argsort of uniform draws (ref code, where they are called `noise`): keep
-    exactly keep_count(L, mask_ratio) = floor(L * (1 - mask_ratio)) tokens per image (the ref code's int(L * (1 - r))
-    without its float error), those with the smallest draws, in draw order.
-    x: (N, L, D); draws (N, L) uniform (None: drawn here from the global RNG)
-    -> x_kept (N, L_keep, D), mask (N, L) with 0 = keep, 1 = removed, ids_restore (N, L) such that gathering
-    [x_kept, filler] with ids_restore puts every token back at its position."""
+    """MAE per-image random masking by argsort of uniform draws (the ref code's `noise`): keep the keep_count(L, r)
+    tokens with the smallest draws, in draw order. x (N, L, D), draws (N, L) (None: from the global RNG) -> x_kept
+    (N, L_keep, D), mask (N, L) 0 = keep / 1 = removed, ids_restore (N, L): gathering [x_kept, filler] with it puts
+    every token back at its position."""
     N, L, D = x.shape
     len_keep = keep_count(L, mask_ratio)
     if draws is None:
@@ -359,11 +341,9 @@ def normalized_target(target: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """The MAE loss (ref forward_loss), also CAN's L_rec. pred, target (N, L, p*p*3) (target = patchify(normalized
-    image)), mask (N, L) 1 = removed:
-        loss = sum_{n,l} mask_nl * mean_k (pred_nlk - t_nlk)^2 / sum_{n,l} mask_nl
-    the per-patch mean squared error averaged over the removed patches of the (local) batch; visible patches do not
-    count. t = normalized_target(target) with norm_pix. fp32."""
+    """The MAE loss (ref forward_loss), also CAN's L_rec, fp32: pred, target (N, L, p*p*3), mask (N, L) 1 = removed;
+        loss = sum_{n,l} mask_nl * mean_k (pred_nlk - t_nlk)^2 / sum_{n,l} mask_nl,   t = normalized_target if norm_pix
+    (the per-patch mean squared error over the removed patches of the local batch)."""
     target = normalized_target(target) if norm_pix else target.float()
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
     mask = mask.float()
@@ -2290,12 +2270,10 @@ def distribute(
     find_unused_parameters: bool = False,
     static_graph: bool = False,
 ):
-    """The model on its device, wrapped for training: BatchNorm -> SyncBatchNorm (statistics over the global batch,
-    SimCLR's global BN) and DistributedDataParallel when running on several processes; torch.compile with
-    `compile`. Every method builds its models so that each trainable parameter gets a gradient every step (parts
-    whose loss is off are not built), so DDP needs no find_unused_parameters, unless a method's graph changes during
-    training (GCRL's two phases) and it says so. static_graph: the method runs the same autograd graph at every step
-    with the same shapes (MAE, CAN, SimCLR, iGPT; not GCRL). Checkpoints save unwrap(model)."""
+    """The model on its device, wrapped for training: SyncBatchNorm (SimCLR's global BN) and DDP on several
+    processes, torch.compile with `compile`. Parts whose loss is off are never built, so DDP needs no
+    find_unused_parameters unless the graph changes during training (GCRL's phases). static_graph: the same graph and
+    shapes at every step (MAE, CAN, SimCLR, iGPT). Checkpoints save unwrap(model)."""
     dev = info.device
     model = model.to(dev)
     if info.world_size > 1:
@@ -2305,23 +2283,17 @@ def distribute(
             model,
             device_ids=[dev.index] if dev.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
-            # The gradients ARE views into DDP's all-reduce buckets: no copy of every gradient into a bucket and back
-            # after each backward, and one gradient-sized buffer less (optimizers zero with set_to_none, which is safe).
+            # gradients are views into the all-reduce buckets: no copy in and out after each backward, one buffer less
             gradient_as_bucket_view=True,
-            # A graph known to be the same at every step lets DDP fix its buckets and their order after the first
-            # step and skip the per-step search for unused parameters; GCRL (graph changes at its phase switch) passes
-            # find_unused_parameters instead.
+            # a graph that never changes lets DDP fix its buckets after step 1 and skip the unused-parameter search
             static_graph=static_graph and not find_unused_parameters,
-            # Rank 0's buffers are broadcast before every forward by default. On CUDA they need not be: SyncBatchNorm
-            # updates its running statistics from the global batch (equal on every rank) and every other buffer is
-            # a constant built identically on every rank. On CPU, BatchNorm stays per rank, so rank 0's statistics
-            # are still broadcast to keep the ranks' models equal.
+            # no broadcast of rank 0's buffers before every forward on CUDA: SyncBN's statistics come from the global
+            # batch and other buffers are constants; on CPU BatchNorm stays per rank, so they are still broadcast
             broadcast_buffers=dev.type != "cuda",
         )
     if compile:
-        # CUDA graphs ("reduce-overhead": one graph replay per step instead of thousands of kernel launches) need the
-        # same shapes at every step, which static_graph promises; under DDP, inductor's default mode (its all-reduce
-        # hooks sit between the compiled pieces).
+        # CUDA graphs (one replay per step instead of thousands of launches) need the static shapes static_graph
+        # promises; under DDP inductor's default mode (its all-reduce hooks sit between the compiled pieces)
         cuda_graphs = dev.type == "cuda" and static_graph and info.world_size == 1
         model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     return model
@@ -2379,13 +2351,10 @@ class _EpochOrder(torch.utils.data.Sampler):
 
 
 class TrainBatches:
-    """Augmented training batches for this rank: `for views, labels in batches.epoch(e, start_step)`.
-
-    views is a list (one per entry of `kinds`, e.g. ["simclr", "simclr"]) of float (B, 3, S, S) tensors in [0, 1]
-    on the device; labels (B,) int64. Small datasets (an ImageArray of <= 64 px) live on the device as uint8 and
-    are augmented there in one batched call per view (BatchedAugment, independent parameters per image, no
-    DataLoader); larger ones go through DataLoader workers running the per-image pipelines. Both use
-    epoch_indices, so the data order does not depend on the path and resumes exactly."""
+    """This rank's augmented batches: `for views, labels in batches.epoch(e, start_step)`; views: one float (B, 3, S,
+    S) tensor in [0, 1] per entry of `kinds` (e.g. ["simclr", "simclr"]), on the device. A small ImageArray lives on
+    the device as uint8 and is augmented there (BatchedAugment); larger datasets go through DataLoader workers and
+    the per-image pipelines. Both follow epoch_indices: the order does not depend on the path and resumes exactly."""
 
     def __init__(
         self,
@@ -2472,14 +2441,11 @@ def dataset_labels(dataset) -> torch.Tensor | None:
 
 
 def heldout_subset(dataset, count: int):
-    """The fixed evaluation images of every training-time monitor (kNN bank and queries, held-out loss, bits per
-    token, reconstruction pictures): at most `count` examples of `dataset`, the same on every call and every rank.
-
-    Class balanced when the labels are known without decoding images (an equal share per class, the remainder
-    going to the first classes, each class's share spread evenly over its examples in dataset order); spread
-    evenly over the dataset otherwise (or for unlabeled splits). Taking the first `count` examples instead would
-    give a sorted dataset (an image folder: ImageNet lists class by class) a bank of a handful of classes.
-    An ImageArray stays an ImageArray (the fast in-memory path of eval_batches); other datasets become a Subset."""
+    """The fixed images of every training-time monitor (kNN bank and queries, held-out loss, bits per token,
+    pictures): at most `count` examples, the same on every call and rank. Class balanced when the labels are known
+    without decoding (equal shares, the remainder to the first classes, each spread evenly over its class), else
+    spread evenly: the first `count` of a sorted folder (ImageNet) would be a handful of classes. An ImageArray stays
+    an ImageArray; other datasets become a Subset."""
     n = len(dataset)
     if count >= n:
         return dataset
@@ -2581,14 +2547,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, dict]] | None = None):
-    """Build an argparse parser from a dataclass (each field -> --field-name with its help text, its default and
-    what each preset sets it to), parse argv, and return an instance. `presets` maps a field name (e.g. "preset" or
-    "arch") to {value: {field: value, ...}}: when the chosen value has an entry, those fields take its value unless
-    given on the command line. Precedence: explicit flag > first level > later levels > dataclass default (the
-    methods list "preset" before "arch": a preset wins over the arch's entry); a level may choose the value of a
-    later one (a preset picks its arch). What each level set is printed (rank 0) and kept in args.presets_applied
-    (written to args.json, not to checkpoints). Every value is range-checked (FLAG_INTERVALS); bad input exits 2
-    with one line."""
+    """Dataclass -> argparse (--field-name, its help, default and what each preset sets) -> an instance. `presets`:
+    {field ("preset", "arch"): {value: {field: value}}}. Precedence: explicit flag > first level > later levels >
+    default (methods list "preset" before "arch"; a preset may pick the arch). What each level set is printed (rank
+    0) and kept in args.presets_applied (args.json). Values are range-checked; bad input exits 2 with one line."""
     presets = presets or {}
     hints = typing.get_type_hints(cls)
     module = cls.__module__
@@ -3065,12 +3027,10 @@ def save_training_state(
     run_dir: str, method: str, args, model: nn.Module, optimizer, step: int, epoch: int, info: DistInfo,
     steps_per_epoch: int = 0, **extra,
 ) -> None:  # fmt: skip
-    """Collective (every rank calls it): gathers each rank's RNG states, rank 0 writes run_dir/checkpoint.pt =
-    {method, args, model (unwrapped), optimizer, rng (list by rank), step, epoch, param_norm, **extra}, moving the
-    one before to checkpoint.prev.pt, plus checkpoint-epNNNN.pt every --keep-every epochs. Divergence guard: weights
-    that are not finite, or whose norm grew more than DIVERGENCE_GROWTH x since the last checkpoint, are never
-    written; the run stops with one line saying which checkpoint is kept and how to resume (every rank decides the
-    same: DDP weights are identical)."""
+    """Collective: rank 0 writes checkpoint.pt = {method, args, model, optimizer, rng (every rank's), step, epoch,
+    param_norm, **extra} (the old one -> checkpoint.prev.pt; a checkpoint-epNNNN.pt link every --keep-every epochs).
+    Weights that are not finite or whose norm grew > DIVERGENCE_GROWTH x since the last checkpoint are never written:
+    the run stops with one line naming the checkpoint kept (every rank decides alike: DDP weights are equal)."""
     rngs = _gather_objects(get_rng_state(), info)
     norm, largest, where = weights_report(model)
     key = os.path.abspath(run_dir)
@@ -3211,15 +3171,11 @@ def _row_step(line: str) -> float:
 
 
 class RunLogger:
-    """The run folder (rank 0): args.json (with what the presets set, the precision that actually runs and the
-    method's `notes`), metrics.jsonl (one JSON object per row; on a resume, cut back to the checkpoint's step so no
-    step appears twice) and TensorBoard events when the optional tensorboard package is installed; the training
-    progress line; and the finiteness check of the loss.
-
-    step(step, terms, lr, epoch, images) after every optimizer step counts the global images; on logging steps
-    (every args.log_every steps and at stop_step) it averages the loss terms over the ranks (a collective: every rank
-    calls it), computes images/s and MFU since the last log, writes the row and prints
-    `step s/S ep e | loss/total ... | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
+    """The run folder (rank 0): args.json (presets applied, the precision that runs, the method's `notes`),
+    metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard events if tensorboard is installed;
+    the finiteness check, checkpoints, and the progress line. step(step, terms, lr, epoch, images) after every
+    update; on logging steps (collective) it averages the terms over ranks, computes images/s and MFU, writes the
+    row and prints `step s/S ep e | terms | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
 
     def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int,
                  notes: dict | None = None, method: str = "", steps_per_epoch: int = 0):  # fmt: skip
@@ -3257,11 +3213,9 @@ class RunLogger:
         return self.meter.paused()
 
     def check_finite(self, step: int, terms: dict) -> None:
-        """Call before the update. On logging and checkpoint steps, at the end and on every CPU step it syncs once
-        (all ranks agree through one all-reduce) and stops the run if this or any earlier step since the last sync
-        had a non-finite loss; on other GPU steps it only records the first bad step on the device (no host sync).
-        On stopping it tells the truth about the checkpoints: the newest one is set aside (checkpoint.diverged.pt)
-        when its own weights gave the non-finite loss, and checkpoint.prev.pt takes its place."""
+        """Call before the update. GPU steps only record the first bad step on the device; logging, checkpoint and
+        final steps (every CPU step) read it (one all-reduce) and stop the run on a non-finite loss. A newest checkpoint
+        whose own weights gave it is moved to checkpoint.diverged.pt and checkpoint.prev.pt takes its place."""
         values = _stack_terms(terms)
         bad = ~torch.isfinite(values).all()
         if self.first_bad is None:
@@ -3351,9 +3305,8 @@ class RunLogger:
                 self.tb.close()
 
 
-# Peak dense (no sparsity) bf16 tensor-core FLOP/s per GPU, from the vendor datasheets, for MFU. Matched on whole
-# words of torch.cuda.get_device_name (so "L4" never matches "NVIDIA L40S"), the form factor first: an H100 PCIe
-# ("NVIDIA H100 PCIe") peaks at 756 TFLOP/s, not the SXM part's 989 ("NVIDIA H100 80GB HBM3"). Unknown GPUs: no MFU.
+# Peak dense bf16 FLOP/s per GPU (vendor datasheets), matched on whole words of the device name ("L4" is not "L40S")
+# with the form factor first (H100 PCIe 756 TFLOP/s, SXM 989). Unknown GPUs: no MFU.
 GPU_PEAK_BF16_FLOPS = [  # (model word, form-factor word or "" for any, peak)
     ("H100", "PCIE", 756e12),
     ("H100", "NVL", 835e12),
@@ -3417,10 +3370,8 @@ def count_flops(fn, *args, **kwargs) -> int:
 
 
 def mfu(flops_per_image: float, images_per_s_per_gpu: float, device) -> float | None:
-    """Model FLOPs utilization = achieved FLOP/s / peak FLOP/s of this GPU (None when the peak is unknown).
-    flops_per_image comes from count_step_flops (FlopCounterMode): every matmul, and attention as 4 * T^2 * d per
-    layer forward even when it is causal (PaLM's MFU convention; a causal kernel skips about half of it), so the MFU
-    of the causal pixel-token models (igpt, gcrl) counts their attention as full T^2."""
+    """Achieved / peak FLOP/s of this GPU (None when the peak is unknown). count_step_flops counts causal attention
+    as full T^2 (PaLM's convention; the kernel skips about half), so igpt / gcrl's MFU counts it so too."""
     peak = gpu_peak_flops(device)
     return None if peak is None else flops_per_image * images_per_s_per_gpu / peak
 
