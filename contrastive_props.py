@@ -2,23 +2,20 @@
 datasets with controllable competing features, training, and the paper's studies as sub-commands.
 
 What is implemented (SPEC section 7; REFERENCE_FACTS 3 restates the equations lost from the paper's text):
-  * the generalized contrastive loss L = L_align + lambda * L_distribution (eq. 2, Table 1) on the projections h1, h2
-    (n, d) of the two views, --loss: ntxent (eq. 1 computed as eq. 3: alignment + tau x LogSumExp uniformity, over tau),
-    decoupled (eq. 4, the colab's `dist='logsumexp'`: kernel tau and lambda apart), swd_normal / swd_sphere / swd_cube
-    (sliced-Wasserstein matching of the hidden vectors to N(0, I), the hypersphere or U(-1, 1)^d; projections and prior
-    samples seeded by (seed, step)); negatives and the distribution term see the GLOBAL batch (common.gather_with_grad);
-  * backbones (paper A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the colab's ConvNet (randbits_mnist.ipynb:
-    3 conv-BN-ReLU, Linear 128-BN-ReLU = h), 3 + --bits input channels; projection head Linear-BN-ReLU-Linear to 64;
-  * datasets built on the fly, seeded (section "Data"; sizes in --help): multidigits (n digits, random or in a 4 x 4
-    grid; probe: single digits), multidigits_size (a small and a large digit; probes per size), digit_on (a digit tiled
-    at 9 places over a --base image, U = --unique-digits distinct digits; probes: digit, base class), randbit (--bits
-    constant channels of a per-image random integer, the same in both views and every epoch; probe: the RGB class),
-    plain (--base). Digits: --digits mnist | fashion_mnist | drawn (procedural), printed and saved in args.json;
+  * the generalized contrastive loss L = L_align + lambda * L_distribution (eq. 2, Table 1) on the projections of the
+    two views, --loss: ntxent (eq. 1 computed as eq. 3: alignment + tau x LogSumExp uniformity, over tau), decoupled
+    (eq. 4, the colab's `dist='logsumexp'`: kernel tau and lambda apart), swd_normal / swd_sphere / swd_cube
+    (sliced-Wasserstein matching to N(0, I), the hypersphere or U(-1, 1)^d; projections and prior samples seeded by
+    (seed, step)); negatives and the distribution term see the GLOBAL batch (common.gather_with_grad);
+  * backbones (A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the colab's ConvNet (randbits_mnist.ipynb),
+    3 + --bits input channels; projection head Linear-BN-ReLU-Linear to 64;
+  * datasets generated on the fly, seeded (section "Data"): multidigits, multidigits_size, digit_on, randbit and plain
+    (the --base images alone); digits: --digits mnist | fashion_mnist | drawn (procedural), printed, in args.json;
   * views batched on the device: crop-and-resize for MultiDigits (3.1 / 4.3), else SimCLR's view of the RGB channels;
     --objective supervised: a linear classifier on h, same network, views and budget (Tables 3-4's baseline); at the end
     (and untrained: --probe-untrained) a linear probe per target on frozen h, GCRL protocol (probe.json);
   * studies: `contrastive_props.py <study> --scale tiny|paper` (losses, multidigits, suppression-size, digit-on,
-    randbit): a run and a CSV row per point (finished points skipped), a PNG with matplotlib.
+    randbit): a run and CSV rows per point (finished points skipped), a PNG with matplotlib.
 
 Launch:
     python contrastive_props.py --preset tiny --dataset randbit --bits 4 --steps 200 --probe-untrained
@@ -172,8 +169,7 @@ def decoupled_terms(h1, h2, temperature: float, lam: float) -> dict[str, torch.T
 
 
 def random_orthogonal(d: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """A Haar-random orthogonal d x d matrix: QR of a Gaussian matrix, the signs of R's diagonal moved into Q (the
-    colab's Keras Orthogonal() is the same construction)."""
+    """A Haar-random orthogonal d x d matrix: QR of a Gaussian one, signs of diag(R) moved into Q (Keras Orthogonal)."""
     q, r = torch.linalg.qr(torch.randn(d, d, generator=generator, device=device))
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
@@ -206,9 +202,8 @@ def swd_terms(h1, h2, prior: str, lam: float, projection=None, prior_samples=Non
 
 
 def generalized_contrastive_loss(h1, h2, args: Args, generator=None, **inject) -> dict[str, torch.Tensor]:
-    """The loss chosen by args.loss on the two views' projections h1, h2 (n, d), in fp32 at least (bf16 network outputs
-    are promoted, float64 is kept); returns {"align", "distribution", "total"}, total multiplied by args.loss_scale.
-    inject: the SWD's projection / prior_samples (tests)."""
+    """args.loss on the two views' projections h1, h2 (n, d), in fp32 (bf16 outputs promoted; float64 kept) -> {"align",
+    "distribution", "total" x args.loss_scale}. inject: the SWD's projection / prior_samples (tests)."""
     h1, h2 = (h if h.dtype == torch.float64 else h.float() for h in (h1, h2))
     with common.fp32_only(h1):
         if args.loss == "ntxent":
@@ -232,14 +227,13 @@ class ConvNet(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, width: int = 1):
         super().__init__()
-        chans, blocks, s = [in_channels, 32 * width, 64 * width, 64 * width], [], image_size
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
-            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()))
-            s = (s - 3) // 2 + 1
-        self.blocks = nn.ModuleList(blocks)
-        self.fc = nn.Sequential(nn.Linear(chans[-1] * s * s, 128 * width, bias=False), nn.BatchNorm1d(128 * width),
+        chans, s, self.width = [in_channels, 32 * width, 64 * width, 64 * width], image_size, 128 * width
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, 2, bias=False), nn.BatchNorm2d(b), nn.ReLU())
+                                    for a, b in zip(chans[:-1], chans[1:]))  # fmt: skip
+        for _ in self.blocks:
+            s = (s - 3) // 2 + 1  # 'valid' 3x3 convolution, stride 2
+        self.fc = nn.Sequential(nn.Linear(chans[-1] * s * s, self.width, bias=False), nn.BatchNorm1d(self.width),
                                 nn.ReLU())  # fmt: skip
-        self.width = 128 * width
 
     def forward(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """layer=i: the global-average-pooled output of block i instead of h."""
@@ -414,17 +408,13 @@ def base_split(args: Args, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class ImageSet:
     """A generated labeled set: images uint8 (N, C, S, S), C in {1, 3}; targets {name: (N,) int64 class}; bits
-    (N, n_bits) 0/1 (randbit, plain: n_bits = 0) or None; multi_hot (N, 10) float of the digits present (MultiDigits
-    sets) or None; positions {name: (top, left)} of placed digits (two_sizes, for tests)."""
+    (N, n_bits) 0/1 (randbit, plain) or None; multi_hot (N, 10): the digits present (MultiDigits); positions (tests)."""
 
     images: torch.Tensor
     targets: dict
     bits: torch.Tensor | None = None
     multi_hot: torch.Tensor | None = None
     positions: dict | None = None
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
 
 def resize_digits(digits: torch.Tensor, size: int) -> torch.Tensor:
@@ -433,9 +423,8 @@ def resize_digits(digits: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def compose(digits, labels, pick, boxes, canvas: int, targets: dict, positions=None) -> ImageSet:
-    """Digits digits[pick[:, k]] (pick (N, K)) resized to side s_k, added on a black canvas with their top-left corners
-    at (top_k, left_k) (each (N,)) for boxes [(s_k, top_k, left_k)], clipped at 255 (the paper's channel addition);
-    multi_hot = the classes present."""
+    """digits[pick[:, k]] (pick (N, K)) resized to s_k and added on a black canvas at the top-left corners (top_k,
+    left_k), each (N,), of boxes [(s_k, top_k, left_k)], clipped at 255 (the paper's channel addition)."""
     N = pick.shape[0]
     out = torch.zeros(N, canvas * canvas)
     for k, (size, top, left) in enumerate(boxes):
@@ -570,17 +559,15 @@ def train_batches(data: ImageSet, augment, epoch: int, start_step: int, seed: in
     view-1 rows then view-2 rows). The order is common.epoch_indices (seeded by (seed, epoch)), so a resumed run sees
     the batches it would have seen. Only the RGB channels are augmented (independently per view); the bit channels
     are appended unchanged, so both views of an image carry the same bits (paper 4.1)."""
-    idx = common.epoch_indices(len(data), epoch, seed, info.rank, info.world_size, per_rank).to(data.images.device)
-    for b in idx[start_step * per_rank :].split(per_rank):
+    idx = common.epoch_indices(len(data.images), epoch, seed, info.rank, info.world_size, per_rank)
+    for b in idx[start_step * per_rank :].to(data.images.device).split(per_rank):
         bits = None if data.bits is None else data.bits[b]
         yield b, torch.cat([model_input(with_bits(augment(data.images[b]), bits)) for _view in range(2)])
 
 
 def training_losses(model, x: torch.Tensor, targets, args: Args, generator=None) -> dict:
-    """One step's terms. x (2B, 3 + n_bits, S, S): the two views of B images (train_batches); targets: multi-hot
-    (B, 10) or classes (B,) for the supervised objective. contrastive: {"align", "distribution", "total"} of the
-    generalized loss on z; supervised: {"supervised", "total"} (cross-entropy, or binary cross-entropy on a multi-hot
-    target, over both views' logits)."""
+    """One step's terms on x (2B, 3 + n_bits, S, S), the two views of B images: the generalized loss on z, or for
+    --objective supervised {"supervised", "total"}: cross-entropy on targets (B,), binary on multi-hot (B, 10)."""
     with common.autocast(x.device, args.amp):
         out = model(x)
     if args.objective == "supervised":
@@ -591,21 +578,17 @@ def training_losses(model, x: torch.Tensor, targets, args: Args, generator=None)
     return generalized_contrastive_loss(z1, z2, args, generator)
 
 
-def probe_batches(part: ImageSet, target: str, batch_size: int, device):
-    """Un-augmented batches of a generated set: (images float (B, 3 [+ n_bits], S, S) in [0, 1] with the bit channels
-    appended (with_bits, the model's input format), labels of `target` (B,))."""
-    for s in range(0, len(part), batch_size):
+def eval_batches(args: Args, split: str, batch_size: int, device, target: str = "", probes: dict | None = None):
+    """eval_probe.py's hook for datasets only this file builds (also the end-of-training probe's, on `probes`):
+    un-augmented batches of the "train" or "test" probe set of `target` (default: the first: digit, small or rgb) ->
+    (images float (B, 3 [+ n_bits], S, S) in [0, 1], the model's input format (with_bits), labels (B,))."""
+    probes = probes or build_sets(args)[1]
+    target = target or next(iter(probes))
+    part = probes[target][0 if split == "train" else 1]
+    for s in range(0, len(part.images), batch_size):
         bits = None if part.bits is None else part.bits[s : s + batch_size].to(device)
         x = with_bits(common.to_float_rgb(part.images[s : s + batch_size].to(device)), bits)
         yield x, part.targets[target][s : s + batch_size].to(device)
-
-
-def eval_batches(args: Args, split: str, batch_size: int, device, target: str = ""):
-    """eval_probe.py's hook for datasets that only this file can build: probe_batches of the probe set of `target`
-    (default: the dataset's first: digit, small or rgb), split "train" or "test"."""
-    _, probes = build_sets(args)
-    target = target or next(iter(probes))
-    yield from probe_batches(probes[target][0 if split == "train" else 1], target, batch_size, device)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0, num_classes: int = 10) -> float:
@@ -638,9 +621,10 @@ def monitors(model: nn.Module, probes: dict, args: Args, step: int, run_dir: str
             nets["probe_untrained/"] = build_model(args).to(device)
     result = {}
     for prefix, net in nets.items():
-        for name, parts in probes.items():  # (features, labels) of the probe's train and test sets
+        for name in probes:  # (features, labels) of the probe's train and test sets
             (ftr, ytr), (fte, yte) = [[torch.cat(t) for t in zip(*((features(net, x), y) for x, y in
-                                      probe_batches(part, name, 500, device)))] for part in parts]  # fmt: skip
+                                      eval_batches(args, split, 500, device, name, probes)))]
+                                      for split in ("train", "test")]  # fmt: skip
             classes = int(max(ytr.max(), yte.max())) + 1
             result[prefix + name] = linear_probe(ftr, ytr, fte, yte, args.probe_epochs, args.seed, classes)
     with open(os.path.join(run_dir, "probe.json"), "w") as f:
@@ -710,9 +694,9 @@ def main(argv: list[str] | None = None) -> dict:
         per_rank = common.batch_per_rank(args.batch_size, info.world_size)
         t0 = time.perf_counter()
         train_set, probes = build_sets(args)
-        common.epoch_indices(len(train_set), 0, args.seed, info.rank, info.world_size, per_rank)  # batch <= data
+        common.epoch_indices(len(train_set.images), 0, args.seed, info.rank, info.world_size, per_rank)  # batch <= data
     source = DIGIT_SOURCES[args.digits] if args.dataset in ("multidigits", "multidigits_size", "digit_on") else None
-    common.print0(f"{args.dataset}: {len(train_set)} training images {tuple(train_set.images.shape[1:])}"
+    common.print0(f"{args.dataset}: {len(train_set.images)} training images {tuple(train_set.images.shape[1:])}"
                   + (f", digits from {source}" if source else f", base {args.base}")
                   + f", probes {list(probes)} (generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
     dev = info.device
@@ -722,7 +706,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = common.distribute(build_model(args), info, args.compile)
     common.seed_everything(args.seed + info.rank)  # the views' stream starts at the seed, whatever the init drew
     optimizer, peak_lr = build_optimizer(common.unwrap(model), args)
-    steps_per_epoch = len(train_set) // args.batch_size
+    steps_per_epoch = len(train_set.images) // args.batch_size
     total_steps, warmup_steps = max(args.epochs * steps_per_epoch, args.steps), args.warmup_epochs * steps_per_epoch
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
@@ -777,17 +761,16 @@ class StudyArgs:
     an interrupted point resumes from its run folder), probes it and its untrained twin, appends the rows to
     <out>/<study>.csv and draws <out>/<study>.png (matplotlib, when installed)."""
 
-    scale: str = common.arg("tiny", "tiny: 2-core CPU, minutes (ConvNet, small sets) | paper: ResNet-18 as the "
-                            "paper (GPU)", ["tiny", "paper"])  # fmt: skip
+    scale: str = common.arg(
+        "tiny", "tiny (2-core CPU, minutes: ConvNet, small sets) | paper (GPU, ResNet-18)", ["tiny", "paper"]
+    )
     out: str = common.arg("results", "folder of <study>.csv, <study>.png and the runs/ of every point")
     values: str = common.arg("", "comma-separated values of the swept variable ('' = the scale's default sweep)")
     temperatures: str = common.arg("", "comma-separated NT-Xent temperatures ('' = the scale's default)")
     losses: str = common.arg("", "comma-separated losses (losses / randbit studies; '' = the scale's default)")
     steps: int = common.arg(0, "training steps per point (0 = the scale's default; paper scale: whole epochs)")
     seed: int = common.arg(0, "training seed of every point")
-    train_args: str = common.arg(
-        "", 'extra training flags for every point, e.g. "--digits fashion_mnist --device cuda"'
-    )
+    train_args: str = common.arg("", 'extra training flags of every point, e.g. "--digits fashion_mnist --device cuda"')
 
 
 CSV_COLUMNS = ["study", "scale", "method", "temperature", "variable", "value", "target", "accuracy", "untrained",
@@ -890,12 +873,8 @@ def run_study(study: str, argv: list[str]) -> list[dict]:
                 writer.writerows(rows)
     rows = read_rows(path + ".csv")
     if is_main:
-        print(
-            "\n".join(
-                " ".join(f"{r[c]:>{len(c)}}" for c in CSV_COLUMNS[2:11])
-                for r in [dict(zip(CSV_COLUMNS, CSV_COLUMNS)), *rows]
-            )
-        )
+        for r in [dict(zip(CSV_COLUMNS, CSV_COLUMNS)), *rows]:  # the table: method .. wall_s
+            print(" ".join(f"{r[c]:>{len(c)}}" for c in CSV_COLUMNS[2:11]))
         plot_study(study, rows, path + ".png")
     return rows
 
@@ -921,11 +900,9 @@ def plot_study(study: str, rows: list[dict], path: str) -> bool:
             pts = sorted((float(r["value"]), float(r["accuracy"])) for r in sel
                          if (r["method"], r["temperature"]) == label)  # fmt: skip
             ax.plot(*zip(*pts), marker="o", label=label[0] + (f", t={label[1]}" if label[1] else ""))
-        base = {}
-        for r in sel:
-            base.setdefault(float(r["value"]), []).append(float(r["untrained"]))
-        xs = sorted(base)
-        ax.plot(xs, [sum(base[x]) / len(base[x]) for x in xs], "k--", label="untrained network")
+        xs = sorted({float(r["value"]) for r in sel})
+        untrained = [[float(r["untrained"]) for r in sel if float(r["value"]) == x] for x in xs]
+        ax.plot(xs, [sum(u) / len(u) for u in untrained], "k--", label="untrained network")
         ax.set_xscale("log" if spec.get("log_x") else "linear")
         ax.set(xlabel=spec["x"], ylabel=f"linear probe accuracy ({target})", title=f"{study}: {target}")
         ax.legend(fontsize=8)
