@@ -781,7 +781,7 @@ CSV_COLUMNS = ["study", "scale", "method", "temperature", "variable", "value", "
 # cores, `steps` per point, nothing tuned; paper: the paper's setup (sections 3-4: ResNet-18, 2-layer head, LARS) for
 # GPUs, whole epochs, where the text still has its numbers. The losses study sweeps steps (tiny) or epochs (paper).
 STUDY_SPECS = {
-    "losses": dict(variable="steps", x="training steps", figure="Figure 1 / Table A.1", steps=0,
+    "losses": dict(variable="steps", x="training steps", figure="Figure 1 / Table A.1",
         tiny=([40, 160], "--dataset plain --train-size 10000 --test-size 2000"),
         paper=([100, 200, 400, 800], "--dataset plain --base cifar10 --batch-size 128")),
     "multidigits": dict(variable="num_digits", x="digits per training image", figure="Table 3", steps=60,
@@ -813,26 +813,22 @@ def study_points(study: str, sa: StudyArgs) -> list[tuple[dict, list[str]]]:
     losses = losses or (LOSSES if study == "losses" else ["ntxent"])
     methods = [(loss, t) for loss in losses for t in (temps if loss == "ntxent" and study != "losses" else [None])]
     methods += [("supervised", None)] if spec.get("supervised") else []
-    steps = sa.steps or (spec["steps"] if scale == "tiny" else 0)
+    # the losses study sweeps the steps (tiny) or epochs (paper) of training
+    flag = ("--steps" if scale == "tiny" else "--epochs") if study == "losses" else f"--{spec['variable']}"
+    steps = 0 if study == "losses" else sa.steps or (spec["steps"] if scale == "tiny" else 0)
     base = ["--preset", scale, *flags.split(), "--seed", str(sa.seed), "--probe-untrained", "--output-dir",
             os.path.join(sa.out, "runs")]  # fmt: skip
     points = []
     for method, t in methods:
+        name = "simclr" if method == "ntxent" and study != "losses" else method
         for placement in ["random", "grid"] if study == "multidigits" else [None]:
+            label, tag = (f"{name} ({placement})", f"{name}_{placement}") if placement else (name, name)
+            tag += f"_t{t:g}" if t is not None else ""
             for v in values:
+                run = f"{study}_{scale}_{tag}_{spec['variable']}{v}_s{sa.seed}"
                 argv = base + (["--objective", "supervised"] if method == "supervised" else ["--loss", method])
-                argv += ["--temperature", str(t)] if t is not None else []
-                if study == "losses":
-                    argv += ["--steps" if scale == "tiny" else "--epochs", str(v)]
-                else:
-                    argv += [f"--{spec['variable'].replace('_', '-')}", str(v)] + (
-                        ["--steps", str(steps)] if steps else []
-                    )
-                argv += ["--placement", placement] if placement else []
-                label = "simclr" if method == "ntxent" and study != "losses" else method
-                label += f" ({placement})" if placement else ""
-                run = f"{study}_{scale}_{label.replace(' ', '').replace('(', '_').replace(')', '')}"
-                run += (f"_t{t:g}" if t is not None else "") + f"_{spec['variable']}{v}_s{sa.seed}"
+                argv += (["--temperature", str(t)] if t is not None else []) + [flag.replace("_", "-"), str(v)]
+                argv += (["--steps", str(steps)] if steps else []) + (["--placement", placement] if placement else [])
                 key = {"study": study, "scale": scale, "method": label, "temperature": "" if t is None else t,
                        "variable": spec["variable"], "value": v, "run": run}  # fmt: skip
                 points.append((key, argv + ["--run-name", run] + sa.train_args.split()))
