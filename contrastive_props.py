@@ -2,23 +2,20 @@
 datasets with controllable competing features, training, and the paper's studies as sub-commands.
 
 What is implemented (SPEC section 7; REFERENCE_FACTS 3 restates the equations lost from the paper's text):
-  * the generalized contrastive loss L = L_align + lambda * L_distribution (eq. 2, Table 1) on the projections h1, h2
-    (n, d) of the two views, --loss: ntxent (eq. 1 computed as eq. 3: alignment + tau x LogSumExp uniformity, over tau),
-    decoupled (eq. 4, the colab's `dist='logsumexp'`: kernel tau and lambda apart), swd_normal / swd_sphere / swd_cube
-    (sliced-Wasserstein matching of the hidden vectors to N(0, I), the hypersphere or U(-1, 1)^d; projections and prior
-    samples seeded by (seed, step)); negatives and the distribution term see the GLOBAL batch (common.gather_with_grad);
-  * backbones (paper A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the colab's ConvNet (randbits_mnist.ipynb:
-    3 conv-BN-ReLU, Linear 128-BN-ReLU = h), 3 + --bits input channels; projection head Linear-BN-ReLU-Linear to 64;
-  * datasets built on the fly, seeded (section "Data"; sizes in --help): multidigits (n digits, random or in a 4 x 4
-    grid; probe: single digits), multidigits_size (a small and a large digit; probes per size), digit_on (a digit tiled
-    at 9 places over a --base image, U = --unique-digits distinct digits; probes: digit, base class), randbit (--bits
-    constant channels of a per-image random integer, the same in both views and every epoch; probe: the RGB class),
-    plain (--base). Digits: --digits mnist | fashion_mnist | drawn (procedural), printed and saved in args.json;
+  * the generalized contrastive loss L = L_align + lambda * L_distribution (eq. 2, Table 1) on the projections of the
+    two views, --loss: ntxent (eq. 1 computed as eq. 3: alignment + tau x LogSumExp uniformity, over tau), decoupled
+    (eq. 4, the colab's `dist='logsumexp'`: kernel tau and lambda apart), swd_normal / swd_sphere / swd_cube
+    (sliced-Wasserstein matching to N(0, I), the hypersphere or U(-1, 1)^d; projections and prior samples seeded by
+    (seed, step)); negatives and the distribution term see the GLOBAL batch (common.gather_with_grad);
+  * backbones (A.1): ResNet-18 with SimCLR's CIFAR stem at <= 32 px, or the colab's ConvNet (randbits_mnist.ipynb),
+    3 + --bits input channels; projection head Linear-BN-ReLU-Linear to 64;
+  * datasets generated on the fly, seeded (section "Data"): multidigits, multidigits_size, digit_on, randbit and plain
+    (the --base images alone); digits: --digits mnist | fashion_mnist | drawn (procedural), printed, in args.json;
   * views batched on the device: crop-and-resize for MultiDigits (3.1 / 4.3), else SimCLR's view of the RGB channels;
     --objective supervised: a linear classifier on h, same network, views and budget (Tables 3-4's baseline); at the end
     (and untrained: --probe-untrained) a linear probe per target on frozen h, GCRL protocol (probe.json);
   * studies: `contrastive_props.py <study> --scale tiny|paper` (losses, multidigits, suppression-size, digit-on,
-    randbit): a run and a CSV row per point (finished points skipped), a PNG with matplotlib.
+    randbit): a run and CSV rows per point (finished points skipped), a PNG with matplotlib.
 
 Launch:
     python contrastive_props.py --preset tiny --dataset randbit --bits 4 --steps 200 --probe-untrained
@@ -49,7 +46,6 @@ RandBit (tau 0.1) 0.778 / 0.734 / 0.280 / 0.131 at 0/2/8/16 bits, untrained 0.57
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import json
 import math
@@ -83,8 +79,9 @@ class Args:
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
     steps: int = common.arg(0, "stop after N optimizer steps (0 = all epochs; a larger N stretches the LR schedule)")
-    preset: str = common.arg("paper", "a named group of defaults (see PRESETS): paper (A.1, ResNet-18) | tiny (CPU)",
-                             ["paper", "tiny"])  # fmt: skip
+    preset: str = common.arg(
+        "paper", "named defaults (PRESETS): paper (A.1, ResNet-18) | tiny (CPU)", ["paper", "tiny"]
+    )
     # --- data
     dataset: str = common.arg("randbit", "multidigits | multidigits_size | digit_on | randbit | plain", DATASETS)
     base: str = common.arg("cifar10", "base images of digit_on / randbit / plain: a common.py dataset (or imagefolder)")
@@ -103,7 +100,7 @@ class Args:
     bits: int = common.arg(0, "randbit: constant bit channels of a per-image random integer in [0, 2^bits)")
     train_size: int = common.arg(0, "training images to generate (0 = the size of the digit / base training split)")
     test_size: int = common.arg(0, "held-out probe images (0 = the size of the test split)")
-    augment: str = common.arg("simclr", "view of randbit / digit_on / plain: simclr (full) | crop (colab, area 0.5-1)",
+    augment: str = common.arg("simclr", "randbit / digit_on / plain view: simclr | crop (colab, area 0.5-1)",
                               ["simclr", "crop"])  # fmt: skip
     crop_min_scale: float = common.arg(0.08, "min crop area of the simclr view and MultiDigits crops (SimCLR: 0.08)")
     jitter_strength: float = common.arg(0.5, "color jitter strength s (SimCLR CIFAR-10: 0.5)")
@@ -144,25 +141,15 @@ class Args:
 # ======================================================================================================================
 
 
-def _fp32(device):
-    return torch.autocast(device_type="cuda" if device.type == "cuda" else "cpu", enabled=False)
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (bf16 network outputs are promoted; float64, used by the tests, is kept)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def ntxent_terms(h1: torch.Tensor, h2: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
     """NT-Xent in the form of paper eq. 3. h1, h2 (n, d) local projections. With u = normalize([h1; h2]) and the
     candidates U = every rank's u (gathered with gradient), for the 2n local anchors i:
         align = -mean_i u_i . u_pos(i),   uniformity = mean_i log sum_{k != i} exp(u_i . U_k / tau),
     and NT-Xent = (align + tau * uniformity) / tau (= common.nt_xent, tests/test_contrastive_props.py)."""
     n = h1.shape[0]
-    u = F.normalize(_f32(torch.cat([h1, h2])), dim=1)
+    u = F.normalize(torch.cat([h1, h2]), dim=1)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    candidates = common.gather_with_grad(u)  # (2n * world, d)
-    logits = u @ candidates.T / temperature
+    logits = u @ common.gather_with_grad(u).T / temperature  # (2n, 2n * world)
     self_col = rank * 2 * n + torch.arange(2 * n, device=u.device)
     logits = logits.masked_fill(F.one_hot(self_col, logits.shape[1]).bool(), float("-inf"))
     align = -(u * torch.cat([u[n:], u[:n]])).sum(1).mean()
@@ -174,7 +161,7 @@ def decoupled_terms(h1, h2, temperature: float, lam: float) -> dict[str, torch.T
     """Decoupled NT-Xent (eq. 4; colab get_logsumexp_loss): u = normalize(h); align = mean((u1 - u2)^2) / 2 over the
     n x d elements; distribution = mean_i logsumexp_j(u_i . U_j / tau) - log d over the local rows i and ALL 2N rows j
     of every rank, the diagonal (self) and the positive included as in the colab."""
-    u1, u2 = F.normalize(_f32(h1), dim=1), F.normalize(_f32(h2), dim=1)
+    u1, u2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
     u = torch.cat([u1, u2])
     align = (u1 - u2).pow(2).mean() / 2
     dist = torch.logsumexp(u @ common.gather_with_grad(u).T / temperature, dim=1).mean() - math.log(u.shape[1])
@@ -182,8 +169,7 @@ def decoupled_terms(h1, h2, temperature: float, lam: float) -> dict[str, torch.T
 
 
 def random_orthogonal(d: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """A random orthogonal d x d matrix: QR of a Gaussian matrix with the signs of R's diagonal moved into Q (Haar
-    distributed; Keras Orthogonal() of the colab is the same construction)."""
+    """A Haar-random orthogonal d x d matrix: QR of a Gaussian one, signs of diag(R) moved into Q (Keras Orthogonal)."""
     q, r = torch.linalg.qr(torch.randn(d, d, generator=generator, device=device))
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
@@ -202,7 +188,6 @@ def swd_terms(h1, h2, prior: str, lam: float, projection=None, prior_samples=Non
     orthogonal d x d matrix (fresh each step, the same on every rank): distribution = mean over the d projections and
     2N ranks of (sort(H W)[k] - sort(P W)[k])^2, sorting each projected coordinate over the batch. projection /
     prior_samples inject W and P (tests); otherwise they come from `generator`."""
-    h1, h2 = _f32(h1), _f32(h2)
     if prior == "sphere":
         h1, h2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
     align = (h1 - h2).pow(2).mean() / 2
@@ -217,9 +202,10 @@ def swd_terms(h1, h2, prior: str, lam: float, projection=None, prior_samples=Non
 
 
 def generalized_contrastive_loss(h1, h2, args: Args, generator=None, **inject) -> dict[str, torch.Tensor]:
-    """The loss chosen by args.loss on the two views' projections h1, h2 (n, d), always in fp32; returns
-    {"align", "distribution", "total"}, total multiplied by args.loss_scale."""
-    with _fp32(h1.device):
+    """args.loss on the two views' projections h1, h2 (n, d), in fp32 (bf16 outputs promoted; float64 kept) -> {"align",
+    "distribution", "total" x args.loss_scale}. inject: the SWD's projection / prior_samples (tests)."""
+    h1, h2 = (h if h.dtype == torch.float64 else h.float() for h in (h1, h2))
+    with common.fp32_only(h1):
         if args.loss == "ntxent":
             terms = ntxent_terms(h1, h2, args.temperature)
         elif args.loss == "decoupled":
@@ -241,16 +227,16 @@ class ConvNet(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, width: int = 1):
         super().__init__()
-        chans, blocks, s = [in_channels, 32 * width, 64 * width, 64 * width], [], image_size
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
-            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()))
-            s = (s - 3) // 2 + 1
-        self.blocks = nn.ModuleList(blocks)
-        self.fc = nn.Sequential(nn.Linear(chans[-1] * s * s, 128 * width, bias=False), nn.BatchNorm1d(128 * width),
+        chans, s, self.width = [in_channels, 32 * width, 64 * width, 64 * width], image_size, 128 * width
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, 2, bias=False), nn.BatchNorm2d(b), nn.ReLU())
+                                    for a, b in zip(chans[:-1], chans[1:]))  # fmt: skip
+        for _ in self.blocks:
+            s = (s - 3) // 2 + 1  # 'valid' 3x3 convolution, stride 2
+        self.fc = nn.Sequential(nn.Linear(chans[-1] * s * s, self.width, bias=False), nn.BatchNorm1d(self.width),
                                 nn.ReLU())  # fmt: skip
-        self.width = 128 * width
 
     def forward(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """layer=i: the global-average-pooled output of block i instead of h."""
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i == layer:
@@ -258,38 +244,30 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def resnet18(in_channels: int, image_size: int) -> nn.Module:
-    """torchvision ResNet-18 without fc -> (N, 512); SimCLR's CIFAR stem (3x3 conv stride 1, no max-pool) at <= 32 px
-    (paper A.1 follows SimCLR), input channels = 3 + bits."""
-    net = torchvision.models.resnet18(weights=None, zero_init_residual=True)
-    if image_size <= 32:
-        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    else:
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-    net.fc = nn.Identity()
-    return net
-
-
 class ContrastiveModel(nn.Module):
-    """backbone f -> h, head g -> z (paper A.1: 2 layers, Linear - BN - ReLU - Linear), and for --objective supervised
-    a linear classifier on h. forward(x): x (N, 3 + bits, S, S) with standardized RGB channels and 0/1 bit channels
-    -> dict h (N, width), z (N, proj_dim), logits (N, classes) when supervised."""
+    """backbone f -> h: the ConvNet, or torchvision's ResNet-18 without fc (N, 512) with SimCLR's CIFAR stem (3x3 conv
+    stride 1, no max-pool) at <= 32 px (paper A.1 follows SimCLR); head g -> z (A.1: 2 layers, Linear - BN - ReLU -
+    Linear); for --objective supervised a linear classifier on h (10 classes: every dataset the studies use has 10).
+    forward: x (N, 3 + bits, S, S), standardized RGB and 0/1 bit channels -> {h (N, width), z (N, proj_dim), logits}."""
 
-    def __init__(self, args: Args, num_classes: int = 10):
+    def __init__(self, args: Args):
         super().__init__()
-        self.in_channels, size = 3 + args.bits, input_size(args)
-        self.is_resnet = args.arch == "resnet18"
+        self.in_channels, size, self.is_resnet = 3 + args.bits, input_size(args), args.arch == "resnet18"
         if self.is_resnet:
-            self.backbone = resnet18(self.in_channels, size)
+            self.backbone = net = torchvision.models.resnet18(weights=None, zero_init_residual=True)
+            if size <= 32:
+                net.conv1, net.maxpool = nn.Conv2d(self.in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
+            else:
+                net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.fc, width = nn.Identity(), 512
         else:
             self.backbone = ConvNet(self.in_channels, size, args.width)
-        width = 512 if self.is_resnet else self.backbone.width
+            width = self.backbone.width
         hidden = args.proj_hidden or (width if self.is_resnet else 256)
         self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
                                   nn.Linear(hidden, args.proj_dim))  # fmt: skip
-        self.classifier = nn.Linear(width, num_classes) if args.objective == "supervised" else None
+        self.classifier = nn.Linear(width, 10) if args.objective == "supervised" else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)
@@ -305,10 +283,7 @@ def input_size(args: Args) -> int:
 
 def build_model(args: Args) -> ContrastiveModel:
     """The model of `args` (also what eval_probe.py rebuilds with Args(**checkpoint["args"]))."""
-    return ContrastiveModel(args, num_classes=10 if args.dataset.startswith("multidigits") else NUM_CLASSES_DEFAULT)
-
-
-NUM_CLASSES_DEFAULT = 10  # every base dataset the studies use (CIFAR-10, STL-10, Fashion-MNIST, digits) has 10
+    return ContrastiveModel(args)
 
 
 def with_bits(images: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
@@ -327,30 +302,27 @@ def model_input(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, pool: str | None = None):
-    """Frozen representation h (eval mode: BatchNorm running statistics): images float (B, C, S, S) in [0, 1] with
-    C = 3, or 3 + n_bits for a RandBit model (with_bits: the bit channels are part of its input) -> (B, D) float32.
-    layer=i: the global-average-pooled output of block i (ConvNet blocks 0..2, ResNet stages 0..3); pool "mean"."""
+    """Frozen representation h (eval mode: BatchNorm running statistics): images float (B, C, S, S) in [0, 1], C = 3
+    (+ n_bits for a RandBit model: with_bits) -> (B, D) float32. layer=i: the global-average-pooled output of block i
+    (ConvNet blocks 0..2, ResNet stages 0..3); pool "mean" only."""
     model = common.unwrap(model)
+    n_layers = num_feature_layers(model)
     if (pool or "mean") != "mean":
         raise ValueError(f"unknown pool '{pool}': the representation is global-average-pooled")
     if images.shape[1] != model.in_channels:
-        n_bits = model.in_channels - 3
-        raise ValueError(f"this model takes 3 + {n_bits} bit channels, got {images.shape[1]}: append the bits to the "
-                         f"images (contrastive_props.with_bits)")  # fmt: skip
-    n_layers = num_feature_layers(model)
+        raise ValueError(f"this model takes 3 + {model.in_channels - 3} bit channels, got {images.shape[1]}: append "
+                         f"the bits to the images (contrastive_props.with_bits)")  # fmt: skip
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range: the backbone has {n_layers} feature layers (0..{n_layers - 1})")
     x, net = model_input(images), model.backbone
     with common.eval_mode(model):
-        if layer is None:
-            out = net(x)
-        elif model.is_resnet:
+        if model.is_resnet and layer is not None:
             x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
             for stage in (net.layer1, net.layer2, net.layer3, net.layer4)[: layer + 1]:
                 x = stage(x)
             out = x.mean(dim=(2, 3))
         else:
-            out = net(x, layer)
+            out = net(x) if model.is_resnet else net(x, layer)
     return out.float()
 
 
@@ -370,6 +342,9 @@ _FONT = [
     "..##. .#... #.... ####. #...# #...# .###.", "##### ....# ...#. ..#.. .#... .#... .#...",
     ".###. #...# #...# .###. #...# #...# .###.", ".###. #...# #...# .#### ....# ...#. .##..",
 ]  # fmt: skip
+# What the digits of a run are: printed and saved in args.json (nothing switches silently).
+DIGIT_SOURCES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST (standing in for MNIST digits)",
+                 "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)  # the studies train many models on the same digits in one process
@@ -430,22 +405,34 @@ def base_split(args: Args, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([label for _, label in views])
 
 
+@dataclass
+class ImageSet:
+    """A generated labeled set: images uint8 (N, C, S, S), C in {1, 3}; targets {name: (N,) int64 class}; bits
+    (N, n_bits) 0/1 (randbit, plain) or None; multi_hot (N, 10): the digits present (MultiDigits); positions (tests)."""
+
+    images: torch.Tensor
+    targets: dict
+    bits: torch.Tensor | None = None
+    multi_hot: torch.Tensor | None = None
+    positions: dict | None = None
+
+
 def resize_digits(digits: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 1, 28, 28) -> float (N, size, size) in [0, 255]: the whole frame resized (antialiased bilinear)."""
     return F.interpolate(digits.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0]
 
 
-def paste(canvas: torch.Tensor, patches: torch.Tensor, top: torch.Tensor, left: torch.Tensor, mode: str = "add"):
-    """In place: canvas float (N, S, S) receives patches (N, s, s) with their top-left corner at (top, left) (N,),
-    by addition or element-wise max."""
-    N, S, s = canvas.shape[0], canvas.shape[-1], patches.shape[-1]
-    r = torch.arange(s)
-    idx = ((top[:, None, None] + r[None, :, None]) * S + left[:, None, None] + r[None, None, :]).view(N, -1)
-    flat = canvas.view(N, -1)
-    if mode == "add":
-        flat.scatter_add_(1, idx, patches.reshape(N, -1))
-    else:
-        flat.scatter_reduce_(1, idx, patches.reshape(N, -1), reduce="amax")
+def compose(digits, labels, pick, boxes, canvas: int, targets: dict, positions=None) -> ImageSet:
+    """digits[pick[:, k]] (pick (N, K)) resized to s_k and added on a black canvas at the top-left corners (top_k,
+    left_k), each (N,), of boxes [(s_k, top_k, left_k)], clipped at 255 (the paper's channel addition)."""
+    N = pick.shape[0]
+    out = torch.zeros(N, canvas * canvas)
+    for k, (size, top, left) in enumerate(boxes):
+        r = torch.arange(size)
+        idx = ((top[:, None, None] + r[None, :, None]) * canvas + left[:, None, None] + r[None, None, :]).view(N, -1)
+        out.scatter_add_(1, idx, resize_digits(digits[pick[:, k]], size).reshape(N, -1))
+    images = out.view(N, 1, canvas, canvas).clamp(0, 255).round().to(torch.uint8)
+    return ImageSet(images, targets, multi_hot=torch.zeros(N, 10).scatter_(1, labels[pick], 1.0), positions=positions)
 
 
 GRID = 4  # in-grid placement: a 4 x 4 grid of cells (SPEC 7.2), so at most 16 digits
@@ -462,49 +449,24 @@ def place(n_images: int, n: int, size: int, canvas: int, placement: str, gen) ->
     return (cells // GRID) * cell + jitter[0], (cells % GRID) * cell + jitter[1]
 
 
-@dataclass
-class ImageSet:
-    """A generated labeled set: images uint8 (N, C, S, S) with C in {1, 3}; bits (N, n_bits) 0/1 (randbit) or None;
-    targets {name: (N,) int64 class}; multi_hot (N, 10) float of the digits present (MultiDigits sets) or None;
-    positions {name: (top, left)} of placed digits (for tests)."""
-
-    images: torch.Tensor
-    targets: dict
-    bits: torch.Tensor | None = None
-    multi_hot: torch.Tensor | None = None
-    positions: dict = dataclasses.field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
 def multidigits(digits, labels, n_images: int, n: int, size: int, canvas: int, placement: str, gen) -> ImageSet:
-    """MultiDigits (paper 3.1): n digits of side `size` on a black canvas, composited by addition clipped at 255.
-    targets["digit"] = the first digit's class; multi_hot = the set of classes present."""
+    """MultiDigits (paper 3.1): n digits of side `size` (random or grid placement); targets["digit"] = the first digit's
+    class, multi_hot = the set of classes present."""
     pick = torch.randint(0, len(digits), (n_images, n), generator=gen)
     top, left = place(n_images, n, size, canvas, placement, gen)
-    out = torch.zeros(n_images, canvas, canvas)
-    for k in range(n):
-        paste(out, resize_digits(digits[pick[:, k]], size), top[:, k], left[:, k])
-    multi_hot = torch.zeros(n_images, 10).scatter_(1, labels[pick], 1.0)
-    images = out.clamp(0, 255).round().to(torch.uint8)[:, None]
-    return ImageSet(images, {"digit": labels[pick[:, 0]]}, multi_hot=multi_hot, positions={"digits": (top, left)})
+    boxes = [(size, top[:, k], left[:, k]) for k in range(n)]
+    return compose(digits, labels, pick, boxes, canvas, {"digit": labels[pick[:, 0]]})
 
 
 def two_sizes(digits, labels, n_images: int, small: int, large: int, canvas: int, gen) -> ImageSet:
     """Modified MultiDigits (paper 4.3): one digit of side `small` and one of side `large`, each at a random place
-    (they may overlap, as the reference re-implementation), added and clipped. targets small / large."""
+    (they may overlap, as the reference re-implementation). targets small / large."""
     pick = torch.randint(0, len(digits), (n_images, 2), generator=gen)
-    out = torch.zeros(n_images, canvas, canvas)
-    positions = {}
-    for k, (name, size) in enumerate((("small", small), ("large", large))):
-        top, left = place(n_images, 1, size, canvas, "random", gen)
-        paste(out, resize_digits(digits[pick[:, k]], size), top[:, 0], left[:, 0])
-        positions[name] = (top[:, 0], left[:, 0])
-    multi_hot = torch.zeros(n_images, 10).scatter_(1, labels[pick], 1.0)
-    images = out.clamp(0, 255).round().to(torch.uint8)[:, None]
-    return ImageSet(images, {"small": labels[pick[:, 0]], "large": labels[pick[:, 1]]}, multi_hot=multi_hot,
-                    positions=positions)  # fmt: skip
+    sizes = {"small": small, "large": large}
+    pos = {k: [c[:, 0] for c in place(n_images, 1, s, canvas, "random", gen)] for k, s in sizes.items()}
+    boxes = [(s, *pos[k]) for k, s in sizes.items()]
+    targets = {"small": labels[pick[:, 0]], "large": labels[pick[:, 1]]}
+    return compose(digits, labels, pick, boxes, canvas, targets, positions=pos)
 
 
 DIGIT_ON_OFFSETS = (0.15, 0.45, 0.75)  # colab digits_on_tf_flowers.ipynb: pads int(224 * r) on both axes
@@ -514,27 +476,18 @@ def digit_on(base, base_labels, digits, digit_labels, assign: torch.Tensor, size
     """DigitOnX (paper 4.1): image i of base (uint8 (N, 3, S, S)) with digit assign[i] tiled at the 9 places
     (int(S * r), int(S * r')) by addition (clipped) or element-wise max over the 3 channels. targets base, digit."""
     N, S = base.shape[0], base.shape[-1]
-    if int(S * DIGIT_ON_OFFSETS[-1]) + size > S:
-        raise ValueError(f"a {size} px digit at offset {int(S * DIGIT_ON_OFFSETS[-1])} leaves the {S} px image; "
-                         f"lower --digit-size to <= {S - int(S * DIGIT_ON_OFFSETS[-1])}")  # fmt: skip
-    patches = resize_digits(digits[assign], size)
-    layer = torch.zeros(N, S, S)
-    for ry in DIGIT_ON_OFFSETS:
-        for rx in DIGIT_ON_OFFSETS:
-            pos = torch.full((N,), int(S * ry)), torch.full((N,), int(S * rx))
-            paste(layer, patches, *pos, mode="max")  # the 9 copies never overlap
+    corners = [int(S * r) for r in DIGIT_ON_OFFSETS]
+    if corners[-1] + size > S:
+        raise ValueError(f"a {size} px digit at offset {corners[-1]} leaves the {S} px image; lower --digit-size to "
+                         f"<= {S - corners[-1]}")  # fmt: skip
+    layer, patches = torch.zeros(N, S, S), resize_digits(digits[assign], size)
+    for y in corners:
+        for x in corners:
+            tile = layer[:, y : y + size, x : x + size]
+            tile.copy_(torch.maximum(tile, patches))
     out = base.float() + layer[:, None] if composite == "add" else torch.maximum(base.float(), layer[:, None])
     images = out.clamp(0, 255).round().to(torch.uint8)
     return ImageSet(images, {"base": base_labels, "digit": digit_labels[assign], "digit_id": assign})
-
-
-def random_bits(n_images: int, bits: int, gen) -> torch.Tensor:
-    """RandBit (paper 4.1): a random integer in [0, 2^bits) per image, as its binary digits -> (N, bits) int64 0/1,
-    bit i = (integer >> i) & 1 (colab randbits_mnist.ipynb)."""
-    if bits == 0:
-        return torch.zeros(n_images, 0, dtype=torch.int64)
-    ints = torch.randint(0, 2**bits, (n_images,), generator=gen)
-    return (ints[:, None] >> torch.arange(bits)) & 1
 
 
 def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet]]]:
@@ -542,13 +495,12 @@ def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet
     derived from --data-seed (train, probe train and probe test differ)."""
     g = [torch.Generator().manual_seed(args.data_seed * 10 + k) for k in range(3)]  # train, probe train, probe test
 
-    def count(default: int, train: bool) -> int:
-        n = args.train_size if train else args.test_size
-        return n or default
+    def only(part: ImageSet, target: str, key: str = "") -> ImageSet:  # a probe set with the one target it tests
+        return ImageSet(part.images, {target: part.targets[key or target]})
 
     if args.dataset.startswith("multidigits"):
         (dtr, ltr), (dte, lte) = digit_split(args, True), digit_split(args, False)
-        ntr, nte = count(len(dtr), True), count(len(dte), False)
+        ntr, nte = args.train_size or len(dtr), args.test_size or len(dte)
         if args.dataset == "multidigits":
             train = multidigits(dtr, ltr, ntr, args.num_digits, args.digit_size, args.canvas, args.placement, g[0])
             sizes = {"digit": args.digit_size}
@@ -556,49 +508,45 @@ def build_sets(args: Args) -> tuple[ImageSet, dict[str, tuple[ImageSet, ImageSet
             train = two_sizes(dtr, ltr, ntr, args.digit_size, args.large_size, args.canvas, g[0])
             sizes = {"small": args.digit_size, "large": args.large_size}
         probes = {  # paper 3.1 / 4.3: linear classifiers on images with a single digit of each size on the canvas
-            name: tuple(multidigits(d, lab, n, 1, s, args.canvas, "random", gen)
+            name: tuple(only(multidigits(d, lab, n, 1, s, args.canvas, "random", gen), name, "digit")
                         for d, lab, n, gen in ((dtr, ltr, ntr, g[1]), (dte, lte, nte, g[2])))
             for name, s in sizes.items()
         }  # fmt: skip
-        probes = {n: tuple(ImageSet(p.images, {n: p.targets["digit"]}) for p in pair) for n, pair in probes.items()}
         return train, probes
     (btr, ytr), (bte, yte) = base_split(args, True), base_split(args, False)
-    ntr, nte = min(count(len(btr), True), len(btr)), min(count(len(bte), False), len(bte))
+    ntr, nte = min(args.train_size or len(btr), len(btr)), min(args.test_size or len(bte), len(bte))
     btr, ytr, bte, yte = btr[:ntr], ytr[:ntr], bte[:nte], yte[:nte]
     if args.dataset == "digit_on":
         (dtr, ltr), (dte, lte) = digit_split(args, True), digit_split(args, False)
         if not 1 <= args.unique_digits <= len(dtr):
-            raise ValueError(
-                f"--unique-digits must be in 1..{len(dtr)} (the digit training split), got {args.unique_digits}"
-            )
-        # each base image gets one of the first U training digits (colab: the first 16), every one of them used
+            raise ValueError(f"--unique-digits must be in 1..{len(dtr)} (the digit training split), got "
+                             f"{args.unique_digits}")  # fmt: skip
+        # each base image gets one of the first U training digits (colab: the first 16), every one of them used;
+        # the probes put digits drawn from the whole split on their base images
         assign = (torch.arange(ntr) % args.unique_digits)[torch.randperm(ntr, generator=g[0])]
         train = digit_on(btr, ytr, dtr, ltr, assign, args.digit_size, args.composite)
-        probe_train = digit_on(btr, ytr, dtr, ltr, torch.randint(0, len(dtr), (ntr,), generator=g[1]),
-                               args.digit_size, args.composite)  # fmt: skip
-        probe_test = digit_on(bte, yte, dte, lte, torch.randint(0, len(dte), (nte,), generator=g[2]),
-                              args.digit_size, args.composite)  # fmt: skip
-        probes = {t: (ImageSet(probe_train.images, {t: probe_train.targets[t]}),
-                      ImageSet(probe_test.images, {t: probe_test.targets[t]})) for t in ("digit", "base")}  # fmt: skip
-        return train, probes
-    # randbit / plain: the probe trains on the training images with their own bits (the colab's online classifier
-    # sees the same images), and tests on held-out images with fresh random bits
+        tr, te = (digit_on(b, y, d, lab, torch.randint(0, len(d), (len(b),), generator=gen), args.digit_size,
+                           args.composite) for b, y, d, lab, gen in ((btr, ytr, dtr, ltr, g[1]),
+                                                                     (bte, yte, dte, lte, g[2])))  # fmt: skip
+        return train, {t: (only(tr, t), only(te, t)) for t in ("digit", "base")}
+    # RandBit (paper 4.1): a random integer in [0, 2^bits) per image as its binary digits (N, bits) 0/1, bit i =
+    # (integer >> i) & 1 (colab randbits_mnist.ipynb); plain: 0 bits. The probe trains on the training images with
+    # their own bits (the colab's online classifier sees the same images), and tests on held-out images, fresh bits.
     bits = args.bits if args.dataset == "randbit" else 0
-    train = ImageSet(btr, {"rgb": ytr}, bits=random_bits(ntr, bits, g[0]))
-    test = ImageSet(bte, {"rgb": yte}, bits=random_bits(nte, bits, g[2]))
+    train, test = (ImageSet(b, {"rgb": y}, bits=(torch.randint(0, 2**bits, (len(b),), generator=gen)[:, None]
+                   >> torch.arange(bits)) & 1) for b, y, gen in ((btr, ytr, g[0]), (bte, yte, g[2])))  # fmt: skip
     return train, {"rgb": (train, test)}
 
 
 def make_augment(args: Args) -> common.BatchedAugment:
-    """Crop-and-resize only for the MultiDigits sets (paper 3.1 / 4.3); SimCLR's view for the RGB channels of the
-    others (--augment crop: the colab's crop with area (0.5, 1), no flip or color). Output (B, 3, S, S) in [0, 1]."""
-    size = input_size(args)
-    crop_only = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur=False)
-    if args.dataset.startswith("multidigits"):
-        return common.BatchedAugment("simclr", size, scale=(args.crop_min_scale, 1.0), **crop_only)
-    if args.augment == "crop":
-        return common.BatchedAugment("simclr", size, scale=(0.5, 1.0), **crop_only)
-    return common.BatchedAugment("simclr", size, scale=(args.crop_min_scale, 1.0), jitter_strength=args.jitter_strength)
+    """The view of the RGB channels, (B, 3, S, S) in [0, 1]: crop-and-resize only for the MultiDigits sets (paper 3.1 /
+    4.3) and for --augment crop (the colab's crop, area (0.5, 1)); else SimCLR's view."""
+    multi = args.dataset.startswith("multidigits")
+    if multi or args.augment == "crop":
+        kw = dict(scale=(args.crop_min_scale if multi else 0.5, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur=False)
+    else:
+        kw = dict(scale=(args.crop_min_scale, 1.0), jitter_strength=args.jitter_strength)
+    return common.BatchedAugment("simclr", input_size(args), **kw)
 
 
 # ======================================================================================================================
@@ -606,27 +554,20 @@ def make_augment(args: Args) -> common.BatchedAugment:
 # ======================================================================================================================
 
 
-def two_views(images, bits, augment) -> torch.Tensor:
-    """Network input of one batch: images uint8 (B, C, S, S), bits (B, n_bits) 0/1 or None -> (2B, 3 + n_bits, S, S),
-    view-1 rows then view-2 rows. Only the RGB channels are augmented (independently per view); the bit channels are
-    appended unchanged, so both views of an image carry the same bits (paper 4.1)."""
-    return torch.cat([model_input(with_bits(augment(images), bits)), model_input(with_bits(augment(images), bits))])
-
-
 def train_batches(data: ImageSet, augment, epoch: int, start_step: int, seed: int, info, per_rank: int):
-    """This rank's batches of one epoch from step start_step on: (indices (B,), network input (2B, C, S, S)). The
-    order is common.epoch_indices (seeded by (seed, epoch)), so a resumed run sees the batches it would have seen."""
-    idx = common.epoch_indices(len(data), epoch, seed, info.rank, info.world_size, per_rank).to(data.images.device)
-    for b in idx[start_step * per_rank :].split(per_rank):
-        bits = data.bits[b] if data.bits is not None and data.bits.shape[1] else None
-        yield b, two_views(data.images[b], bits, augment)
+    """This rank's batches of one epoch from step start_step on: (indices (B,), network input (2B, 3 + n_bits, S, S),
+    view-1 rows then view-2 rows). The order is common.epoch_indices (seeded by (seed, epoch)), so a resumed run sees
+    the batches it would have seen. Only the RGB channels are augmented (independently per view); the bit channels
+    are appended unchanged, so both views of an image carry the same bits (paper 4.1)."""
+    idx = common.epoch_indices(len(data.images), epoch, seed, info.rank, info.world_size, per_rank)
+    for b in idx[start_step * per_rank :].to(data.images.device).split(per_rank):
+        bits = None if data.bits is None else data.bits[b]
+        yield b, torch.cat([model_input(with_bits(augment(data.images[b]), bits)) for _view in range(2)])
 
 
 def training_losses(model, x: torch.Tensor, targets, args: Args, generator=None) -> dict:
-    """One step's terms. x (2B, 3 + n_bits, S, S): the two views of B images (two_views); targets: multi-hot (B, 10)
-    or classes (B,) for the supervised objective. contrastive: {"align", "distribution", "total"} of the generalized
-    loss on z; supervised: {"supervised", "total"} (cross-entropy, or binary cross-entropy on a multi-hot target,
-    over both views' logits)."""
+    """One step's terms on x (2B, 3 + n_bits, S, S), the two views of B images: the generalized loss on z, or for
+    --objective supervised {"supervised", "total"}: cross-entropy on targets (B,), binary on multi-hot (B, 10)."""
     with common.autocast(x.device, args.amp):
         out = model(x)
     if args.objective == "supervised":
@@ -637,28 +578,17 @@ def training_losses(model, x: torch.Tensor, targets, args: Args, generator=None)
     return generalized_contrastive_loss(z1, z2, args, generator)
 
 
-@torch.no_grad()
-def embed(model, part: ImageSet, device, batch: int = 500) -> torch.Tensor:
-    """Frozen features h (N, D) of a generated set (un-augmented), on `device`."""
-    out = []
-    for s in range(0, len(part), batch):
-        x = common.to_float_rgb(part.images[s : s + batch].to(device))
-        bits = part.bits[s : s + batch].to(device) if part.bits is not None and part.bits.shape[1] else None
-        out.append(features(model, with_bits(x, bits)))
-    return torch.cat(out)
-
-
-def eval_batches(args: Args, split: str, batch_size: int, device, target: str = ""):
-    """eval_probe.py's hook for datasets that only this file can build: un-augmented batches of the probe set of
-    `target` (default: the dataset's first: digit, small or rgb), split "train" or "test" -> (images float
-    (B, 3 [+ n_bits], S, S) in [0, 1], the model's input format (with_bits), labels (B,))."""
-    _, probes = build_sets(args)
+def eval_batches(args: Args, split: str, batch_size: int, device, target: str = "", probes: dict | None = None):
+    """eval_probe.py's hook for datasets only this file builds (also the end-of-training probe's, on `probes`):
+    un-augmented batches of the "train" or "test" probe set of `target` (default: the first: digit, small or rgb) ->
+    (images float (B, 3 [+ n_bits], S, S) in [0, 1], the model's input format (with_bits), labels (B,))."""
+    probes = probes or build_sets(args)[1]
     target = target or next(iter(probes))
     part = probes[target][0 if split == "train" else 1]
-    for s in range(0, len(part), batch_size):
-        x = common.to_float_rgb(part.images[s : s + batch_size].to(device))
-        bits = part.bits[s : s + batch_size].to(device) if part.bits is not None and part.bits.shape[1] else None
-        yield with_bits(x, bits), part.targets[target][s : s + batch_size].to(device)
+    for s in range(0, len(part.images), batch_size):
+        bits = None if part.bits is None else part.bits[s : s + batch_size].to(device)
+        x = with_bits(common.to_float_rgb(part.images[s : s + batch_size].to(device)), bits)
+        yield x, part.targets[target][s : s + batch_size].to(device)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0, num_classes: int = 10) -> float:
@@ -680,40 +610,26 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0, n
     return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def probe(model, probes: dict, args: Args, device, prefix: str = "probe/") -> dict[str, float]:
-    """Linear-probe accuracy of h for every target of the probe sets: {"probe/<target>": accuracy in [0, 1]}."""
-    result = {}
-    for name, (tr, te) in probes.items():
-        ftr, fte = embed(model, tr, device), embed(model, te, device)
-        ytr, yte = tr.targets[name].to(device), te.targets[name].to(device)
-        classes = int(max(ytr.max(), yte.max())) + 1
-        result[prefix + name] = linear_probe(ftr, ytr, fte, yte, args.probe_epochs, args.seed, classes)
-    return result
-
-
 def monitors(model: nn.Module, probes: dict, args: Args, step: int, run_dir: str) -> dict:
-    """At the end of training: the linear-probe accuracy of every target ("probe/<target>") and, with
-    --probe-untrained, of the same architecture untrained (seeded; "probe_untrained/<target>"); also probe.json."""
+    """At the end of training: the linear-probe accuracy of h for every target of the probe sets ("probe/<target>")
+    and, with --probe-untrained, of the same architecture untrained (seeded; "probe_untrained/<target>"); probe.json."""
     device = next(common.unwrap(model).parameters()).device
-    result = probe(model, probes, args, device)
+    nets = {"probe/": model}
     if args.probe_untrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            fresh = build_model(args).to(device)
-        result.update(probe(fresh, probes, args, device, prefix="probe_untrained/"))
+            nets["probe_untrained/"] = build_model(args).to(device)
+    result = {}
+    for prefix, net in nets.items():
+        for name in probes:  # (features, labels) of the probe's train and test sets
+            (ftr, ytr), (fte, yte) = [[torch.cat(t) for t in zip(*((features(net, x), y) for x, y in
+                                      eval_batches(args, split, 500, device, name, probes)))]
+                                      for split in ("train", "test")]  # fmt: skip
+            classes = int(max(ytr.max(), yte.max())) + 1
+            result[prefix + name] = linear_probe(ftr, ytr, fte, yte, args.probe_epochs, args.seed, classes)
     with open(os.path.join(run_dir, "probe.json"), "w") as f:
         json.dump({"step": step, **result}, f, indent=2)
     return result
-
-
-def digit_source(args: Args) -> str | None:
-    """What the digits of this run are (printed and saved in args.json; nothing switches silently), None when the
-    dataset has no digits."""
-    if args.dataset not in ("multidigits", "multidigits_size", "digit_on"):
-        return None
-    names = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST (standing in for MNIST digits)",
-             "drawn": "procedurally drawn digits (5x7 font, random affine; standing in for MNIST)"}  # fmt: skip
-    return names[args.digits]
 
 
 def build_optimizer(model: nn.Module, args: Args) -> tuple[torch.optim.Optimizer, float]:
@@ -727,21 +643,16 @@ def build_optimizer(model: nn.Module, args: Args) -> tuple[torch.optim.Optimizer
 
 
 def check_args(args: Args) -> None:
-    """Clear one-line errors for settings that cannot work."""
-    if min(args.batch_size, args.log_every, args.ckpt_every, args.epochs) < 1:
-        raise ValueError("--batch-size, --log-every, --ckpt-every and --epochs must be >= 1")
-    if min(args.temperature, args.decoupled_temperature) <= 0:
-        raise ValueError("temperatures must be > 0")
+    """Clear one-line errors for settings that cannot work (the range of each flag: common.parse_args)."""
     if not 0 <= args.bits <= 62:
         raise ValueError(f"--bits must be in 0..62 (one int64 per image), got {args.bits}")
     if args.bits and args.dataset != "randbit":
         raise ValueError("--bits only applies to --dataset randbit")
-    if args.dataset == "multidigits":
-        if not 1 <= args.num_digits <= GRID * GRID:
-            raise ValueError(f"--num-digits must be in 1..{GRID * GRID}, got {args.num_digits}")
-        if args.placement == "grid" and args.digit_size > args.canvas // GRID:
-            raise ValueError(f"--digit-size {args.digit_size} does not fit a grid cell of {args.canvas // GRID} px "
-                             f"(--canvas {args.canvas} / {GRID}); lower it or use --placement random")  # fmt: skip
+    if args.dataset == "multidigits" and not 1 <= args.num_digits <= GRID * GRID:
+        raise ValueError(f"--num-digits must be in 1..{GRID * GRID}, got {args.num_digits}")
+    if args.dataset == "multidigits" and args.placement == "grid" and args.digit_size > args.canvas // GRID:
+        raise ValueError(f"--digit-size {args.digit_size} does not fit a grid cell of {args.canvas // GRID} px "
+                         f"(--canvas {args.canvas} / {GRID}); lower it or use --placement random")  # fmt: skip
     if args.dataset.startswith("multidigits") and max(args.digit_size, args.large_size) > args.canvas:
         raise ValueError(f"digits larger than the --canvas {args.canvas}")
     if args.arch == "convnet" and input_size(args) < 15:
@@ -761,28 +672,11 @@ PRESETS = {
         "paper": {},  # the dataclass defaults are paper A.1's CIFAR-scale setup
         # CPU runs (nothing here is a recommendation): the colab's ConvNet, Adam 1e-3 (randbits_mnist.ipynb), small
         # generated sets, procedural digits (the machine has no MNIST), half-size MultiDigits canvases.
-        "tiny": dict(
-            arch="convnet",
-            optimizer="adam",
-            base_lr=1e-3,
-            warmup_epochs=0,
-            weight_decay=0.0,
-            batch_size=256,
-            epochs=5,
-            base="fashion_mnist",
-            digits="drawn",
-            image_size=28,
-            canvas=56,
-            digit_size=10,
-            large_size=20,
-            train_size=5000,
-            test_size=2000,
-            temperature=0.2,
-            log_every=10,
-            probe_epochs=50,
-        ),
+        "tiny": dict(arch="convnet", optimizer="adam", base_lr=1e-3, warmup_epochs=0, weight_decay=0.0, batch_size=256,
+                     epochs=5, base="fashion_mnist", digits="drawn", image_size=28, canvas=56, digit_size=10,
+                     large_size=20, train_size=5000, test_size=2000, temperature=0.2, log_every=10, probe_epochs=50),
     },
-}
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -800,9 +694,9 @@ def main(argv: list[str] | None = None) -> dict:
         per_rank = common.batch_per_rank(args.batch_size, info.world_size)
         t0 = time.perf_counter()
         train_set, probes = build_sets(args)
-        common.epoch_indices(len(train_set), 0, args.seed, info.rank, info.world_size, per_rank)  # batch <= data
-    source = digit_source(args)
-    common.print0(f"{args.dataset}: {len(train_set)} training images {tuple(train_set.images.shape[1:])}"
+        common.epoch_indices(len(train_set.images), 0, args.seed, info.rank, info.world_size, per_rank)  # batch <= data
+    source = DIGIT_SOURCES[args.digits] if args.dataset in ("multidigits", "multidigits_size", "digit_on") else None
+    common.print0(f"{args.dataset}: {len(train_set.images)} training images {tuple(train_set.images.shape[1:])}"
                   + (f", digits from {source}" if source else f", base {args.base}")
                   + f", probes {list(probes)} (generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
     dev = info.device
@@ -812,21 +706,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = common.distribute(build_model(args), info, args.compile)
     common.seed_everything(args.seed + info.rank)  # the views' stream starts at the seed, whatever the init drew
     optimizer, peak_lr = build_optimizer(common.unwrap(model), args)
-    steps_per_epoch = len(train_set) // args.batch_size
+    steps_per_epoch = len(train_set.images) // args.batch_size
     total_steps, warmup_steps = max(args.epochs * steps_per_epoch, args.steps), args.warmup_epochs * steps_per_epoch
     with common.usage_errors(METHOD):  # a missing --resume PATH, another method's or architecture's checkpoint
         stop_step = common.stop_at(args, total_steps)
         step = common.resume(args.resume, run_dir, METHOD, model, optimizer, info, stop_step)
+    notes = {"digit_source": source}
     logger = common.RunLogger(
-        run_dir,
-        args,
-        info,
-        0.0,
-        stop_step,
-        step,
-        notes={"digit_source": source},
-        method=METHOD,
-        steps_per_epoch=steps_per_epoch,
+        run_dir, args, info, 0.0, stop_step, step, method=METHOD, steps_per_epoch=steps_per_epoch, notes=notes
     )
     what = args.loss if args.objective == "contrastive" else "supervised"
     common.print0(f"{METHOD} {args.arch} on {args.dataset}, {what}: {info.world_size} x {per_rank} images/step, "
@@ -874,101 +761,74 @@ class StudyArgs:
     an interrupted point resumes from its run folder), probes it and its untrained twin, appends the rows to
     <out>/<study>.csv and draws <out>/<study>.png (matplotlib, when installed)."""
 
-    scale: str = common.arg("tiny", "tiny: 2-core CPU, minutes (ConvNet, small sets) | paper: ResNet-18 as the "
-                            "paper (GPU)", ["tiny", "paper"])  # fmt: skip
+    scale: str = common.arg(
+        "tiny", "tiny (2-core CPU, minutes: ConvNet, small sets) | paper (GPU, ResNet-18)", ["tiny", "paper"]
+    )
     out: str = common.arg("results", "folder of <study>.csv, <study>.png and the runs/ of every point")
     values: str = common.arg("", "comma-separated values of the swept variable ('' = the scale's default sweep)")
     temperatures: str = common.arg("", "comma-separated NT-Xent temperatures ('' = the scale's default)")
     losses: str = common.arg("", "comma-separated losses (losses / randbit studies; '' = the scale's default)")
     steps: int = common.arg(0, "training steps per point (0 = the scale's default; paper scale: whole epochs)")
     seed: int = common.arg(0, "training seed of every point")
-    train_args: str = common.arg(
-        "", 'extra training flags for every point, e.g. "--digits fashion_mnist --device cuda"'
-    )
+    train_args: str = common.arg("", 'extra training flags of every point, e.g. "--digits fashion_mnist --device cuda"')
 
 
 CSV_COLUMNS = ["study", "scale", "method", "temperature", "variable", "value", "target", "accuracy", "untrained",
                "steps", "wall_s", "run"]  # fmt: skip
 
-# Per study: the swept variable (a training flag), the targets probed, and per scale the default sweep and the
-# training flags of every point. tiny: minutes on 2 CPU cores, nothing here is tuned; paper: the paper's setup
-# (sections 3-4: ResNet-18, 2-layer head, LARS) for GPUs, where the text still has its numbers.
+# Per study: the swept Args field, the x axis, the paper's figure, the methods (default NT-Xent temperatures; a
+# supervised baseline), and per scale the default sweep and the training flags of every point. tiny: minutes on 2 CPU
+# cores, `steps` per point, nothing tuned; paper: the paper's setup (sections 3-4: ResNet-18, 2-layer head, LARS) for
+# GPUs, whole epochs, where the text still has its numbers. The losses study sweeps steps (tiny) or epochs (paper).
 STUDY_SPECS = {
-    "losses": dict(variable="steps", plot_x="training steps", log_x=False, tiny=dict(values=[40, 160], flags=[
-        "--dataset", "plain", "--train-size", "10000", "--test-size", "2000"]),
-        paper=dict(values=[100, 200, 400, 800], flags=["--dataset", "plain", "--base", "cifar10",
-                                                       "--batch-size", "128"]), figure="Figure 1 / Table A.1"),
-    "multidigits": dict(variable="num_digits", plot_x="digits per training image", log_x=False,
-                        tiny=dict(values=[1, 4, 16], flags=["--dataset", "multidigits", "--train-size", "4000",
-                                                             "--test-size", "1000"]),
-                        paper=dict(values=[1, 2, 4, 8, 12, 16], flags=["--dataset", "multidigits", "--epochs", "100"]),
-                        figure="Table 3"),
-    "suppression-size": dict(variable="large_size", plot_x="side of the second digit (px)", log_x=False,
-                             tiny=dict(values=[10, 20, 40], flags=[
-                                 "--dataset", "multidigits_size", "--batch-size", "128", "--train-size", "4000",
-                                 "--test-size", "1000"]),
-                             paper=dict(values=[20, 30, 40, 50, 60, 70, 80], flags=[
-                                 "--dataset", "multidigits_size", "--batch-size", "1024", "--epochs", "100"]),
-                             figure="Table 4"),
-    "digit-on": dict(variable="unique_digits", plot_x="unique digits U", log_x=True,
-                     tiny=dict(values=[1, 100, 5000], flags=["--dataset", "digit_on", "--train-size", "5000",
-                                                              "--test-size", "2000"]),
-                     paper=dict(values=[1, 10, 100, 1000, 10000, 60000], flags=[
-                         "--dataset", "digit_on", "--base", "stl10", "--image-size", "64", "--digit-size", "16",
-                         "--epochs", "100"]), figure="Figure 6"),
-    "randbit": dict(variable="bits", plot_x="random bits", log_x=False,
-                    tiny=dict(values=[0, 2, 8, 16], flags=["--dataset", "randbit", "--train-size", "5000",
-                                                                  "--test-size", "2000"]),
-                    paper=dict(values=[0, 1, 2, 4, 8, 16, 24], flags=["--dataset", "randbit", "--base", "cifar10",
-                                                                       "--epochs", "100"]), figure="Figure 7"),
+    "losses": dict(variable="steps", x="training steps", figure="Figure 1 / Table A.1",
+        tiny=([40, 160], "--dataset plain --train-size 10000 --test-size 2000"),
+        paper=([100, 200, 400, 800], "--dataset plain --base cifar10 --batch-size 128")),
+    "multidigits": dict(variable="num_digits", x="digits per training image", figure="Table 3", steps=60,
+        supervised=True, tiny=([1, 4, 16], "--dataset multidigits --train-size 4000 --test-size 1000"),
+        paper=([1, 2, 4, 8, 12, 16], "--dataset multidigits --epochs 100")),
+    "suppression-size": dict(variable="large_size", x="side of the second digit (px)", figure="Table 4", steps=60,
+        supervised=True, temperatures=[0.1, 0.5],
+        tiny=([10, 20, 40], "--dataset multidigits_size --batch-size 128 --train-size 4000 --test-size 1000"),
+        paper=([20, 30, 40, 50, 60, 70, 80], "--dataset multidigits_size --batch-size 1024 --epochs 100")),
+    "digit-on": dict(variable="unique_digits", x="unique digits U", log_x=True, figure="Figure 6", steps=80,
+        tiny=([1, 100, 5000], "--dataset digit_on --train-size 5000 --test-size 2000"),
+        paper=([1, 10, 100, 1000, 10000, 60000],
+               "--dataset digit_on --base stl10 --image-size 64 --digit-size 16 --epochs 100")),
+    "randbit": dict(variable="bits", x="random bits", figure="Figure 7", steps=80, temperatures=[0.1, 0.5],
+        tiny=([0, 2, 8, 16], "--dataset randbit --train-size 5000 --test-size 2000"),
+        paper=([0, 1, 2, 4, 8, 16, 24], "--dataset randbit --base cifar10 --epochs 100")),
 }  # fmt: skip
-TINY_STEPS = {"losses": 0, "multidigits": 60, "suppression-size": 60, "digit-on": 80, "randbit": 80}
-DEFAULT_TEMPERATURES = {"tiny": [0.2], "paper": [0.2]}
-
-
-def _split(text: str, kind=str) -> list:
-    return [kind(v) for v in text.split(",") if v.strip()]
+STUDIES = tuple(STUDY_SPECS)
 
 
 def study_points(study: str, sa: StudyArgs) -> list[tuple[dict, list[str]]]:
     """(CSV key, training argv) of every point of a study, in the order they run."""
     spec, scale = STUDY_SPECS[study], sa.scale
-    values = _split(sa.values, int) or spec[scale]["values"]
-    temps = _split(sa.temperatures, float) or ({"randbit": [0.1, 0.5], "suppression-size": [0.1, 0.5]}.get(study)
-                                              or DEFAULT_TEMPERATURES[scale])  # fmt: skip
-    if study == "losses":
-        methods = [(loss, None) for loss in (_split(sa.losses) or LOSSES)]
-    elif study == "randbit":
-        losses = _split(sa.losses) or ["ntxent"]  # Appendix B.1: other losses suppress too (their own defaults)
-        methods = [(loss, t) for loss in losses for t in (temps if loss == "ntxent" else [None])]
-    elif study in ("multidigits", "suppression-size"):
-        methods = [("ntxent", t) for t in temps] + [("supervised", None)]
-    else:
-        methods = [("ntxent", t) for t in temps]
-    base = ["--preset", "tiny" if scale == "tiny" else "paper", *spec[scale]["flags"], "--seed", str(sa.seed),
-            "--probe-untrained", "--output-dir", os.path.join(sa.out, "runs")]  # fmt: skip
-    steps = sa.steps or (TINY_STEPS[study] if scale == "tiny" else 0)
+    values, flags = spec[scale]
+    values = [int(v) for v in sa.values.split(",") if v.strip()] or values
+    temps = [float(t) for t in sa.temperatures.split(",") if t.strip()] or spec.get("temperatures", [0.2])
+    # the losses study compares the five losses at their defaults; randbit: Appendix B.1, other losses suppress too
+    losses = [v for v in sa.losses.split(",") if v.strip()] if study in ("losses", "randbit") else []
+    losses = losses or (LOSSES if study == "losses" else ["ntxent"])
+    methods = [(loss, t) for loss in losses for t in (temps if loss == "ntxent" and study != "losses" else [None])]
+    methods += [("supervised", None)] if spec.get("supervised") else []
+    # the losses study sweeps the steps (tiny) or epochs (paper) of training
+    flag = ("--steps" if scale == "tiny" else "--epochs") if study == "losses" else f"--{spec['variable']}"
+    steps = 0 if study == "losses" else sa.steps or (spec["steps"] if scale == "tiny" else 0)
+    base = ["--preset", scale, *flags.split(), "--seed", str(sa.seed), "--probe-untrained", "--output-dir",
+            os.path.join(sa.out, "runs")]  # fmt: skip
     points = []
-    placements = ["random", "grid"] if study == "multidigits" else [None]
     for method, t in methods:
-        for placement in placements:
+        name = "simclr" if method == "ntxent" and study != "losses" else method
+        for placement in ["random", "grid"] if study == "multidigits" else [None]:
+            label, tag = (f"{name} ({placement})", f"{name}_{placement}") if placement else (name, name)
+            tag += f"_t{t:g}" if t is not None else ""
             for v in values:
-                argv = list(base)
-                if method == "supervised":
-                    argv += ["--objective", "supervised"]
-                else:
-                    argv += ["--loss", method] + (["--temperature", str(t)] if t is not None else [])
-                if study == "losses":
-                    argv += ["--steps", str(v)] if scale == "tiny" else ["--epochs", str(v)]
-                else:
-                    argv += [f"--{spec['variable'].replace('_', '-')}", str(v)]
-                    argv += ["--steps", str(steps)] if steps else []
-                if placement:
-                    argv += ["--placement", placement]
-                label = "simclr" if method == "ntxent" and study != "losses" else method
-                label += f" ({placement})" if placement else ""
-                run = f"{study}_{scale}_{label.replace(' ', '').replace('(', '_').replace(')', '')}"
-                run += (f"_t{t:g}" if t is not None else "") + f"_{spec['variable']}{v}_s{sa.seed}"
+                run = f"{study}_{scale}_{tag}_{spec['variable']}{v}_s{sa.seed}"
+                argv = base + (["--objective", "supervised"] if method == "supervised" else ["--loss", method])
+                argv += (["--temperature", str(t)] if t is not None else []) + [flag.replace("_", "-"), str(v)]
+                argv += (["--steps", str(steps)] if steps else []) + (["--placement", placement] if placement else [])
                 key = {"study": study, "scale": scale, "method": label, "temperature": "" if t is None else t,
                        "variable": spec["variable"], "value": v, "run": run}  # fmt: skip
                 points.append((key, argv + ["--run-name", run] + sa.train_args.split()))
@@ -986,47 +846,33 @@ def run_study(study: str, argv: list[str]) -> list[dict]:
     """Run (or continue) a study: points already in <out>/<study>.csv are skipped; returns all rows of the CSV."""
     sa = common.parse_args(StudyArgs, argv)
     os.makedirs(sa.out, exist_ok=True)
-    path = os.path.join(sa.out, f"{study.replace('-', '_')}.csv")
-    done = {r["run"] for r in read_rows(path)}
+    path, is_main = os.path.join(sa.out, study.replace("-", "_")), os.environ.get("RANK", "0") == "0"
+    done = {r["run"] for r in read_rows(path + ".csv")}
     points = study_points(study, sa)
     print(f"{study} ({STUDY_SPECS[study]['figure']}), scale {sa.scale}: {len(points)} points, "
-          f"{sum(k['run'] in done for k, _ in points)} already in {path}")  # fmt: skip
+          f"{sum(k['run'] in done for k, _ in points)} already in {path}.csv")  # fmt: skip
     for i, (key, train_argv) in enumerate(points):
         if key["run"] in done:
             continue
         print(f"[{i + 1}/{len(points)}] {key['method']} t={key['temperature']} {key['variable']}={key['value']}")
         t0 = time.perf_counter()
         result = main(train_argv)
-        wall = time.perf_counter() - t0
-        rows = [{**key, "target": k.split("/")[1], "accuracy": round(v, 4),
+        rows = [{**key, "target": k.split("/")[1], "accuracy": round(v, 4), "steps": result["step"],
                  "untrained": round(result.get(f"probe_untrained/{k.split('/')[1]}", float("nan")), 4),
-                 "steps": result["step"], "wall_s": round(wall, 1)}
+                 "wall_s": round(time.perf_counter() - t0, 1)}
                 for k, v in result.items() if k.startswith("probe/")]  # fmt: skip
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank trains; rank 0 writes
-            continue
-        new_file = not os.path.exists(path)
-        with open(path, "a", newline="") as f:  # one run's rows at once: a killed sweep leaves whole points
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
-    rows = read_rows(path)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return rows
-    print(format_rows(rows))
-    plot_study(study, rows, os.path.join(sa.out, f"{study.replace('-', '_')}.png"))
+        if is_main:  # under torchrun every rank trains; rank 0 writes one run's rows at once (a killed sweep leaves
+            with open(path + ".csv", "a", newline="") as f:  # whole points)
+                writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+                if f.tell() == 0:
+                    writer.writeheader()
+                writer.writerows(rows)
+    rows = read_rows(path + ".csv")
+    if is_main:
+        for r in [dict(zip(CSV_COLUMNS, CSV_COLUMNS)), *rows]:  # the table: method .. wall_s
+            print(" ".join(f"{r[c]:>{len(c)}}" for c in CSV_COLUMNS[2:11]))
+        plot_study(study, rows, path + ".png")
     return rows
-
-
-def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'method':<22} {'temp':>5} {'variable':>13} {'value':>6} {'target':>7} {'acc':>7} {'untrained':>9} "
-             f"{'steps':>6} {'wall_s':>7}"]  # fmt: skip
-    for r in rows:
-        lines.append(
-            f"{r['method']:<22} {r['temperature']:>5} {r['variable']:>13} {r['value']:>6} {r['target']:>7} "
-            f"{float(r['accuracy']):>7.3f} {float(r['untrained']):>9.3f} {r['steps']:>6} {r['wall_s']:>7}"
-        )
-    return "\n".join(lines)
 
 
 def plot_study(study: str, rows: list[dict], path: str) -> bool:
@@ -1049,15 +895,12 @@ def plot_study(study: str, rows: list[dict], path: str) -> bool:
         for label in dict.fromkeys((r["method"], r["temperature"]) for r in sel):
             pts = sorted((float(r["value"]), float(r["accuracy"])) for r in sel
                          if (r["method"], r["temperature"]) == label)  # fmt: skip
-            name = label[0] + (f", t={label[1]}" if label[1] else "")
-            ax.plot(*zip(*pts), marker="o", label=name)
-        base = {}
-        for r in sel:
-            base.setdefault(float(r["value"]), []).append(float(r["untrained"]))
-        xs = sorted(base)
-        ax.plot(xs, [sum(base[x]) / len(base[x]) for x in xs], "k--", label="untrained network")
-        ax.set_xscale("log" if spec["log_x"] else "linear")
-        ax.set(xlabel=spec["plot_x"], ylabel=f"linear probe accuracy ({target})", title=f"{study}: {target}")
+            ax.plot(*zip(*pts), marker="o", label=label[0] + (f", t={label[1]}" if label[1] else ""))
+        xs = sorted({float(r["value"]) for r in sel})
+        untrained = [[float(r["untrained"]) for r in sel if float(r["value"]) == x] for x in xs]
+        ax.plot(xs, [sum(u) / len(u) for u in untrained], "k--", label="untrained network")
+        ax.set_xscale("log" if spec.get("log_x") else "linear")
+        ax.set(xlabel=spec["x"], ylabel=f"linear probe accuracy ({target})", title=f"{study}: {target}")
         ax.legend(fontsize=8)
     fig.suptitle(f"{study} (paper {spec['figure']}), scale {rows[0]['scale'] if rows else ''}")
     fig.tight_layout()
@@ -1065,9 +908,6 @@ def plot_study(study: str, rows: list[dict], path: str) -> bool:
     plt.close(fig)
     print(f"wrote {path}")
     return True
-
-
-STUDIES = tuple(STUDY_SPECS)
 
 
 if __name__ == "__main__":
