@@ -1607,36 +1607,23 @@ class BatchedAugment:
 # 6. Datasets
 # ======================================================================================
 #
-# build_dataset() returns an ImageArray (uint8 images + int64 labels in host memory), which TrainBatches keeps whole
-# on the GPU when it is small (fits_on_device, SPEC 1.5), or for ImageNet-style folders an ImageFolderDataset decoded
-# image by image in DataLoader workers. torchvision's dataset classes read (and download) CIFAR-10/100, SVHN and
-# STL-10, md5 checks included, and list image folders; the two formats they cannot read, MNIST's IDX files and the
-# Downsampled-ImageNet batches, are read here (_idx_arrays and _imagenet_arrays say why). The *_arrays readers
-# return (images uint8 (N, C, H, W), labels int64 (N,)) at the dataset's native size.
+# torchvision's dataset classes read (and download) CIFAR-10/100, SVHN and STL-10, md5 checks included, and list image
+# folders; the two formats they cannot read, MNIST's IDX files and the Downsampled-ImageNet batches, are read here
+# (_idx_arrays and _imagenet_arrays say why). Each *_arrays reader returns (images uint8 (N, C, H, W), labels int64
+# (N,)) at the dataset's native size; build_dataset wraps them in an ImageArray.
 
 IMAGENET_DATASETS = ("imagenet32", "imagenet64", "imagefolder")  # ImageNet and its downsampled versions
 DATASET_NAMES = ("cifar10", "cifar100", "svhn", "stl10", "mnist", "fashion_mnist", "imagenet32", "imagenet64",
                  "imagefolder", "synthetic")  # fmt: skip
-# Splits of each in-memory dataset ("train+unlabeled" is STL-10's pretraining set: 5k labeled + 100k unlabeled);
-# imagefolder accepts any sub-folder name of root.
+# Splits of the in-memory datasets ("train+unlabeled": STL-10's pretraining set, 5k labeled + 100k unlabeled)
 DATASET_SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"), "svhn": ("train", "test", "extra"),
                   "stl10": ("train", "test", "unlabeled", "train+unlabeled"), "mnist": ("train", "test"),
                   "fashion_mnist": ("train", "test"), "imagenet32": ("train", "val"), "imagenet64": ("train", "val"),
                   "synthetic": ("train", "test")}  # fmt: skip
 _NUM_CLASSES = {"cifar100": 100, "imagenet32": 1000, "imagenet64": 1000, "synthetic": 4}  # 10 for the others
 SYNTHETIC_SHAPES = ("disk", "square", "triangle", "plus")  # the synthetic classes, in label order
-# Their inside-tests at pixel offsets dx (B, 1, S), dy (B, S, 1) from the center, in units of the half-width r (y
-# points down) -> bool (B, S, S). Disk: radius r; square: side 1.6 r (an area close to the disk's); triangle: apex on
-# top, height 1.6 r, base 2 r; plus: two crossed 2 r x 0.6 r bars.
-_SHAPE_TESTS = (
-    lambda dx, dy: dx * dx + dy * dy <= 1,
-    lambda dx, dy: torch.maximum(dx.abs(), dy.abs()) <= 0.8,
-    lambda dx, dy: (dy.abs() <= 0.8) & (dx.abs() <= (dy + 0.8) / 1.6),
-    lambda dx, dy: ((dx.abs() <= 0.3) & (dy.abs() <= 1)) | ((dy.abs() <= 0.3) & (dx.abs() <= 1)),
-)
 
-# Where Debian's `dataset-fashion-mnist` package puts the four gzipped IDX files; the last place looked at, so a copy
-# under root always wins. A module attribute so tests can point it elsewhere.
+# Debian's `dataset-fashion-mnist` (four gzipped IDX files): looked at last, so a copy under root wins; tests move it.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -1672,25 +1659,24 @@ class ImageArray(torch.utils.data.Dataset):
         return f"ImageArray({self.name}: {len(self)} x {tuple(self.images.shape[1:])}, {self.num_classes} classes)"
 
 
-def _load_image_file(path: str, channels: int = 3) -> torch.Tensor:
-    """One image file -> uint8 (C, H, W) with C = channels (3: RGB, 1: luma), whatever the file's own mode. PIL, not
-    torchvision.io: its decoders are deprecated from torchvision 0.29 (a warning per image), and PIL reads every
-    format ImageFolder accepts (bmp, tiff, ppm, ...)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return torchvision.transforms.functional.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
-
-
 class ImageFolderDataset(torchvision.datasets.ImageFolder):
     """`folder/<class>/<image>` decoded on demand (ImageNet is far too big for memory): item = (uint8 (C, H, W) at
     the file's own size, class index). Classes are the sorted sub-folder names; .num_classes and .name as in
     ImageArray. Resizing to the model's input is left to the per-image pipelines."""
 
     def __init__(self, folder: str, name: str = "imagefolder", channels: int = 3):
-        # functools.partial of a module-level function (not a lambda) so DataLoader workers can pickle the loader.
-        super().__init__(folder, loader=functools.partial(_load_image_file, channels=channels))
+        # a partial of a function, not a lambda, so DataLoader workers can pickle the loader
+        super().__init__(folder, loader=functools.partial(ImageFolderDataset.load, channels=channels))
         self.name, self.num_classes = name, len(self.classes)
+
+    @staticmethod
+    def load(path: str, channels: int = 3) -> torch.Tensor:
+        """One image file -> uint8 (C, H, W), C = channels (3: RGB, 1: luma) whatever the file's mode. PIL rather than
+        torchvision.io, whose decoders warn per image from 0.29 on; PIL reads every format ImageFolder accepts."""
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return torchvision.transforms.functional.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
 
 
 def fits_on_device(dataset) -> bool:
@@ -1700,9 +1686,8 @@ def fits_on_device(dataset) -> bool:
 
 
 def _find(name: str, split: str, folders: list[str], files: list[str], exts=("",), download=False) -> list | None:
-    """The paths of `files` in the first folder that holds them all, each as the first of file + ext that exists.
-    Some missing: None when download is set (torchvision fetches them), else a DatasetNotFoundError that names what
-    each folder lacks and how to get it."""
+    """The paths of `files` in the first folder that holds them all (each as the first file + ext that exists). Else
+    None when download is set (torchvision fetches them), or a DatasetNotFoundError naming what each folder lacks."""
     lacking = []
     for folder in folders:
         found = [next((p for e in exts if os.path.isfile(p := os.path.join(folder, f + e))), None) for f in files]
@@ -1725,8 +1710,8 @@ def _find(name: str, split: str, folders: list[str], files: list[str], exts=("",
 
 
 def _torchvision_dataset(make, name: str, root: str, download: bool):
-    """make(download=download), a torchvision dataset class; what stops it (no network, a moved URL, a file whose md5
-    is not the original's) comes back as one DatasetNotFoundError."""
+    """make(download=download), a torchvision dataset class; no network, a moved URL, an md5 that is not the original's:
+    one DatasetNotFoundError."""
     try:
         return make(download=download)
     except Exception as e:
@@ -1765,15 +1750,13 @@ def _idx_arrays(name: str, root: str, split: str, download: bool):
     elsewhere; one reader serves every location."""
     prefix = "train" if split == "train" else "t10k"
     files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    if name == "mnist":
-        folders = [os.path.join(root, "MNIST", "raw"), os.path.join(root, "mnist"), root]
-    else:
-        folders = [os.path.join(root, *d) for d in (("FashionMNIST", "raw"), ("fashion_mnist",), ("fashion-mnist",))]
-        folders.append(FASHION_MNIST_SYSTEM_DIR)
+    tv_name = "MNIST" if name == "mnist" else "FashionMNIST"  # torchvision's class, and its folder under root
+    others = ["mnist", ""] if name == "mnist" else ["fashion_mnist", "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
+    folders = [os.path.join(root, tv_name, "raw")] + [os.path.join(root, d) for d in others]  # absolute d: itself
     # torchvision keeps the .gz next to the extracted file; the plain one skips a decompression
     found = _find(name, split, folders, files, ("", ".gz"), download)
     if found is None:  # torchvision downloads them into root/MNIST/raw (FashionMNIST/raw), unzipped, and reads them
-        cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+        cls = getattr(torchvision.datasets, tv_name)
         ds = _torchvision_dataset(functools.partial(cls, root, train=prefix == "train"), name, root, download=True)
         return ds.data[:, None], ds.targets
     if os.path.dirname(found[0]) == FASHION_MNIST_SYSTEM_DIR:  # say which root was used: --data-root had no copy
@@ -1825,9 +1808,8 @@ def _imagenet_arrays(name: str, root: str, split: str):
 
 
 def _convert(images: torch.Tensor, channels: int, image_size: int | None) -> torch.Tensor:
-    """Bring uint8 (N, C, H, W) to `channels` channels and, if given, image_size x image_size (see build_dataset).
-    Luma and resizing work on float32 chunks of at most 2^24 values (64 MiB), so turning the 100k STL-10 unlabeled
-    images into 64 px, say, never holds a float copy of the whole set."""
+    """uint8 (N, C, H, W) -> `channels` channels at image_size (see build_dataset), on float32 chunks of <= 2^24 values
+    (64 MiB): turning the 100k STL-10 unlabeled images into 64 px, say, never holds a float copy of the whole set."""
     if image_size and images.shape[-2:] == (28, 28) and image_size == 32:
         images = F.pad(images, (2, 2, 2, 2))  # MNIST-like 28 px digits get a 2-pixel black border (LeNet-5's input)
     luma = channels == 1 and images.shape[1] == 3  # ITU-R BT.601; before resizing: a third of the work
@@ -1850,14 +1832,24 @@ def _convert(images: torch.Tensor, channels: int, image_size: int | None) -> tor
     return images
 
 
+# The inside-tests of SYNTHETIC_SHAPES at pixel offsets dx (B, 1, S), dy (B, S, 1) from the center, in units of the
+# half-width r (y points down) -> bool (B, S, S). Disk: radius r; square: side 1.6 r (an area close to the disk's);
+# triangle: apex on top, height 1.6 r, base 2 r; plus: two crossed 2 r x 0.6 r bars.
+_SHAPE_TESTS = (
+    lambda dx, dy: dx * dx + dy * dy <= 1,
+    lambda dx, dy: torch.maximum(dx.abs(), dy.abs()) <= 0.8,
+    lambda dx, dy: (dy.abs() <= 0.8) & (dx.abs() <= (dy + 0.8) / 1.6),
+    lambda dx, dy: ((dx.abs() <= 0.3) & (dy.abs() <= 1)) | ((dy.abs() <= 0.3) & (dx.abs() <= 1)),
+)
+
+
 def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n procedurally drawn images of one colored shape each -> (images uint8 (n, 3, size, size), labels int64 (n,)).
-    The label is the shape, SYNTHETIC_SHAPES[label] (disk, square, triangle, plus); classes are balanced (counts
-    differ by at most one) and shuffled. Nuisances drawn independently per image: background color, foreground color
-    (each RGB channel 0.25..0.75 away from the background's, modulo 1, so the shape is always visible), half-width r
-    in [0.18, 0.32] * size, a position keeping the whole shape inside, and Gaussian pixel noise (std 8/255, the same
-    on the three channels of a pixel). Deterministic for a given (n, size, seed); vectorized (5000 images of 32 px
-    in about 0.1 s on one CPU core)."""
+    """n images of one colored shape each -> (images uint8 (n, 3, size, size), labels int64 (n,)). The label is the
+    shape, SYNTHETIC_SHAPES[label]; classes balanced (counts differ by at most one) and shuffled. Nuisances drawn per
+    image: background color, foreground color (each RGB channel 0.25..0.75 away from the background's, modulo 1, so
+    the shape is always visible), half-width r in [0.18, 0.32] * size, a position keeping the shape inside, Gaussian
+    pixel noise (std 8/255, the same on the three channels). Deterministic for a given (n, size, seed); vectorized
+    (5000 images of 32 px in about 0.1 s on one CPU core)."""
     if size < 8:
         raise ValueError(f"synthetic images need size >= 8 to tell the shapes apart, got {size}")
     gen = torch.Generator().manual_seed(seed)
@@ -1908,8 +1900,7 @@ def build_dataset(name: str, root: str = "data", train: bool = True, split: str 
     (stl10's "unlabeled" has labels -1). channels: 3 repeats a gray channel; 1 keeps it and turns RGB into BT.601
     luma. image_size (None or 0 = native; imagefolder ignores it): 28 -> 32 pads 2 black pixels on every side (the
     usual input of MNIST-like digits to 32 px models); any other change is an antialiased bilinear resize, rounded to
-    uint8. synthetic: image_size is the size drawn at (default 32), synthetic_size the count (default 5000 / 1000).
-    """
+    uint8. synthetic: image_size is the size drawn at (default 32), synthetic_size the count (default 5000 / 1000)."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if channels not in (1, 3):
@@ -1921,10 +1912,8 @@ def build_dataset(name: str, root: str = "data", train: bool = True, split: str 
         try:
             return ImageFolderDataset(folder, channels=channels)
         except FileNotFoundError as e:  # no such folder, or no class folder with images inside
-            raise DatasetNotFoundError(
-                f"dataset 'imagefolder' (split {split!r}) not found: expected {folder}/<class name>/<image files> "
-                f"(the ImageNet train/val layout; {e})"
-            ) from e
+            raise DatasetNotFoundError(f"dataset 'imagefolder' (split {split!r}) not found: expected {folder}/<class "
+                                       f"name>/<image files> (the ImageNet train/val layout; {e})") from e  # fmt: skip
     if split not in DATASET_SPLITS[name]:
         raise ValueError(f"{name} has the splits {', '.join(DATASET_SPLITS[name])}; got {split!r}")
 
