@@ -1637,8 +1637,7 @@ class ImageArray(torch.utils.data.Dataset):
     values. Indexing gives (uint8 (C, H, W), int label), the input the per-image pipelines of common.py expect."""
 
     def __init__(self, images, labels, name: str, num_classes: int):
-        images = torch.as_tensor(images)
-        labels = torch.as_tensor(labels, dtype=torch.int64)
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"ImageArray wants uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -1709,35 +1708,31 @@ def _find(name: str, split: str, folders: list[str], files: list[str], exts=("",
     raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}) not found; expected:\n  {listing}\n{how}")
 
 
-def _torchvision_dataset(make, name: str, root: str, download: bool):
-    """make(download=download), a torchvision dataset class; no network, a moved URL, an md5 that is not the original's:
-    one DatasetNotFoundError."""
-    try:
-        return make(download=download)
-    except Exception as e:
-        what = f"downloading {name} into {root} failed" if download else f"torchvision refused {name} under {root}"
-        raise DatasetNotFoundError(f"{what}: {e}") from e
-
-
 def _torchvision_arrays(name: str, root: str, split: str, download: bool):
+    """CIFAR-10/100, SVHN and STL-10 through torchvision's classes; MNIST / Fashion-MNIST too when downloading."""
     sets = torchvision.datasets
-    if name == "svhn":  # in root/svhn/ (where --download puts it) or root/ itself
+    if name in ("mnist", "fashion_mnist"):  # a download (_idx_arrays reads local copies): .data (N, 28, 28)
+        make = functools.partial(getattr(sets, "MNIST" if name == "mnist" else "FashionMNIST"), root, split == "train")
+    elif name == "svhn":  # in root/svhn/ (where --download puts it) or root/ itself
         folders, files = [os.path.join(root, "svhn"), root], [f"{split}_32x32.mat"]
-    else:  # every file of the archive, whatever the split: the class checks them all before reading one
-        cls = {"cifar10": sets.CIFAR10, "cifar100": sets.CIFAR100, "stl10": sets.STL10}[name]
-        folders = [os.path.join(root, cls.base_folder)]
-        files = [f for f, _ in cls.train_list + cls.test_list] + ([cls.meta["filename"]] if name != "stl10" else [])
-    found = _find(name, split, folders, files, download=download)
-    if name == "svhn":
-        path = found[0] if found else os.path.join(folders[0], files[0])
+        path = (_find(name, split, folders, files, download=download) or [os.path.join(folders[0], files[0])])[0]
         try:  # torchvision reads SVHN's MATLAB files with scipy, which is not a requirement of the repository
             import scipy.io  # noqa: F401
         except ImportError:  # a ValueError: usage_errors turns it into one line naming the fix
             raise ValueError(f"reading SVHN's {path} (a MATLAB file) needs scipy: pip install scipy") from None
-        ds = _torchvision_dataset(functools.partial(sets.SVHN, os.path.dirname(path), split), name, root, download)
-    else:
-        kwargs = {"split": split} if name == "stl10" else {"train": split == "train"}
-        ds = _torchvision_dataset(functools.partial(cls, root, **kwargs), name, root, download)
+        make = functools.partial(sets.SVHN, os.path.dirname(path), split)
+    else:  # every file of the archive, whatever the split: the class checks them all before reading one
+        cls = {"cifar10": sets.CIFAR10, "cifar100": sets.CIFAR100, "stl10": sets.STL10}[name]
+        files = [f for f, _ in cls.train_list + cls.test_list] + ([cls.meta["filename"]] if name != "stl10" else [])
+        _find(name, split, [os.path.join(root, cls.base_folder)], files, download=download)
+        make = functools.partial(cls, root, **({"split": split} if name == "stl10" else {"train": split == "train"}))
+    try:
+        ds = make(download=download)
+    except Exception as e:  # no network, a moved URL, an md5 that is not the original's: one line
+        what = f"downloading {name} into {root} failed" if download else f"torchvision refused {name} under {root}"
+        raise DatasetNotFoundError(f"{what}: {e}") from e
+    if name in ("mnist", "fashion_mnist"):
+        return ds.data[:, None], ds.targets
     if name in ("svhn", "stl10"):  # .data (N, C, H, W); .labels: SVHN's 10 (the digit 0) is 0, STL-10's unlabeled -1
         return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels, dtype=torch.int64)
     # CIFAR's .data is (N, H, W, C), .targets a list; CIFAR-100's are the 100 fine classes, not the 20 coarse
@@ -1750,15 +1745,12 @@ def _idx_arrays(name: str, root: str, split: str, download: bool):
     elsewhere; one reader serves every location."""
     prefix = "train" if split == "train" else "t10k"
     files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    tv_name = "MNIST" if name == "mnist" else "FashionMNIST"  # torchvision's class, and its folder under root
-    others = ["mnist", ""] if name == "mnist" else ["fashion_mnist", "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
-    folders = [os.path.join(root, tv_name, "raw")] + [os.path.join(root, d) for d in others]  # absolute d: itself
+    folders = ("MNIST/raw", "mnist", "") if name == "mnist" else ("FashionMNIST/raw", "fashion_mnist", "fashion-mnist")
+    folders = [os.path.join(root, d) for d in folders] + ([] if name == "mnist" else [FASHION_MNIST_SYSTEM_DIR])
     # torchvision keeps the .gz next to the extracted file; the plain one skips a decompression
     found = _find(name, split, folders, files, ("", ".gz"), download)
-    if found is None:  # torchvision downloads them into root/MNIST/raw (FashionMNIST/raw), unzipped, and reads them
-        cls = getattr(torchvision.datasets, tv_name)
-        ds = _torchvision_dataset(functools.partial(cls, root, train=prefix == "train"), name, root, download=True)
-        return ds.data[:, None], ds.targets
+    if found is None:  # not here, download set: torchvision fetches them into root/MNIST/raw (FashionMNIST/raw)
+        return _torchvision_arrays(name, root, split, download=True)
     if os.path.dirname(found[0]) == FASHION_MNIST_SYSTEM_DIR:  # say which root was used: --data-root had no copy
         print0(f"{name}: no copy under --data-root {root}; reading Debian's {FASHION_MNIST_SYSTEM_DIR}")
     arrays = []
@@ -1799,7 +1791,6 @@ def _imagenet_arrays(name: str, root: str, split: str):
     # (ImageNet64's train set is 15.7 GB): torch.empty commits memory pages only as they are written.
     labels, start = np.concatenate(labels), 0
     images = torch.empty((len(labels), 3, size, size), dtype=torch.uint8)
-    del data, batch  # the last part is now held by `parts` alone
     while parts:
         part = parts.pop(0)
         images.numpy()[start : start + len(part)] = part
