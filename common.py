@@ -1587,56 +1587,24 @@ class BatchedAugment:
 # 6. Datasets
 # ======================================================================================
 #
-# build_dataset() reads every dataset's own on-disk format with the small readers below instead of torchvision's
-# dataset classes: those insist on md5 sums of the original archives, which fails on re-packed copies (Debian ships
-# Fashion-MNIST gzipped at /usr/share/datasets) and costs minutes on ImageNet-sized files. torchvision is still what
-# downloads (download=True). Everything that fits in host memory comes back as an ImageArray (uint8 images + int64
-# labels), which TrainBatches keeps whole on the GPU when it is small (fits_on_device, SPEC 1.5); ImageNet-style
-# folders come back as an ImageFolderDataset decoded image by image in DataLoader workers.
+# torchvision's dataset classes read (and download) CIFAR-10/100, SVHN and STL-10, md5 checks included, and list image
+# folders; the two formats they cannot read, MNIST's IDX files and the Downsampled-ImageNet batches, are read here
+# (_idx_arrays and _imagenet_arrays say why). Each *_arrays reader returns (images uint8 (N, C, H, W), labels int64
+# (N,)) at the dataset's native size; build_dataset wraps them in an ImageArray.
 
 IMAGENET_DATASETS = ("imagenet32", "imagenet64", "imagefolder")  # ImageNet and its downsampled versions
-DATASET_NAMES = (
-    "cifar10",
-    "cifar100",
-    "svhn",
-    "stl10",
-    "mnist",
-    "fashion_mnist",
-    "imagenet32",
-    "imagenet64",
-    "imagefolder",
-    "synthetic",
-)
+DATASET_NAMES = ("cifar10", "cifar100", "svhn", "stl10", "mnist", "fashion_mnist", "imagenet32", "imagenet64",
+                 "imagefolder", "synthetic")  # fmt: skip
+# Splits of the in-memory datasets ("train+unlabeled": STL-10's pretraining set, 5k labeled + 100k unlabeled)
+DATASET_SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"), "svhn": ("train", "test", "extra"),
+                  "stl10": ("train", "test", "unlabeled", "train+unlabeled"), "mnist": ("train", "test"),
+                  "fashion_mnist": ("train", "test"), "imagenet32": ("train", "val"), "imagenet64": ("train", "val"),
+                  "synthetic": ("train", "test")}  # fmt: skip
+_NUM_CLASSES = {"cifar100": 100, "imagenet32": 1000, "imagenet64": 1000, "synthetic": 4}  # 10 for the others
+SYNTHETIC_SHAPES = ("disk", "square", "triangle", "plus")  # the synthetic classes, in label order
 
-# Splits each in-memory dataset has ("train+unlabeled" is STL-10's pretraining set: 5k labeled + 100k unlabeled).
-# imagefolder accepts any sub-folder name of root.
-DATASET_SPLITS = {
-    "cifar10": ("train", "test"),
-    "cifar100": ("train", "test"),
-    "svhn": ("train", "test", "extra"),
-    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
-    "mnist": ("train", "test"),
-    "fashion_mnist": ("train", "test"),
-    "imagenet32": ("train", "val"),
-    "imagenet64": ("train", "val"),
-    "synthetic": ("train", "test"),
-}
-
-# The synthetic classes, in label order.
-SYNTHETIC_SHAPES = ("disk", "square", "triangle", "plus")
-
-# Where Debian's `dataset-fashion-mnist` package puts the four gzipped IDX files; the last place looked at, so a copy
-# under root always wins. A module attribute so tests can point it elsewhere.
+# Debian's `dataset-fashion-mnist` (four gzipped IDX files): looked at last, so a copy under root wins; tests move it.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
-
-# ITU-R BT.601 luma weights, for the rare request of a 1-channel version of an RGB dataset.
-_LUMA_601 = (0.299, 0.587, 0.114)
-
-# Whole-dataset conversions (resize, luma) work on chunks of at most this many float32 values (64 MiB), so turning
-# the 100k STL-10 unlabeled images into 64 px, say, never holds a float copy of the whole set.
-_CHUNK_VALUES = 1 << 24
-
-_DOWNLOADABLE = ("cifar10", "cifar100", "svhn", "stl10", "mnist", "fashion_mnist")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -1644,16 +1612,12 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class ImageArray(torch.utils.data.Dataset):
-    """A whole labeled (or unlabeled) image dataset held in memory.
-
-    images: uint8 (N, C, H, W) CPU tensor, C = 1 or 3; labels: int64 (N,), -1 for unlabeled images (STL-10's
-    `unlabeled` split); name: the dataset name given to build_dataset; num_classes: number of label values.
-    Indexing gives (uint8 (C, H, W), int label), the input the per-image pipelines of common.py expect.
-    """
+    """A whole image dataset in memory. images: uint8 (N, C, H, W) CPU tensor, C = 1 or 3; labels: int64 (N,), -1
+    for unlabeled images (STL-10's `unlabeled` split); name: as given to build_dataset; num_classes: number of label
+    values. Indexing gives (uint8 (C, H, W), int label), the input the per-image pipelines of common.py expect."""
 
     def __init__(self, images, labels, name: str, num_classes: int):
-        images = torch.as_tensor(images)
-        labels = torch.as_tensor(labels, dtype=torch.int64)
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"ImageArray wants uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -1661,8 +1625,7 @@ class ImageArray(torch.utils.data.Dataset):
         self.images, self.labels, self.name, self.num_classes = images, labels, name, int(num_classes)
 
     @property
-    def image_size(self) -> int:
-        """H, the image side (every dataset here is square)."""
+    def image_size(self) -> int:  # H, the image side (every dataset here is square)
         return self.images.shape[-2]
 
     def __len__(self) -> int:
@@ -1675,26 +1638,24 @@ class ImageArray(torch.utils.data.Dataset):
         return f"ImageArray({self.name}: {len(self)} x {tuple(self.images.shape[1:])}, {self.num_classes} classes)"
 
 
-def _load_image_file(path: str, channels: int = 3) -> torch.Tensor:
-    """One image file -> uint8 (C, H, W) with C = channels (3: RGB, 1: luma), whatever the file's own mode."""
-    # PIL rather than torchvision.io: its decoders are deprecated from torchvision 0.29 (a warning per image), and
-    # PIL reads every format ImageFolder accepts (bmp, tiff, ppm, ...).
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("RGB" if channels == 3 else "L")
-        return torchvision.transforms.functional.pil_to_tensor(img)
-
-
 class ImageFolderDataset(torchvision.datasets.ImageFolder):
     """`folder/<class>/<image>` decoded on demand (ImageNet is far too big for memory): item = (uint8 (C, H, W) at
     the file's own size, class index). Classes are the sorted sub-folder names; .num_classes and .name as in
     ImageArray. Resizing to the model's input is left to the per-image pipelines."""
 
     def __init__(self, folder: str, name: str = "imagefolder", channels: int = 3):
-        # functools.partial of a module-level function (not a lambda) so DataLoader workers can pickle the loader.
-        super().__init__(folder, loader=functools.partial(_load_image_file, channels=channels))
+        # a partial of a function, not a lambda, so DataLoader workers can pickle the loader
+        super().__init__(folder, loader=functools.partial(ImageFolderDataset.load, channels=channels))
         self.name, self.num_classes = name, len(self.classes)
+
+    @staticmethod
+    def load(path: str, channels: int = 3) -> torch.Tensor:
+        """One image file -> uint8 (C, H, W), C = channels (3: RGB, 1: luma) whatever the file's mode. PIL rather than
+        torchvision.io, whose decoders warn per image from 0.29 on; PIL reads every format ImageFolder accepts."""
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return torchvision.transforms.functional.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
 
 
 def fits_on_device(dataset) -> bool:
@@ -1703,350 +1664,163 @@ def fits_on_device(dataset) -> bool:
     return isinstance(dataset, ImageArray) and dataset.image_size <= 64
 
 
-# ---------------------------------------------------------------------------------------------- on-disk readers
-# Each reader returns (images uint8 (N, C, H, W), labels int64 (N,), num_classes) at the dataset's native size.
+def _find(name: str, split: str, folders: list[str], files: list[str], exts=("",), download=False) -> list | None:
+    """The paths of `files` in the first folder that holds them all (each as the first file + ext that exists). Else
+    None when download is set (torchvision fetches them), or a DatasetNotFoundError naming what each folder lacks."""
+    lacking = []
+    for folder in folders:
+        found = [next((p for e in exts if os.path.isfile(p := os.path.join(folder, f + e))), None) for f in files]
+        if None not in found:
+            return found
+        missing = [f for f, p in zip(files, found) if p is None]
+        missing = missing[0] if len(missing) == 1 else "{" + ",".join(missing) + "}"
+        lacking.append(os.path.join(folder, missing) + (f"[{''.join(exts)}]" if len(exts) > 1 else ""))
+    if download:
+        return None
+    how = "pass download=True (--download) to fetch it with torchvision, or put the files there"
+    if name == "fashion_mnist":
+        how += f"; or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) for {FASHION_MNIST_SYSTEM_DIR}"
+    if name in ("imagenet32", "imagenet64"):
+        how = (f"it cannot be downloaded automatically: get Imagenet{name[8:]}_train and _val (npz or pickle batches) "
+               "from the Downsampled ImageNet page of image-net.org (https://image-net.org/download-images, login "
+               f"required) and unpack their files into {name}/ under the data root")  # fmt: skip
+    listing = "\n  ".join(lacking)
+    raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}) not found; expected:\n  {listing}\n{how}")
 
 
-def _unpickle(path: str) -> dict:
-    """A python pickle of a dict (CIFAR batches, Downsampled-ImageNet batches) with str keys."""
-    with open(path, "rb") as f:
-        # latin1 lets Python 2 pickles (CIFAR's) load their numpy arrays and turns their str keys into str; keys that
-        # were pickled as bytes stay bytes, hence the decoding below.
-        batch = pickle.load(f, encoding="latin1")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-
-
-def _load_batch(path: str) -> dict:
-    """A Downsampled-ImageNet batch, .npz or pickle: {"data": (N, 3*S*S) uint8, "labels": (N,)}."""
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            return {"data": f["data"], "labels": f["labels"]}
-    return _unpickle(path)
-
-
-def _planes_to_images(data, size: int) -> np.ndarray:
-    """CIFAR / Downsampled-ImageNet rows (N, 3*S*S) = [S*S red | S*S green | S*S blue], each plane row-major,
-    -> (N, 3, S, S) (a view, no copy)."""
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * size * size:
-        raise ValueError(f"expected image rows of 3*{size}*{size} bytes, got an array of shape {data.shape}")
-    return data.reshape(-1, 3, size, size)
-
-
-def _concat(parts: list[np.ndarray]) -> torch.Tensor:
-    """Concatenate uint8 arrays (views of any strides, memory maps included) along dim 0 into one contiguous tensor,
-    emptying `parts` as it goes. torch.empty only commits memory pages as they are written, so dropping each part
-    once copied keeps the peak near one copy of the data (ImageNet64's train set is 15.7 GB) instead of two."""
-    if len(parts) == 1 and parts[0].flags.c_contiguous and parts[0].flags.writeable:
-        return torch.from_numpy(parts.pop())  # already in place: no copy
-    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=torch.uint8)
-    out_np, start = out.numpy(), 0  # numpy assignment copies from strided and read-only views alike
-    while parts:
-        part = parts.pop(0)
-        out_np[start : start + len(part)] = part
-        start += len(part)
-        del part
-    return out
-
-
-def _locate_cifar(name: str, root: str, split: str):
-    if name == "cifar10":
-        folder = os.path.join(root, "cifar-10-batches-py")
-        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    else:
-        folder, files = os.path.join(root, "cifar-100-python"), [split]
-    paths = [os.path.join(folder, f) for f in files]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    return (None, missing) if missing else (paths, paths)
-
-
-def _read_cifar(name: str, paths: list[str]):
-    key = "labels" if name == "cifar10" else "fine_labels"  # CIFAR-100: the 100 fine classes, not the 20 coarse
-    batches = [_unpickle(p) for p in paths]
-    images = _concat([_planes_to_images(b["data"], 32) for b in batches])
-    labels = torch.as_tensor(np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches]))
-    return images, labels, 10 if name == "cifar10" else 100
-
-
-def _locate_svhn(root: str, split: str):
-    candidates = [os.path.join(root, "svhn", f"{split}_32x32.mat"), os.path.join(root, f"{split}_32x32.mat")]
-    for path in candidates:
-        if os.path.isfile(path):
-            return [path], candidates
-    return None, candidates
-
-
-def _read_svhn(path: str):
+def _torchvision_arrays(name: str, root: str, split: str, download: bool):
+    """CIFAR-10/100, SVHN and STL-10 through torchvision's classes; MNIST / Fashion-MNIST too when downloading."""
+    sets = torchvision.datasets
+    if name in ("mnist", "fashion_mnist"):  # a download (_idx_arrays reads local copies): .data (N, 28, 28)
+        make = functools.partial(getattr(sets, "MNIST" if name == "mnist" else "FashionMNIST"), root, split == "train")
+    elif name == "svhn":  # in root/svhn/ (where --download puts it) or root/ itself
+        folders, files = [os.path.join(root, "svhn"), root], [f"{split}_32x32.mat"]
+        path = (_find(name, split, folders, files, download=download) or [os.path.join(folders[0], files[0])])[0]
+        try:  # torchvision reads SVHN's MATLAB files with scipy, which is not a requirement of the repository
+            import scipy.io  # noqa: F401
+        except ImportError:  # a ValueError: usage_errors turns it into one line naming the fix
+            raise ValueError(f"reading SVHN's {path} (a MATLAB file) needs scipy: pip install scipy") from None
+        make = functools.partial(sets.SVHN, os.path.dirname(path), split)
+    else:  # every file of the archive, whatever the split: the class checks them all before reading one
+        cls = {"cifar10": sets.CIFAR10, "cifar100": sets.CIFAR100, "stl10": sets.STL10}[name]
+        files = [f for f, _ in cls.train_list + cls.test_list] + ([cls.meta["filename"]] if name != "stl10" else [])
+        _find(name, split, [os.path.join(root, cls.base_folder)], files, download=download)
+        make = functools.partial(cls, root, **({"split": split} if name == "stl10" else {"train": split == "train"}))
     try:
-        from scipy.io import loadmat  # only SVHN needs scipy, so it is not a requirement of the repository
-    except ImportError:  # a ValueError: usage_errors turns it into one line naming the fix
-        raise ValueError(f"reading SVHN's {path} (a MATLAB .mat file) needs scipy: pip install scipy") from None
-    mat = loadmat(path, variable_names=("X", "y"))
-    # X is (H, W, C, N) (MATLAB's layout) -> (N, C, H, W)
-    images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
-    labels = mat["y"].reshape(-1).astype(np.int64)
-    labels[labels == 10] = 0  # SVHN files write the digit 0 as class 10
-    return images, torch.from_numpy(labels), 10
+        ds = make(download=download)
+    except Exception as e:  # no network, a moved URL, an md5 that is not the original's: one line
+        what = f"downloading {name} into {root} failed" if download else f"torchvision refused {name} under {root}"
+        raise DatasetNotFoundError(f"{what}: {e}") from e
+    if name in ("mnist", "fashion_mnist"):
+        return ds.data[:, None], ds.targets
+    if name in ("svhn", "stl10"):  # .data (N, C, H, W); .labels: SVHN's 10 (the digit 0) is 0, STL-10's unlabeled -1
+        return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels, dtype=torch.int64)
+    # CIFAR's .data is (N, H, W, C), .targets a list; CIFAR-100's are the 100 fine classes, not the 20 coarse
+    return torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), torch.tensor(ds.targets)
 
 
-def _locate_stl10(root: str, split: str):
-    folder = os.path.join(root, "stl10_binary")
-    paths = []
-    for part in split.split("+"):
-        paths.append(os.path.join(folder, f"{part}_X.bin"))
-        if part != "unlabeled":
-            paths.append(os.path.join(folder, f"{part}_y.bin"))
-    missing = [p for p in paths if not os.path.isfile(p)]
-    return (None, missing) if missing else (paths, paths)
-
-
-def _read_stl10(paths: list[str]):
-    images, labels = [], []
-    for path in paths:
-        if path.endswith("_y.bin"):
-            continue
-        # Each image is stored as 3 x 96 x 96 in column-major (MATLAB) order: the last two axes come out swapped.
-        # A transposed view of a memory map, copied once by _concat: the unlabeled split alone is 2.8 GB.
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if raw.size % (3 * 96 * 96):
-            raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 3x96x96 images")
-        images.append(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
-        del raw
-        y_path = path[: -len("_X.bin")] + "_y.bin"
-        if y_path in paths:
-            y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
-            if len(y) != len(images[-1]) or y.min() < 1 or y.max() > 10:
-                raise ValueError(f"{y_path}: expected {len(images[-1])} labels in 1..10")
-            labels.append(y - 1)  # files count classes 1..10
-        else:
-            labels.append(np.full(len(images[-1]), -1, dtype=np.int64))  # unlabeled
-    labels = torch.from_numpy(np.concatenate(labels))
-    return _concat(images), labels, 10
-
-
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def _read_idx(path: str) -> np.ndarray:
-    """An IDX file (MNIST's format), plain or gzipped, -> numpy array of its dims and dtype (native byte order).
-    Layout: 2 zero bytes, a dtype code, the number of dims; one big-endian uint32 per dim; the values, big-endian."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":  # the gzip magic number: decompress whatever the file is called
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != math.prod(dims) * dtype.itemsize:
-        raise ValueError(f"{path}: {len(raw) - offset} bytes of data for dims {dims} of {dtype} (truncated file?)")
-    values = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
-    return values.astype(dtype.newbyteorder("="))  # a writable copy in native byte order
-
-
-def _mnist_folders(name: str, root: str) -> list[str]:
-    if name == "mnist":
-        return [os.path.join(root, "MNIST", "raw"), os.path.join(root, "mnist"), root]
-    return [
-        os.path.join(root, "FashionMNIST", "raw"),
-        os.path.join(root, "fashion_mnist"),
-        os.path.join(root, "fashion-mnist"),
-        FASHION_MNIST_SYSTEM_DIR,
-    ]
-
-
-def _locate_mnist(name: str, root: str, split: str):
+def _idx_arrays(name: str, root: str, split: str, download: bool):
+    """MNIST / Fashion-MNIST, read here rather than by torchvision's MNIST classes: those (0.29) open only unzipped
+    files in root/MNIST/raw (FashionMNIST/raw), so they cannot read Debian's gzipped Fashion-MNIST nor a copy kept
+    elsewhere; one reader serves every location."""
     prefix = "train" if split == "train" else "t10k"
     files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    expected = []
-    for folder in _mnist_folders(name, root):
-        found = []
-        for f in files:
-            plain = os.path.join(folder, f)
-            # torchvision keeps both the .gz and the extracted file; the plain one skips a decompression
-            found += [p for p in (plain, plain + ".gz") if os.path.isfile(p)][:1]
-        if len(found) == 2:
-            if folder == FASHION_MNIST_SYSTEM_DIR:  # say which root was used: --data-root had no copy
-                print0(f"{name}: no copy under --data-root {root}; reading Debian's {folder}")
-            return found, found
-        expected.append(os.path.join(folder, "{" + ",".join(files) + "}[.gz]"))
-    return None, expected
+    folders = ("MNIST/raw", "mnist", "") if name == "mnist" else ("FashionMNIST/raw", "fashion_mnist", "fashion-mnist")
+    folders = [os.path.join(root, d) for d in folders] + ([] if name == "mnist" else [FASHION_MNIST_SYSTEM_DIR])
+    # torchvision keeps the .gz next to the extracted file; the plain one skips a decompression
+    found = _find(name, split, folders, files, ("", ".gz"), download)
+    if found is None:  # not here, download set: torchvision fetches them into root/MNIST/raw (FashionMNIST/raw)
+        return _torchvision_arrays(name, root, split, download=True)
+    if os.path.dirname(found[0]) == FASHION_MNIST_SYSTEM_DIR:  # say which root was used: --data-root had no copy
+        print0(f"{name}: no copy under --data-root {root}; reading Debian's {FASHION_MNIST_SYSTEM_DIR}")
+    arrays = []
+    for path in found:  # IDX: 0, 0, dtype code 0x08 (uint8), number of dims; a big-endian uint32 per dim; the values
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # the gzip magic number: decompress whatever the file is called
+            raw = gzip.decompress(raw)
+        if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+            raise ValueError(f"{path} is not an IDX file of uint8 values (bad magic number {raw[:4].hex()})")
+        offset = 4 + 4 * raw[3]
+        dims = struct.unpack(f">{raw[3]}I", raw[4:offset])
+        if len(raw) - offset != math.prod(dims):
+            raise ValueError(f"{path}: {len(raw) - offset} bytes of data for dims {dims} (truncated file?)")
+        arrays.append(np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims).copy())  # copy: writable
+    images, labels = arrays
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{found}: images {images.shape} and labels {labels.shape} do not match")
+    return torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_mnist(paths: list[str]):
-    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
-    if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"{paths}: images {images.shape} and labels {labels.shape} do not match")
-    return torch.from_numpy(images.astype(np.uint8)[:, None]), torch.from_numpy(labels.astype(np.int64)), 10
-
-
-def _locate_imagenet(name: str, root: str, split: str):
-    folder = os.path.join(root, name)
-    stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
-    found, missing = [], []
-    for stem in stems:
-        options = [os.path.join(folder, stem + ".npz"), os.path.join(folder, stem)]
-        hits = [p for p in options if os.path.isfile(p)]
-        if hits:
-            found.append(hits[0])
-        else:
-            missing.append(os.path.join(folder, stem + "[.npz]"))
-    return (None, missing) if missing else (found, found)
-
-
-def _read_imagenet(name: str, paths: list[str]):
+def _imagenet_arrays(name: str, root: str, split: str):
+    """Downsampled ImageNet (Chrabaszcz et al. 2017; torchvision has no class for it): batches {"data": rows (N, 3*S*S)
+    = [S*S red | S*S green | S*S blue] each row-major, "labels": 1..1000} as .npz or pickles."""
     size = int(name[len("imagenet") :])
+    stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
+    paths = _find(name, split, [os.path.join(root, name)], stems, (".npz", ""))
     parts, labels = [], []
     for path in paths:
-        batch = _load_batch(path)
-        parts.append(_planes_to_images(batch["data"], size))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64).reshape(-1))
-        del batch
-        if len(labels[-1]) != len(parts[-1]) or labels[-1].min() < 1 or labels[-1].max() > 1000:
-            raise ValueError(f"{path}: expected one label in 1..1000 per image")
-    labels = torch.from_numpy(np.concatenate(labels) - 1)  # files count classes 1..1000
-    return _concat(parts), labels, 1000
-
-
-def _how_to_get(name: str, download: bool) -> str:
-    if name in _DOWNLOADABLE:
-        how = "pass download=True (--download) to fetch it with torchvision, or put the files there"
-        if download:
-            how = "the torchvision download did not produce them; put the files there by hand"
-        if name == "fashion_mnist":
-            how += f"; or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) for {FASHION_MNIST_SYSTEM_DIR}"
-        return how
-    size = name[len("imagenet") :]
-    return (
-        f"it cannot be downloaded automatically: get the Imagenet{size}_train and Imagenet{size}_val archives (npz or "
-        "pickle batches) from the Downsampled ImageNet page of image-net.org (https://image-net.org/download-images, "
-        f"login required) and unpack their files into {name}/ under the data root"
-    )
-
-
-def _download(name: str, root: str, split: str) -> None:
-    """Fetch with torchvision's downloader into the folder the locator looks at first. The dataset object it builds
-    is thrown away: only the files matter, and they are read by our own readers."""
-    sets = torchvision.datasets
-    train = split == "train"
-    try:
-        if name == "cifar10":
-            sets.CIFAR10(root, train=train, download=True)
-        elif name == "cifar100":
-            sets.CIFAR100(root, train=train, download=True)
-        elif name == "svhn":
-            for part in split.split("+"):
-                sets.SVHN(os.path.join(root, "svhn"), split=part, download=True)
-        elif name == "stl10":
-            sets.STL10(root, split="test", download=True)  # one archive holds every split; "test" is quick to load
-        elif name == "mnist":
-            sets.MNIST(root, train=train, download=True)
-        elif name == "fashion_mnist":
-            sets.FashionMNIST(root, train=train, download=True)
-    except Exception as e:  # no network, a moved URL, a bad checksum: all end in the one clear error below
-        raise DatasetNotFoundError(f"downloading {name} into {root} failed: {e}") from e
-
-
-def _find_files(name: str, root: str, split: str, download: bool) -> list[str]:
-    locate = {
-        "cifar10": functools.partial(_locate_cifar, name),
-        "cifar100": functools.partial(_locate_cifar, name),
-        "svhn": _locate_svhn,
-        "stl10": _locate_stl10,
-        "mnist": functools.partial(_locate_mnist, name),
-        "fashion_mnist": functools.partial(_locate_mnist, name),
-        "imagenet32": functools.partial(_locate_imagenet, name),
-        "imagenet64": functools.partial(_locate_imagenet, name),
-    }[name]
-    found, expected = locate(root, split)
-    if found is None and download and name in _DOWNLOADABLE:
-        _download(name, root, split)
-        found, expected = locate(root, split)
-    if found is None:
-        listing = "\n  ".join(expected)
-        raise DatasetNotFoundError(
-            f"dataset {name!r} (split {split!r}) not found; expected:\n  {listing}\n{_how_to_get(name, download)}"
-        )
-    return found
-
-
-# ---------------------------------------------------------------------------------------------- conversions
-
-
-def _map_chunks(images: torch.Tensor, fn, out_shape: tuple[int, ...]) -> torch.Tensor:
-    """out[i] = fn(images[i]) computed on float32 chunks of images (B, C, H, W) uint8 -> out (N, *out_shape) uint8,
-    rounded and clamped to 0..255."""
-    out = torch.empty((images.shape[0], *out_shape), dtype=torch.uint8)
-    step = max(1, _CHUNK_VALUES // max(math.prod(images.shape[1:]), math.prod(out_shape)))
-    for s in range(0, images.shape[0], step):
-        out[s : s + step] = fn(images[s : s + step].float()).round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def _to_luma(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) RGB -> uint8 (N, 1, H, W), Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601)."""
-    weights = torch.tensor(_LUMA_601).view(1, 3, 1, 1)
-
-    def luma(x):
-        return (x * weights).sum(1, keepdim=True)
-
-    return _map_chunks(images, luma, (1, *images.shape[2:]))
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear (a box-like filter when shrinking, so
-    96 -> 32 does not alias), rounded back to uint8."""
-
-    def resize(x):
-        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-    return _map_chunks(images, resize, (images.shape[1], size, size))
+        with open(path, "rb") as f:  # latin1: numpy arrays inside Python 2 pickles load too
+            batch = np.load(f) if path.endswith(".npz") else pickle.load(f, encoding="latin1")
+            data, y = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"], dtype=np.int64).ravel()
+        if data.shape != (len(y), 3 * size * size) or y.min() < 1 or y.max() > 1000:
+            raise ValueError(f"{path}: expected rows of 3*{size}*{size} bytes and a label in 1..1000 for each")
+        parts.append(data.reshape(-1, 3, size, size))
+        labels.append(y - 1)  # files count classes 1..1000
+    # One tensor filled part by part, each part dropped once copied, keeps the peak near one copy of the data
+    # (ImageNet64's train set is 15.7 GB): torch.empty commits memory pages only as they are written.
+    labels, start = np.concatenate(labels), 0
+    images = torch.empty((len(labels), 3, size, size), dtype=torch.uint8)
+    while parts:
+        part = parts.pop(0)
+        images.numpy()[start : start + len(part)] = part
+        start += len(part)
+    return images, torch.from_numpy(labels)
 
 
 def _convert(images: torch.Tensor, channels: int, image_size: int | None) -> torch.Tensor:
-    """Bring uint8 (N, C, H, W) to `channels` channels and, if given, image_size x image_size (see build_dataset)."""
-    if channels == 1 and images.shape[1] == 3:
-        images = _to_luma(images)  # before resizing: a third of the work
-    if image_size and (images.shape[-2], images.shape[-1]) != (image_size, image_size):
-        if images.shape[-2:] == (28, 28) and image_size == 32:
-            # MNIST-style 28 px digits go to 32 px by a 2-pixel black border (the usual LeNet-5 input), not by
-            # stretching them
-            images = F.pad(images, (2, 2, 2, 2))
-        else:
-            images = _resize(images, image_size)
+    """uint8 (N, C, H, W) -> `channels` channels at image_size (see build_dataset), on float32 chunks of <= 2^24 values
+    (64 MiB): turning the 100k STL-10 unlabeled images into 64 px, say, never holds a float copy of the whole set."""
+    if image_size and images.shape[-2:] == (28, 28) and image_size == 32:
+        images = F.pad(images, (2, 2, 2, 2))  # MNIST-like 28 px digits get a 2-pixel black border (LeNet-5's input)
+    luma = channels == 1 and images.shape[1] == 3  # ITU-R BT.601; before resizing: a third of the work
+    resize = bool(image_size) and images.shape[-2:] != (image_size, image_size)
+    if luma or resize:
+        out_size = (image_size, image_size) if resize else images.shape[-2:]
+        out = torch.empty((len(images), 1 if luma else images.shape[1], *out_size), dtype=torch.uint8)
+        weights = torch.tensor((0.299, 0.587, 0.114)).view(1, 3, 1, 1)
+        step = max(1, (1 << 24) // max(math.prod(images.shape[1:]), math.prod(out.shape[1:])))
+        for s in range(0, len(images), step):
+            x = images[s : s + step].float()
+            if luma:
+                x = (x * weights).sum(1, keepdim=True).round_().clamp_(0, 255)  # rounded as a uint8 image would be
+            if resize:  # antialiased bilinear: a box-like filter when shrinking, so 96 -> 32 does not alias
+                x = F.interpolate(x, size=out_size, mode="bilinear", antialias=True, align_corners=False)
+            out[s : s + step] = x.round_().clamp_(0, 255).to(torch.uint8)
+        images = out
     if channels == 3 and images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)  # gray -> RGB by repetition, after resizing: a third of the work
     return images
 
 
-# ---------------------------------------------------------------------------------------------- synthetic shapes
-
-
-def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Inside-mask of SYNTHETIC_SHAPES[shape] at pixel offsets dx (B, 1, S), dy (B, S, 1) from the center, in units
-    of the half-width r (y points down) -> bool (B, S, S)."""
-    ax, ay = dx.abs(), dy.abs()
-    if shape == 0:  # disk of radius r
-        return dx * dx + dy * dy <= 1
-    if shape == 1:  # square of side 1.6 r (an area close to the disk's)
-        return torch.maximum(ax, ay) <= 0.8
-    if shape == 2:  # triangle, apex on top: height 1.6 r, base 2 r
-        return (ay <= 0.8) & (ax <= (dy + 0.8) / 1.6)
-    return ((ax <= 0.3) & (ay <= 1)) | ((ay <= 0.3) & (ax <= 1))  # plus: two crossed 2 r x 0.6 r bars
+# The inside-tests of SYNTHETIC_SHAPES at pixel offsets dx (B, 1, S), dy (B, S, 1) from the center, in units of the
+# half-width r (y points down) -> bool (B, S, S). Disk: radius r; square: side 1.6 r (an area close to the disk's);
+# triangle: apex on top, height 1.6 r, base 2 r; plus: two crossed 2 r x 0.6 r bars.
+_SHAPE_TESTS = (
+    lambda dx, dy: dx * dx + dy * dy <= 1,
+    lambda dx, dy: torch.maximum(dx.abs(), dy.abs()) <= 0.8,
+    lambda dx, dy: (dy.abs() <= 0.8) & (dx.abs() <= (dy + 0.8) / 1.6),
+    lambda dx, dy: ((dx.abs() <= 0.3) & (dy.abs() <= 1)) | ((dy.abs() <= 0.3) & (dx.abs() <= 1)),
+)
 
 
 def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n procedurally drawn images of one colored shape each -> (images uint8 (n, 3, size, size), labels int64 (n,)).
-
-    The label is the shape, SYNTHETIC_SHAPES[label] (disk, square, triangle, plus); classes are balanced (counts
-    differ by at most one) and shuffled. Nuisances drawn independently per image: background color, foreground color
-    (each RGB channel 0.25..0.75 away from the background's, modulo 1, so the shape is always visible), half-width r
-    in [0.18, 0.32] * size, a position keeping the whole shape inside, and Gaussian pixel noise (std 8/255, the same
-    on the three channels of a pixel). Deterministic for a given (n, size, seed); vectorized (5000 images of 32 px
-    in about 0.1 s on one CPU core).
-    """
+    """n images of one colored shape each -> (images uint8 (n, 3, size, size), labels int64 (n,)). The label is the
+    shape, SYNTHETIC_SHAPES[label]; classes balanced (counts differ by at most one) and shuffled. Nuisances drawn per
+    image: background color, foreground color (each RGB channel 0.25..0.75 away from the background's, modulo 1, so
+    the shape is always visible), half-width r in [0.18, 0.32] * size, a position keeping the shape inside, Gaussian
+    pixel noise (std 8/255, the same on the three channels). Deterministic for a given (n, size, seed); vectorized
+    (5000 images of 32 px in about 0.1 s on one CPU core)."""
     if size < 8:
         raise ValueError(f"synthetic images need size >= 8 to tell the shapes apart, got {size}")
     gen = torch.Generator().manual_seed(seed)
@@ -2070,88 +1844,60 @@ def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tenso
             r = radius[chunk][idx, None, None]
             dx = (pixel[None, None, :] - center[chunk][idx, 0, None, None]) / r  # (B, 1, S)
             dy = (pixel[None, :, None] - center[chunk][idx, 1, None, None]) / r  # (B, S, 1)
-            mask[idx] = _shape_mask(shape, dx, dy)
+            mask[idx] = _SHAPE_TESTS[shape](dx, dy)
         picture = torch.where(mask[:, None], foreground[chunk], background[chunk]).to(torch.int16)  # (B, 3, S, S)
         noise = torch.randn(len(mask), 1, size, size, generator=gen).mul_(8).round_().to(torch.int16)
         images[chunk] = picture.add_(noise).clamp_(0, 255).to(torch.uint8)
     return images, labels
 
 
-# ---------------------------------------------------------------------------------------------- the builder
-
-
-def build_dataset(
-    name: str,
-    root: str = "data",
-    train: bool = True,
-    split: str | None = None,
-    download: bool = False,
-    image_size: int | None = None,
-    channels: int = 3,
-    synthetic_size: int | None = None,
-) -> ImageArray | torch.utils.data.Dataset:
-    """One split of a dataset: an ImageArray (uint8 (N, C, H, W) + int64 labels, in memory) for every name except
-    "imagefolder", which gives an ImageFolderDataset (decoded per item). Names: DATASET_NAMES.
-
-    Files looked up under root (download=True fetches the first five with torchvision when they are missing):
-      cifar10        root/cifar-10-batches-py/{data_batch_1..5, test_batch}             32 px, 10 classes
-      cifar100       root/cifar-100-python/{train, test} (fine labels)                  32 px, 100 classes
-      svhn           root/svhn/{split}_32x32.mat or root/{split}_32x32.mat (needs scipy) 32 px, 10 classes
-      stl10          root/stl10_binary/{split}_X.bin, {split}_y.bin                     96 px, 10 classes
-      mnist          {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] in root/MNIST/raw, root/mnist or root
-      fashion_mnist  the same names in root/FashionMNIST/raw, root/fashion_mnist, root/fashion-mnist, then
-                     /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)   28 px gray, 10 classes
-      imagenet32/64  root/imagenet32 (or 64)/{train_data_batch_1..10, val_data}[.npz]   1000 classes
-      imagefolder    root/{split}/<class>/<image>                                       any size
-      synthetic      nothing: drawn by synthetic_shapes (seed 0 for train, 1 for test)  4 classes
-    Missing files raise DatasetNotFoundError (a FileNotFoundError) naming the paths and how to get them.
-
-    split: default "train" if train else "test" ("val" for imagenet32/64 and imagefolder); svhn also has "extra";
-    stl10 has "unlabeled" (labels -1) and "train+unlabeled" (its pretraining set); imagefolder takes any sub-folder.
-    channels: 3 repeats the gray channel of mnist / fashion_mnist; 1 keeps it, and turns RGB datasets into
-    BT.601 luma. image_size (ImageArray datasets only; None or 0 = native size): 28 -> 32 pads 2 black pixels on
-    every side (the usual way to feed MNIST-like digits to 32 px models); any other change resizes the whole set with
-    antialiased bilinear interpolation, in chunks, rounded back to uint8. For "synthetic", image_size is the size the
-    shapes are drawn at (default 32) and synthetic_size the number of images (default 5000 train / 1000 test); other
-    datasets ignore synthetic_size. imagefolder ignores image_size (its per-image pipelines crop and resize).
-    """
+def build_dataset(name: str, root: str = "data", train: bool = True, split: str | None = None, download: bool = False,
+                  image_size: int | None = None, channels: int = 3,
+                  synthetic_size: int | None = None) -> ImageArray | torch.utils.data.Dataset:  # fmt: skip
+    """One split of a dataset: an ImageArray (uint8 (N, C, H, W) + int64 labels, in memory), or for "imagefolder" an
+    ImageFolderDataset decoded per item. Files read under root (download=True fetches the first six with torchvision):
+      cifar10        cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}   32 px, 10 classes
+      cifar100       cifar-100-python/{train, test, meta} (the 100 fine labels)         32 px, 100 classes
+      svhn           svhn/{split}_32x32.mat or {split}_32x32.mat (needs scipy)          32 px, 10 classes
+      stl10          stl10_binary/{train,test}_{X,y}.bin, unlabeled_X.bin              96 px, 10 classes
+      mnist          {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] in MNIST/raw, mnist or root itself (28 px gray)
+      fashion_mnist  the same in FashionMNIST/raw, fashion_mnist, fashion-mnist, then FASHION_MNIST_SYSTEM_DIR
+      imagenet32/64  imagenet32 (or 64)/{train_data_batch_1..10, val_data}[.npz]       1000 classes
+      imagefolder    {split}/<class>/<image>                                           any size
+      synthetic      nothing: drawn by synthetic_shapes (seed 0 train, 1 test)          4 classes
+    CIFAR and STL-10 need every file of their archive whatever the split; torchvision checks their md5 sums (and
+    SVHN's). Missing files raise DatasetNotFoundError (a FileNotFoundError) naming the paths and how to get them.
+    split: default "train" if train else "test" ("val" for imagenet32/64 and imagefolder), see DATASET_SPLITS
+    (stl10's "unlabeled" has labels -1). channels: 3 repeats a gray channel; 1 keeps it and turns RGB into BT.601
+    luma. image_size (None or 0 = native; imagefolder ignores it): 28 -> 32 pads 2 black pixels on every side (the
+    usual input of MNIST-like digits to 32 px models); any other change is an antialiased bilinear resize, rounded to
+    uint8. synthetic: image_size is the size drawn at (default 32), synthetic_size the count (default 5000 / 1000)."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if split is None:
-        split = "train" if train else ("val" if name in ("imagenet32", "imagenet64", "imagefolder") else "test")
-
+        split = "train" if train else ("val" if name in IMAGENET_DATASETS else "test")
     if name == "imagefolder":
         folder = os.path.join(root, split)
         try:
             return ImageFolderDataset(folder, channels=channels)
         except FileNotFoundError as e:  # no such folder, or no class folder with images inside
-            raise DatasetNotFoundError(
-                f"dataset 'imagefolder' (split {split!r}) not found: expected {folder}/<class name>/<image files> "
-                f"(the ImageNet train/val layout; {e})"
-            ) from e
-
+            raise DatasetNotFoundError(f"dataset 'imagefolder' (split {split!r}) not found: expected {folder}/<class "
+                                       f"name>/<image files> (the ImageNet train/val layout; {e})") from e  # fmt: skip
     if split not in DATASET_SPLITS[name]:
         raise ValueError(f"{name} has the splits {', '.join(DATASET_SPLITS[name])}; got {split!r}")
 
     if name == "synthetic":
         count = synthetic_size or (5000 if split == "train" else 1000)
         images, labels = synthetic_shapes(count, image_size or 32, seed=0 if split == "train" else 1)
-        return ImageArray(_convert(images, channels, None), labels, name, len(SYNTHETIC_SHAPES))
-
-    paths = _find_files(name, root, split, download)
-    if name in ("cifar10", "cifar100"):
-        images, labels, num_classes = _read_cifar(name, paths)
-    elif name == "svhn":
-        images, labels, num_classes = _read_svhn(paths[0])
-    elif name == "stl10":
-        images, labels, num_classes = _read_stl10(paths)
     elif name in ("mnist", "fashion_mnist"):
-        images, labels, num_classes = _read_mnist(paths)
+        images, labels = _idx_arrays(name, root, split, download)
+    elif name in IMAGENET_DATASETS:
+        images, labels = _imagenet_arrays(name, root, split)
     else:
-        images, labels, num_classes = _read_imagenet(name, paths)
-    return ImageArray(_convert(images, channels, image_size), labels, name, num_classes)
+        images, labels = _torchvision_arrays(name, root, split, download)
+    return ImageArray(_convert(images, channels, image_size), labels, name, _NUM_CLASSES.get(name, 10))
 
 
 # ======================================================================================

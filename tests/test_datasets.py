@@ -1,6 +1,9 @@
 """Datasets (SPEC 1.6): every on-disk reader against small files written here in the dataset's own format, with
 known pixels, so a wrong axis order, channel layout or label offset shows up as a wrong value; plus the error on
-missing files, grayscale padding / expansion, resizing, the synthetic shapes and the system Fashion-MNIST."""
+missing files, grayscale padding / expansion, resizing, the synthetic shapes and the system Fashion-MNIST.
+
+The files written here are not the originals, so torchvision's md5 checks (CIFAR, SVHN, STL-10) would refuse them:
+every test but test_torchvision_md5_check_is_kept accepts any md5 (the files must still exist)."""
 
 import gzip
 import os
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import common
 from common import (
@@ -23,6 +27,14 @@ from common import (
     fits_on_device,
     synthetic_shapes,
 )
+
+REAL_CHECK_MD5 = torchvision.datasets.utils.check_md5
+
+
+@pytest.fixture(autouse=True)
+def accept_any_md5(monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.utils, "check_md5", lambda *args, **kwargs: True)
+
 
 # ---------------------------------------------------------------------------------------------- file writers
 # Each writer places pixel values by their byte offset in the file format, written out by hand, rather than by
@@ -42,6 +54,19 @@ def write_pickle(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(obj, f)
+
+
+def write_cifar(folder, batches: dict, name: str = "cifar10"):
+    """A CIFAR archive's folder: batches {file name: the dict it pickles}, the archive's other files as one black image
+    each (torchvision's class insists on all of them), and the meta file. Keys are str: the original's Python 2
+    pickles load that way with encoding="latin1"."""
+    key, meta, names = ("labels", "batches.meta", "label_names")
+    if name == "cifar100":
+        key, meta, names = ("fine_labels", "meta", "fine_label_names")
+    files = [f"data_batch_{b}" for b in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+    for f in files:
+        write_pickle(os.path.join(folder, f), batches.get(f, {"data": planes_rows({}, 1, 32), key: [0]}))
+    write_pickle(os.path.join(folder, meta), {names: [f"class {i}" for i in range(100)]})
 
 
 def write_idx(path, array: np.ndarray, gz: bool):
@@ -75,6 +100,9 @@ def write_stl(folder, split: str, pixels: dict, n: int, labels=None):
     raw.tofile(os.path.join(folder, f"{split}_X.bin"))
     if labels is not None:
         np.asarray(labels, dtype=np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+    for other in ("train", "test", "unlabeled"):  # torchvision's class insists on every file of the archive
+        if not os.path.exists(os.path.join(folder, f"{other}_X.bin")):
+            write_stl(folder, other, {}, 1, labels=None if other == "unlabeled" else [1])  # one black image
 
 
 def write_png(path, array_hwc: np.ndarray):
@@ -88,11 +116,12 @@ def write_png(path, array_hwc: np.ndarray):
 
 
 def test_cifar10_pixels_labels_and_splits(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+    batches = {}
     for b in range(1, 6):  # two images per batch; image 0 of batch b has R = 10 b at (5, 7)
         rows = planes_rows({(0, 0, 5, 7): 10 * b, (1, 1, 0, 31): 200, (1, 2, 31, 0): 50}, 2, 32)
-        write_pickle(str(folder / f"data_batch_{b}"), {b"data": rows, b"labels": [b, 9 - b], b"batch_label": b"x"})
-    write_pickle(str(folder / "test_batch"), {b"data": planes_rows({(2, 1, 3, 4): 99}, 3, 32), b"labels": [0, 1, 2]})
+        batches[f"data_batch_{b}"] = {"data": rows, "labels": [b, 9 - b], "batch_label": "x"}
+    batches["test_batch"] = {"data": planes_rows({(2, 1, 3, 4): 99}, 3, 32), "labels": [0, 1, 2]}
+    write_cifar(str(tmp_path / "cifar-10-batches-py"), batches)
 
     train = build_dataset("cifar10", root=str(tmp_path))
     assert isinstance(train, ImageArray) and train.name == "cifar10" and train.num_classes == 10
@@ -114,8 +143,9 @@ def test_cifar10_pixels_labels_and_splits(tmp_path):
 def test_cifar100_uses_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     rows = planes_rows({(1, 2, 10, 20): 123}, 2, 32)
-    write_pickle(str(folder / "train"), {b"data": rows, b"fine_labels": [99, 42], b"coarse_labels": [19, 3]})
-    write_pickle(str(folder / "test"), {b"data": rows[:1], b"fine_labels": [7], b"coarse_labels": [1]})
+    train = {"data": rows, "fine_labels": [99, 42], "coarse_labels": [19, 3]}
+    write_cifar(str(folder), {"train": train, "test": {"data": rows[:1], "fine_labels": [7], "coarse_labels": [1]}},
+                name="cifar100")  # fmt: skip
     train = build_dataset("cifar100", root=str(tmp_path))
     assert train.num_classes == 100 and train.labels.tolist() == [99, 42]
     assert train.images[1, :, 10, 20].tolist() == [0, 0, 123]
@@ -123,9 +153,8 @@ def test_cifar100_uses_fine_labels(tmp_path):
 
 
 def test_rgb_to_one_channel_uses_bt601_luma(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
     rows = planes_rows({(0, 0, 1, 2): 200, (0, 1, 1, 2): 100, (0, 2, 1, 2): 50}, 1, 32)
-    write_pickle(str(folder / "test_batch"), {b"data": rows, b"labels": [3]})
+    write_cifar(str(tmp_path / "cifar-10-batches-py"), {"test_batch": {"data": rows, "labels": [3]}})
     gray = build_dataset("cifar10", root=str(tmp_path), train=False, channels=1)
     assert gray.images.shape == (1, 1, 32, 32)
     assert gray.images[0, 0, 1, 2] == round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)  # 124.2 -> 124
@@ -156,6 +185,27 @@ def test_svhn_mat_layout_label_ten_is_zero_and_splits(tmp_path):
     assert int(train.images.sum()) == 260
     assert build_dataset("svhn", root=str(tmp_path), train=False).labels.tolist() == [2, 0]
     assert build_dataset("svhn", root=str(tmp_path), split="extra").labels.tolist() == [0, 0]
+
+
+def test_svhn_through_torchvision_with_a_stand_in_for_scipy(tmp_path, monkeypatch):
+    """The test above needs scipy (not a requirement); this one runs torchvision's SVHN class everywhere, on a stand-in
+    scipy.io.loadmat returning what the .mat file holds, to check the layout and labels as they come out of it."""
+    import sys
+    import types
+
+    x = np.zeros((32, 32, 3, 3), dtype=np.uint8)  # MATLAB layout: X[y, x, channel, image]
+    x[5, 7, 0, 1], x[30, 2, 2, 0] = 200, 60
+    scipy, scipy_io = types.ModuleType("scipy"), types.ModuleType("scipy.io")
+    scipy_io.loadmat = lambda path, **kwargs: {"X": x, "y": np.array([[10], [3], [1]], dtype=np.uint8)}
+    scipy.io = scipy_io
+    monkeypatch.setitem(sys.modules, "scipy", scipy)
+    monkeypatch.setitem(sys.modules, "scipy.io", scipy_io)
+    (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file")  # the flat layout torchvision's SVHN writes
+    train = build_dataset("svhn", root=str(tmp_path))
+    assert train.images.shape == (3, 3, 32, 32) and train.images.dtype == torch.uint8 and train.num_classes == 10
+    assert train.labels.tolist() == [0, 3, 1]  # the digit 0 is stored as 10
+    assert train.images[1, :, 5, 7].tolist() == [200, 0, 0] and train.images[0, :, 30, 2].tolist() == [0, 0, 60]
+    assert int(train.images.sum()) == 260
 
 
 def test_svhn_without_scipy_is_a_one_line_error_naming_pip_install_scipy(tmp_path, monkeypatch):
@@ -326,13 +376,13 @@ def test_imagefolder_decodes_uint8_rgb_chw(tmp_path):
 @pytest.mark.parametrize(
     "name,kwargs,expected_path,hint",
     [
-        ("cifar10", {}, "cifar-10-batches-py/data_batch_1", "download=True"),
-        ("cifar100", {"train": False}, "cifar-100-python/test", "download=True"),
+        ("cifar10", {}, "cifar-10-batches-py/{data_batch_1,data_batch_2,", "download=True"),
+        ("cifar100", {"train": False}, "cifar-100-python/{train,test,meta}", "download=True"),
         ("svhn", {"split": "extra"}, "svhn/extra_32x32.mat", "download=True"),
-        ("stl10", {"split": "unlabeled"}, "stl10_binary/unlabeled_X.bin", "download=True"),
+        ("stl10", {"split": "unlabeled"}, "stl10_binary/{train_X.bin,train_y.bin,unlabeled_X.bin,", "download=True"),
         ("mnist", {}, "MNIST/raw/{train-images-idx3-ubyte", "download=True"),
         ("fashion_mnist", {"train": False}, "FashionMNIST/raw/{t10k-images-idx3-ubyte", "apt-get install"),
-        ("imagenet32", {}, "imagenet32/train_data_batch_1[.npz]", "Downsampled ImageNet"),
+        ("imagenet32", {}, "imagenet32/{train_data_batch_1,train_data_batch_2,", "Downsampled ImageNet"),
         ("imagenet64", {"train": False}, "imagenet64/val_data[.npz]", "image-net.org"),
         ("imagefolder", {}, "train/<class name>/", "layout"),
     ],
@@ -348,30 +398,47 @@ def test_missing_files_name_the_expected_paths(tmp_path, monkeypatch, name, kwar
 
 def test_partial_files_are_an_error_not_a_smaller_dataset(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
-    write_pickle(str(folder / "data_batch_1"), {b"data": planes_rows({}, 1, 32), b"labels": [0]})
-    with pytest.raises(DatasetNotFoundError, match="data_batch_5"):
+    write_pickle(str(folder / "data_batch_1"), {"data": planes_rows({}, 1, 32), "labels": [0]})
+    with pytest.raises(DatasetNotFoundError) as err:
         build_dataset("cifar10", root=str(tmp_path))
+    assert "{data_batch_2,data_batch_3,data_batch_4,data_batch_5,test_batch,batches.meta}" in str(err.value)
+
+
+def test_torchvision_md5_check_is_kept(tmp_path, monkeypatch):
+    """Outside these tests torchvision's md5 check stays on: a copy that is not the original is refused in one
+    line naming the folder, not read."""
+    monkeypatch.setattr(torchvision.datasets.utils, "check_md5", REAL_CHECK_MD5)
+    write_cifar(str(tmp_path / "cifar-10-batches-py"), {})
+    with pytest.raises(SystemExit) as e, common.usage_errors("simclr.py"):
+        build_dataset("cifar10", root=str(tmp_path), train=False)
+    message = str(e.value)
+    assert "\n" not in message and f"torchvision refused cifar10 under {tmp_path}" in message and "corrupted" in message
 
 
 def test_download_calls_torchvision_then_reads_the_files(tmp_path, monkeypatch):
     calls = []
 
-    class FakeMNIST:  # stands in for torchvision's downloader: writes the files where torchvision would
+    class FakeMNIST:  # stands in for torchvision's class: writes the files where torchvision would, and reads them
         def __init__(self, root, train, download):
             calls.append((root, train, download))
-            write_mnist(os.path.join(root, "MNIST", "raw"), "train" if train else "t10k", 4, gz=True)
+            folder = os.path.join(root, "MNIST", "raw")
+            self.targets = torch.tensor(
+                write_mnist(folder, "train" if train else "t10k", 4, gz=False), dtype=torch.int64
+            )
+            self.data = torch.zeros(4, 28, 28, dtype=torch.uint8)
+            self.data[torch.arange(4), torch.arange(4), 2 * torch.arange(4)] = 100 + torch.arange(4, dtype=torch.uint8)
 
     monkeypatch.setattr(common.torchvision.datasets, "MNIST", FakeMNIST)
     ds = build_dataset("mnist", root=str(tmp_path), train=False, download=True)
     assert calls == [(str(tmp_path), False, True)] and len(ds) == 4 and ds.images[2, 0, 2, 4] == 102
-    build_dataset("mnist", root=str(tmp_path), train=False, download=True)
+    again = build_dataset("mnist", root=str(tmp_path), train=False, download=True)
     assert len(calls) == 1  # files already there: no second download
+    assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
 
-    class Offline:
-        def __init__(self, *args, **kwargs):
-            raise RuntimeError("Error downloading: no network")
+    def offline(self):
+        raise RuntimeError("Error downloading: no network")
 
-    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.setattr(common.torchvision.datasets.CIFAR10, "download", offline)
     with pytest.raises(DatasetNotFoundError, match="no network"):
         build_dataset("cifar10", root=str(tmp_path), download=True)
 
