@@ -40,8 +40,10 @@ Deviations from the paper / the reference code (the official code), and why:
     official code adds a D-wide one to the encoder output, which leaves the [M] tokens without it.
   * InfoNCE negatives from every rank (CAN 3.2); the official SupConLoss sees its own GPU's 2 x 64 views only.
   * projection head: App. C's FC 4096 - BN - ReLU x 2 - FC 128, + BN without shift (SimCLR v2, which App. C follows),
-    SyncBN under DDP, PyTorch's Linear init; official: Linear(D, D) - ReLU - Linear(D, 128), mean of ALL tokens.
-  * augmentation as CAN Table 6: crop min area 0.08 at 224 px (official 0.2) and jitter strength 1.0 (official 0.5).
+    SyncBN under DDP, PyTorch's Linear init; official: Linear(D, D) - ReLU - Linear(D, 128), no BN, mean of ALL tokens
+    (cls included), xavier-uniform init (MAE's _init_weights).
+  * augmentation as CAN Table 6: crop min area 0.08 at 224 px, jitter strength 1.0 = ColorJitter(0.8, 0.8, 0.8, 0.2);
+    the official code's: --crop-min-scale 0.2 --jitter-strength 0.5.
   * sigma_max 0.05 is the paper's (Fig 7); the official code's --std 0.05 never reaches its model (default 0.1).
   * no --accum-iter: InfoNCE negatives and BatchNorm statistics come from the step's batch; use more ranks instead.
   * --grad-checkpointing is on for vit_b / vit_l / vit_h: 2 x 512 masked ViT-L views per GPU need ~110 GB without.
