@@ -1,87 +1,56 @@
-"""CAN: contrastive masked autoencoder with noise prediction (Mishra et al. 2022, arXiv:2210.16870).
+"""CAN: contrastive masked autoencoder with noise prediction (Mishra et al. 2022, arXiv:2210.16870), MAE (mae.py) plus
+a contrastive and a denoising term. Official code: shlokk/mae-contrastive; SPEC section 6.
 
-What is implemented (CAN sections 3.1-3.6, Appendix C; SPEC section 6):
-  * two SimCLR views per image (CAN Table 6: RandomResizedCrop, color jitter strength 1.0, grayscale 0.2,
-    blur 0.5), both through the ViT encoder as ONE batch of 2B rows (view 1 rows first, then view 2);
-  * Gaussian noise x <- x + sigma * e, e ~ N(0, I), sigma ~ U[0, sigma_max] drawn per image AND view, added to
-    the whole normalized image before masking (CAN 3.4);
-  * each view independently keeps exactly T' = floor(T * (1 - mask_ratio)) patches, mask_ratio 0.5 (CAN 3.1);
-  * contrastive branch: mean of the visible encoder PATCH tokens (the cls token is left out, as CAN 3.2 pools
-    "the embeddings of unmasked tokens"; the official code also averages the cls slot) -> projection head
-    (App. C: FC 4096 - BN - ReLU twice, then FC 128; SyncBN under DDP) -> InfoNCE (CAN 3.2) with tau 0.1 and the
-    2n - 2 in-batch negatives of every rank, gathered with gradients (common.nt_xent);
-  * MAE decoder (512 wide, 8 blocks, 16 heads, MLP 2048; App. C) over visible tokens + [M] tokens + positions
-    + the noise-level embedding p = MLP(sinusoid(sigma)) added to EVERY decoder token, [M] tokens included (CAN
-    3.4, Fig 3);
-  * L_rec on masked patches against the clean image (our reading of CAN 3.3, see below), L_denoise on visible
-    patches against the added noise sigma * e (CAN 3.4), both on the same decoder output, and
-        L = l_c * L_InfoNCE + (1 - l_c) * (lam * L_rec + (1 - lam) * L_denoise)   (CAN 3.5),
-    l_c = 0.03 (CAN 5, Fig 7), lam = 0.7 (the official code's 0.7 / 0.3 split: CAN 3.5 defines lam without a value,
-    Fig 7 right finds accuracy insensitive to it);
-  * ablations without code edits: --no-contrastive (CAN Table 5 "AN"), --no-reconstruction ("CN"),
-    --no-denoise ("CA": no noise is added at all and the noise embedding does not exist),
-    --no-noise-embedding (CAN Table 1: "+noise, +loss" column; "+noise" = --no-noise-embedding --rec-weight 1);
-  * --flops-report: FLOPs per image of a training step of CAN vs SimCLR (two full views through the same encoder
-    and projection head, no decoder), counted on the meta device (no memory, no data), then exit;
-  * reconstruction / denoising pictures and an online kNN monitor on the held-out split.
+What is implemented (CAN sections 3.1-3.6, Appendix C):
+  * two SimCLR views per image (CAN Table 6: RandomResizedCrop, color jitter strength 1.0, grayscale 0.2, blur 0.5),
+    both through the encoder as ONE batch of 2B rows (view 1 rows first, then view 2), each row its own mask;
+  * noise x <- x + sigma * e, e ~ N(0, I), sigma ~ U[0, sigma_max] per image AND view, on the whole normalized image
+    before masking (CAN 3.4);
+  * encoder (forward_encoder; r = 0.5, CAN 3.1): patch embedding + fixed 2D sin-cos positions -> random_masking
+    (per image, argsort of uniform draws: exactly floor(L * (1 - r)) patches stay) -> cls token -> ViT blocks ->
+    LayerNorm, on the visible patches only; timm's parameter names (`encoder.*` loads into timm's VisionTransformer);
+  * contrastive branch: mean of the visible PATCH tokens (CAN 3.2 pools "the embeddings of unmasked tokens") ->
+    projection head (App. C) -> InfoNCE (CAN 3.2), tau 0.1, the 2n - 2 negatives of every rank (common.nt_xent);
+  * decoder (common.MaskedDecoder): Linear to 512, one learned mask token per removed patch, unshuffle, sin-cos
+    positions, 8 blocks of width 512 / 16 heads (MAE Table 1a/1b), Linear to p*p*3 values per patch;
+    + the noise-level embedding p = MLP(sinusoid(sigma)) on EVERY decoder token, [M] too (CAN 3.4, Fig 3; App. C);
+  * L_rec on the removed patches against the clean image, L_denoise on the visible ones against the added noise
+    sigma * e (CAN 3.3, 3.4), from the same decoder output; L = l_c * L_InfoNCE + (1 - l_c) * (lam * L_rec + (1 -
+    lam) * L_denoise) (CAN 3.5), l_c = 0.03 (CAN 5, Fig 7), lam = 0.7 (official code; no value in CAN 3.5, Fig 7);
+  * ablations without code edits: --no-contrastive (CAN Table 5 "AN"), --no-reconstruction ("CN"), --no-denoise
+    ("CA": no noise at all), --no-noise-embedding (Table 1 "+noise, +loss"; "+noise" adds --rec-weight 1);
+  * monitors: reconstruction / denoising pictures and a kNN monitor on the held-out split; --flops-report: CAN vs
+    SimCLR training FLOPs per image, meta device (README, "Training FLOPs per image, CAN vs SimCLR": ViT-L 1.71x).
 
 Launch:
-    python can.py --preset tiny --epochs 1                     # CPU smoke run on the synthetic shapes dataset
-    python can.py --preset cifar                               # CIFAR-10, 32 px, patch 4, ViT-Tiny
-    torchrun --nproc_per_node 8 can.py --arch vit_l            # ImageNet-1K in data/imagenet/{train,val}/<class>/,
-                                                               # CAN Table 6 ViT-L recipe (batch 4096, 800 epochs)
-    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-endpoint HOST:29500 can.py --arch vit_l      # the same on 32 GPUs
-    python can.py --arch vit_l --flops-report                  # CAN vs SimCLR training FLOPs (CPU, seconds)
+    python can.py --preset tiny --epochs 1                 # CPU smoke run on the synthetic shapes
+    python can.py --preset cifar                           # CIFAR-10, 32 px, patch 4, ViT-Tiny
+    torchrun --nproc_per_node 8 can.py --arch vit_l        # ImageNet (data/imagenet/{train,val}), ViT-L/16, 800 ep
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-endpoint HOST:29500 can.py --arch vit_l   # the same on 32 GPUs
+    python can.py --arch vit_l --flops-report              # CAN vs SimCLR training FLOPs (CPU, ~5 s)
 
-Deviations from the paper / the official code (shlokk/mae-contrastive), and why:
-  * losses are means (MAE ref code): L_rec averages the per-patch mean squared error over the removed patches,
-    L_denoise over the visible ones; CAN 3.3 / 3.4 write sums of squared errors divided by 2n. Every view has
-    T - T' removed and T' visible patches, so paper L_rec = p*p*3 * (T - T') * ours and paper L_denoise =
-    p*p*3 * T' * ours: one constant for both only at mask ratio 0.5, where T - T' = T'.
-  * norm_pix_loss is OFF by default, as in the official code and its README command; CAN's text does not state it.
-    The paper's l_c = 0.03 "approximately balances the magnitudes" of the terms in its Table 4 (final training
-    values, ViT-B, IN-1K, 50% masking): InfoNCE 9.143, L_rec 0.1633 (MAE alone 0.1658). A per-patch standardized
-    target has unit variance whatever the data, so L_rec sits on another scale than the one l_c was tuned for.
-    Measured here (2-core CPU, fp32; Fashion-MNIST at 32 px, patch 4, vit_micro, batch 64, lr 2.5e-3, 800 steps;
-    mean of the logged values over steps 610-800; one seed):
-        python can.py --preset tiny --dataset fashion_mnist --image-size 32 --batch-size 64 --epochs 1 \
-            --steps 800 --log-every 10 --norm-pix-loss | --no-norm-pix-loss
-      on : L_rec 0.547 (steps 10-50) -> 0.504, InfoNCE 5.08, kNN 0.43 -> 0.43 (patch mean predicted: 0.979)
-      off: L_rec 1.547 (steps 10-50) -> 0.316, InfoNCE 4.56, kNN 0.43 -> 0.53 (zeros: 3.194, patch mean: 0.580)
-    Off, L_rec keeps falling towards the paper's magnitude and the weighted terms are closer (0.03 * 4.56 = 0.14 vs
-    0.679 * 0.32 = 0.21; on: 0.15 vs 0.34; paper: 0.27 vs 0.11); on, L_rec stalls near half its trivial value. The
-    kNN gap rests on one seed and 100 queries. --norm-pix-loss gives MAE's per-patch targets (mae.py keeps them on:
-    MAE Table 1c). The noise target is never normalized (official code).
-  * the reconstruction target is the clean image: our reading of CAN 3.3, whose L_rec compares the decoder output
-    with the image x. Read literally, 3.4's "x <- x + sigma * e" replaces x by the noisy image before L_rec, and the
-    official code does exactly that (noise added in place, then patchify(imgs)): --rec-target noisy.
-  * the noise-level MLP maps to the decoder width and is added after the decoder's input projection and positions
-    to every token ([M] and cls included), as CAN 3.4 describes; the official code adds a D-wide embedding to the
-    encoder outputs before the decoder projection, which leaves the [M] tokens without it.
-  * --grad-checkpointing (on for vit_b / vit_l) recomputes every block in backward: 2 x 512 masked views of ViT-L
-    per GPU (batch 4096 on 8 GPUs) need ~110 GB of activations without it.
-  * the paper trains on TPUs in JAX; this is PyTorch with bf16 autocast (losses in fp32).
+Deviations from the paper / the reference code (the official code), and why:
+  * losses are means (MAE ref code) over the removed (L_rec) / visible (L_denoise) patches; CAN 3.3 / 3.4's sums / 2n
+    are p*p*3 (T - T') and p*p*3 T' times ours: one constant for both only at mask ratio 0.5.
+  * norm_pix_loss is OFF, as the official code (CAN's text is silent): l_c = 0.03 balances CAN Table 4's magnitudes;
+    per-patch targets change L_rec's scale (measured: README, "CAN's norm_pix_loss is off by default").
+  * L_rec's target is the clean image (our reading of CAN 3.3); the official code adds the noise in place and so
+    reconstructs the noisy image (3.4's "x <- x + sigma * e" read literally): --rec-target noisy.
+  * the noise embedding (decoder width) is added after the decoder's input projection and positions (CAN 3.4); the
+    official code adds a D-wide one to the encoder output, which leaves the [M] tokens without it.
+  * InfoNCE negatives from every rank (CAN 3.2); the official SupConLoss sees its own GPU's 2 x 64 views only.
+  * projection head: App. C's FC 4096 - BN - ReLU x 2 - FC 128, + BN without shift (SimCLR v2, which App. C follows),
+    SyncBN under DDP, PyTorch's Linear init; official: Linear(D, D) - ReLU - Linear(D, 128), no BN, mean of ALL tokens
+    (cls included), xavier-uniform init (MAE's _init_weights).
+  * augmentation as CAN Table 6: crop min area 0.08 at 224 px, jitter strength 1.0 = ColorJitter(0.8, 0.8, 0.8, 0.2);
+    the official code's: --crop-min-scale 0.2 --jitter-strength 0.5.
   * sigma_max 0.05 is the paper's (Fig 7); the official code's --std 0.05 never reaches its model (default 0.1).
-  * augmentation follows CAN Table 6, not the official code: RandomResizedCrop min area 0.08 at 224 px (official
-    0.2; --crop-min-scale 0.2) and color jitter strength 1.0 = ColorJitter(0.8, 0.8, 0.8, 0.2) (official
-    ColorJitter(0.4, 0.4, 0.4, 0.1) = strength 0.5; --jitter-strength 0.5).
-  * InfoNCE negatives come from every rank (CAN 3.2: the 2n - 2 others of the batch n); the official code's
-    SupConLoss sees only its own GPU's views (2 x 64 per GPU), so its negatives are per GPU.
-  * projection head: CAN App. C's FC 4096 - BN - ReLU x 2 - FC 128, then BN without shift (SimCLR v2, common.
-    ProjectionHead kind="bn": App. C lists the FC 128 only and says its heads follow SimCLR), on the mean of the
-    visible PATCH tokens, PyTorch's default Linear init; the official code uses Linear(D, D) - ReLU - Linear(D, 128)
-    without BN on the mean of all tokens (cls included), xavier-uniform init (MAE's _init_weights).
-  * --arch vit_h: CAN trains no ViT-H; its entry takes ViT-L's lr / wd (the closest recipe), MAE's patch 14, and
-    gradient checkpointing.
-  * no gradient accumulation (MAE's --accum-iter): the InfoNCE negatives are the other views of the SAME step and
-    the projection head's BatchNorm normalizes over the step's batch, so K micro-batches of B / K images are not a
-    batch of B (2B / K - 2 negatives per anchor, noisier BN statistics); use more ranks instead.
-
-Measured with this file (FlopCounterMode on the meta device; forward + backward of one training step per image,
-both views; `python can.py --arch vit_l --flops-report`, CPU, ~5 s):
-    vit_l/16 at 224:  CAN 430.9 GFLOPs, SimCLR 738.3 GFLOPs, SimCLR / CAN = 1.71  (CAN abstract: "70% higher")
-    vit_b/16 at 224:  CAN 168.9 GFLOPs, SimCLR 210.5 GFLOPs, SimCLR / CAN = 1.25  (the 8 x 512 decoder over 2 x 196
-                      tokens weighs more against the smaller encoder)
+  * no --accum-iter: InfoNCE negatives and BatchNorm statistics come from the step's batch; use more ranks instead.
+  * --grad-checkpointing is on for vit_b / vit_l / vit_h: 2 x 512 masked ViT-L views per GPU need ~110 GB without.
+  * --arch vit_h (no ViT-H in CAN): ViT-L's lr / wd, MAE's patch 14.
+  * bf16 autocast instead of fp16 + GradScaler; the loss is computed in fp32.
+  * the kept count floor(L * (1 - r)) is exact (common.keep_count); the ref code's int(L * (1 - r)) loses a patch to
+    float error at e.g. L = 100, r = 0.9 (9 instead of 10). Same count at every setting of the paper.
 """
 
 from __future__ import annotations
@@ -104,7 +73,7 @@ class Args:
     """CAN: contrastive masked autoencoder with noise prediction (arXiv:2210.16870)."""
 
     # --- experiment
-    run_name: str = common.arg("", "run folder under --output-dir (default: can_<dataset>_<arch>_s<seed>)")
+    run_name: str = common.arg("", f"run folder under --output-dir (default: {METHOD}_<dataset>_<arch>_s<seed>)")
     output_dir: str = common.arg("runs", "where run folders are written")
     seed: int = common.arg(0, "random seed (each rank adds its rank)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
@@ -117,7 +86,7 @@ class Args:
     data_root: str = common.arg("data/imagenet", "dataset root (imagefolder: <root>/train/<class>/*, <root>/val/...)")
     download: bool = common.arg(False, "download the dataset when torchvision can")
     synthetic_size: int = common.arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
-    image_size: int = common.arg(224, "training resolution (CAN: 224)")
+    image_size: int = common.arg(224, "training resolution (paper: 224)")
     num_workers: int = common.arg(10, "DataLoader workers per rank for datasets not kept on the device (MAE: 10)")
     jitter_strength: float = common.arg(1.0, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (CAN Table 6: 1.0)")
     gray_p: float = common.arg(0.2, "grayscale probability (CAN Table 6: 0.2)")
@@ -127,10 +96,10 @@ class Args:
     # --- model
     preset: str = common.arg("none", "a named group of defaults (see PRESETS)", ["none", "cifar", "tiny"])
     arch: str = common.arg("vit_b", "ViT encoder; vit_b / vit_l also set CAN Table 6's lr and wd", common.VIT_CHOICES)
-    patch_size: int = common.arg(16, "patch size (CAN: 16 at 224)")
-    decoder_dim: int = common.arg(512, "decoder width (CAN App. C / MAE: 512)")
-    decoder_depth: int = common.arg(8, "decoder blocks (CAN App. C / MAE: 8)")
-    decoder_heads: int = common.arg(16, "decoder heads (CAN App. C / MAE: 16)")
+    patch_size: int = common.arg(16, "patch size (16 at 224 px; ViT-H: 14 (MAE), set by --arch vit_h)")
+    decoder_dim: int = common.arg(512, "decoder width (MAE Table 1b: 512)")
+    decoder_depth: int = common.arg(8, "decoder blocks (MAE Table 1a: 8)")
+    decoder_heads: int = common.arg(16, "decoder heads (MAE ref code / CAN App. C: 16)")
     grad_checkpointing: bool = common.arg(False, "recompute transformer blocks in backward (less memory)")
     proj_hidden: int = common.arg(4096, "projection head hidden width (CAN App. C: 4096)")
     proj_dim: int = common.arg(128, "projection output dimension (CAN App. C: 128)")
@@ -175,20 +144,21 @@ class Args:
 
 
 class CAN(nn.Module):
-    """encoder: common.VisionTransformer with timm's names; decoder: common.MaskedDecoder; noise_embed (CAN 3.4 MLP);
-    projector (CAN App. C). Parts whose loss term is switched off are not built (no unused parameters under DDP).
+    """encoder: common.VisionTransformer with timm's names; decoder: common.MaskedDecoder (p*p*3 values per patch);
+    noise_embed (CAN 3.4 MLP); projector (CAN App. C); a part whose loss terms are all off is not built (DDP).
     forward(x, sigma, mask_draws=None): x (N, 3, H, W) normalized noisy images (N = 2B: view 1 rows, then view 2),
     sigma (N,) their noise levels, mask_draws (N, L) uniform draws choosing the kept patches (None: drawn inside)
-    -> dict: mask (N, L) 1 = removed; proj (N, proj_dim) when the projector exists; pred (N, L, p*p*3) when the
-    decoder exists."""
+    -> dict: mask (N, L) 1 = removed; proj (N, proj_dim) if the projector exists; pred (N, L, p*p*3) if the decoder."""
 
     def __init__(self, args: Args):
         super().__init__()
         dim, depth, heads = common.vit_arch(args.arch)
-        self.mask_ratio, self.patch_size, self.noise_embed_dim = args.mask_ratio, args.patch_size, args.noise_embed_dim
+        self.mask_ratio, self.patch_size = args.mask_ratio, args.patch_size
+        self.noise_embed_dim = args.noise_embed_dim
         self.encoder = common.VisionTransformer(args.image_size, args.patch_size, 3, dim, depth, heads)
-        out_dim, L, D = args.patch_size**2 * 3, self.encoder.num_patches, args.decoder_dim
-        self.decoder = None
+        out_dim = args.patch_size**2 * 3
+        L = self.encoder.num_patches
+        self.decoder, D = None, args.decoder_dim
         if args.reconstruction or args.denoise:  # MLP ratio 4 -> 2048 hidden at width 512 (CAN App. C)
             self.decoder = common.MaskedDecoder(L, dim, out_dim, D, args.decoder_depth, args.decoder_heads)
         self.noise_embed = None
@@ -225,9 +195,9 @@ class CAN(nn.Module):
 
 
 def sigma_embedding(sigma: torch.Tensor, dim: int = 128) -> torch.Tensor:
-    """Sinusoidal embedding of the noise level (CAN 3.4; official code get_1d_sincos_pos_embed with dim 128):
-    half = dim / 2, freq_k = exp(-k * ln(10000) / (half - 1)) for k = 0..half-1,
-    emb = [sin(sigma * freq), cos(sigma * freq)]. sigma (N,) -> (N, dim) float32, sigma used as is (official code)."""
+    """Sinusoidal embedding of the noise level, sigma used as is (CAN 3.4; official code's get_1d_sincos_pos_embed,
+    dim 128): [sin(sigma * freq), cos(sigma * freq)], freq_k = exp(-k ln(10000) / (half - 1)), k < half = dim / 2.
+    sigma (N,) -> (N, dim) float32."""
     half = dim // 2
     k = torch.arange(half, dtype=torch.float32, device=sigma.device)
     freq = torch.exp(-k * math.log(10000.0) / (half - 1))
@@ -242,9 +212,9 @@ def build_model(args: Args) -> CAN:
 
 @torch.no_grad()
 def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, pool: str | None = None):
-    """Frozen representation for probing. images float (B, 3, S, S) in [0, 1], noise-free and unmasked -> (B, D)
-    float32. layer=None: the encoder output after its final norm; layer=i: the output of block i (before the final
-    norm). pool "mean" (default: CAN App. C, "global average pool ... instead of the cls token") or "cls"."""
+    """Frozen representation for probing. images float (B, 3, S, S) in [0, 1], unmasked -> (B, D) float32.
+    layer=None: the encoder output after its final norm; layer=i: the output of block i (before the final norm).
+    pool "mean" (default: CAN App. C, "global average pool ... instead of the cls token") or "cls". No noise."""
     pool = pool or "mean"
     if pool not in ("mean", "cls"):
         raise ValueError(f"unknown pool '{pool}'; use mean or cls")
@@ -252,7 +222,7 @@ def features(model: nn.Module, images: torch.Tensor, layer: int | None = None, p
     x = common.normalize(images.float())
     with common.eval_mode(model):
         tokens = enc(x) if layer is None else enc.block_tokens(x, layer)
-    return (tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).float()
+    return (tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float()
 
 
 def num_feature_layers(model: nn.Module) -> int:
@@ -273,9 +243,8 @@ def contrastive_loss(proj: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def denoise_loss(pred: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CAN 3.4: the decoder output on VISIBLE patches predicts the added noise sigma * e. pred, noise (N, L, p*p*3)
-    (noise patchified, never normalized), mask (N, L) 1 = removed. Per-patch mean squared error averaged over the
-    visible patches. fp32."""
+    """CAN 3.4: the decoder output on VISIBLE patches predicts the added noise sigma * e (patchified, not normalized).
+    pred, noise (N, L, p*p*3), mask (N, L) 1 = removed -> per-patch mean squared error over visible patches, fp32."""
     visible = 1.0 - mask.float()
     per_patch = ((pred.float() - noise.float()) ** 2).mean(dim=-1)
     return (per_patch * visible).sum() / visible.sum()
@@ -299,14 +268,13 @@ def draw_noise(images: torch.Tensor, sigma_max: float, generator: torch.Generato
 
 
 def can_losses(model: nn.Module, views: list[torch.Tensor], args: Args, mask_draws=None, sigma=None, noise=None):
-    """One CAN training objective. views: the two float (B, 3, H, W) views in [0, 1] of the same B images (a single
-    (2B, 3, H, W) tensor of view-1 rows then view-2 rows also works). mask_draws (2B, L), sigma (2B,), noise
-    (2B, 3, H, W) may be given (tests); otherwise drawn from the global RNG, mask draws first. The model runs under
-    bf16 autocast when args.amp; the losses in fp32.
+    """One CAN training objective. views: the two float (B, 3, H, W) views in [0, 1] of the same B images (or one
+    (2B, 3, H, W) tensor, view-1 rows first). mask_draws (2B, L), sigma (2B,), noise (2B, 3, H, W) may be given
+    (tests); otherwise drawn from the global RNG, mask draws first. bf16 autocast when args.amp; the losses in fp32.
     Returns (terms: {"contrastive", "reconstruction", "denoise" (the active ones), "total"} fp32 scalars,
              out: the model outputs plus x (clean normalized input), x_noisy, sigma, noise)."""
     images = torch.cat(list(views)) if isinstance(views, (list, tuple)) else views
-    x = common.normalize(images.float())  # one encoder batch: view 1 rows, then view 2 rows
+    x = common.normalize(images.float())  # MAE works in ImageNet-normalized pixel space (main_pretrain.py Normalize)
     N, L = x.shape[0], common.unwrap(model).encoder.num_patches
     if mask_draws is None:
         mask_draws = torch.rand(N, L, device=x.device)  # each row (image and view) masked independently
@@ -343,18 +311,12 @@ def simclr_loss(model: CAN, images: torch.Tensor, args: Args) -> torch.Tensor:
 
 
 def training_step_flops(args: Args, method: str = "can") -> float:
-    """FLOPs per image (both views) of one forward + backward step (common.count_step_flops: meta device, no memory
-    or RNG). Model FLOPs: gradient checkpointing's recomputation is not counted."""
-    args = dataclasses.replace(
-        args, amp=False, grad_checkpointing=False, contrastive=args.contrastive or method == "simclr"
-    )
-    S = args.image_size
-
-    def loss_of(model):  # 2 images x 2 views
-        images = torch.rand(4, 3, S, S)
-        return simclr_loss(model, images, args) if method == "simclr" else can_losses(model, images, args)[0]["total"]
-
-    return common.count_step_flops(lambda: build_model(args), loss_of)
+    """FLOPs per image of one forward + backward step (common.count_step_flops: meta device, no memory or RNG). Model
+    FLOPs: gradient checkpointing's recomputation is not counted. 4 rows = 2 images x 2 views; "simclr": simclr_loss."""
+    args, S = dataclasses.replace(args, amp=False, grad_checkpointing=False), args.image_size
+    args.contrastive = args.contrastive or method == "simclr"
+    loss = simclr_loss if method == "simclr" else lambda m, images, args: can_losses(m, images, args)[0]["total"]
+    return common.count_step_flops(lambda: build_model(args), lambda m: loss(m, torch.rand(4, 3, S, S), args))
 
 
 def flops_report(args: Args) -> dict[str, float]:
@@ -373,7 +335,8 @@ def flops_report(args: Args) -> dict[str, float]:
 
 
 def build_optimizer(model: nn.Module, args: Args, lr: float, device) -> torch.optim.Optimizer:
-    """AdamW (CAN Table 6); no weight decay on 1-D tensors and biases (common.param_groups, as MAE)."""
+    """AdamW; weight decay as the reference (timm add_weight_decay): none on 1-D tensors and biases, the cls and mask
+    tokens decayed, the frozen sin-cos positions left out (common.param_groups)."""
     return common.make_adamw(common.param_groups(model, args.weight_decay), lr, args.betas, device)
 
 
@@ -392,40 +355,37 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, args: Args, pat
     model = common.unwrap(model)
     if model.decoder is None:
         return
+    images = images.to(next(model.parameters()).device)
+    p, n = args.patch_size, images.shape[0]
     g = torch.Generator(device=images.device).manual_seed(seed)
     x = common.normalize(images.float())
-    n, L, p = x.shape[0], model.encoder.num_patches, args.patch_size
-    mask_draws = torch.rand(n, L, device=x.device, generator=g)
+    mask_draws = torch.rand(n, model.encoder.num_patches, device=x.device, generator=g)
     sigma = torch.full((n,), args.sigma_max if args.denoise else 0.0, device=x.device)
     noise = sigma.view(n, 1, 1, 1) * torch.randn(x.shape, device=x.device, generator=g)
     x_noisy = x + noise
     with common.eval_mode(model):
         out = model(x_noisy, sigma, mask_draws)
-    pred, mask = out["pred"].float(), out["mask"][..., None]
+    pred, mask = out["pred"].float(), out["mask"].float()[..., None]
+    noise_pred = pred  # on the visible patches (CAN 3.4)
     target = common.patchify(x if args.rec_target == "clean" else x_noisy, p)
-    pixels = pred
     if args.norm_pix_loss:
-        pixels = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    noisy_patches, grey = (
-        common.patchify(x_noisy, p),
-        common.patchify(common.normalize(torch.full_like(images, 0.5)), p),
-    )
-    masked, reconstructed = noisy_patches * (1 - mask) + grey * mask, pixels * mask + noisy_patches * (1 - mask)
-    rows = [
-        common.denormalize(r).clamp(0, 1)
-        for r in (x, common.unpatchify(masked, p), common.unpatchify(reconstructed, p))
-    ]
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    grey = common.patchify(common.normalize(torch.full_like(images, 0.5)), p)
+    noisy = common.patchify(x_noisy, p)  # the visible input
+    masked, reconstructed = noisy * (1 - mask) + grey * mask, pred * mask + noisy * (1 - mask)
+    rows = [x, common.unpatchify(masked, p), common.unpatchify(reconstructed, p)]
+    rows = [common.denormalize(r).clamp(0, 1) for r in rows]
     scale = 1.0 / (6 * args.sigma_max) if args.sigma_max > 0 else 1.0
-    rows.append((0.5 + common.unpatchify(pred * (1 - mask), p) * scale).clamp(0, 1))
+    rows.append((0.5 + common.unpatchify(noise_pred * (1 - mask), p) * scale).clamp(0, 1))
     rows.append((0.5 + common.unpatchify(common.patchify(noise, p) * (1 - mask), p) * scale).clamp(0, 1))
     labels = ["original", "masked + noise", "reconstruction", "predicted noise", "true noise"]
     common.save_image_grid(torch.cat(rows), path, nrow=n, labels=labels)
 
 
 def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str) -> dict:
-    """The reconstruction PNG and eval/knn_top1: weighted kNN (SPEC 8: k 200, tau 0.07) on `features` of the
-    class-balanced held-out bank (training images) and queries (held-out split), un-augmented."""
-    save_reconstructions(model, held["pictures"], args, os.path.join(run_dir, f"reconstruction_step{step:07d}.png"))
+    """The reconstruction PNG and eval/knn_top1: weighted kNN (SPEC 8) on `features` of the held-out data."""
+    path = os.path.join(run_dir, f"reconstruction_step{step:07d}.png")
+    save_reconstructions(model, held["pictures"], args, path)
     if args.knn_bank <= 0:
         return {}
     embedded = common.embed_heldout(lambda x: features(model, x), held, args, held["pictures"].device)
@@ -469,7 +429,7 @@ def check_args(args: Args) -> None:
 # wins over --arch's entry.
 PRESETS = {
     "preset": {
-        # CIFAR-size CAN (not in the paper): 32 px, patch 4 -> 64 patches, ViT-Tiny, a 256-wide 4-block decoder
+        # CIFAR-size model (not in the paper): 32 px, patch 4 -> 64 patches, ViT-Tiny, a 256-wide 4-block decoder
         # (MAE Table 1a/1b), batch 512 and 10 warmup epochs as SimCLR's CIFAR-10 recipe; CAN Table 6's ViT-B lr / wd.
         "cifar": dict(
             dataset="cifar10",
@@ -569,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     final = {k.replace("eval/", "init/"): v for k, v in evaluate(0).items()} if step == 0 else {}
 
-    # --- the training loop (THE PART TO READ is CAN and can_losses above)
+    # --- the training loop (THE PART TO READ is the model and the loss above)
     model.train()
     epoch = step // steps_per_epoch
     while step < stop_step:

@@ -1,85 +1,51 @@
-"""iGPT: generative pretraining from pixels (Chen, Radford, Child, Wu, Jun, Luan, Sutskever, ICML 2020; no arXiv
-version), as the generative baseline of GCRL (Kim, Kim, Lee 2021, arXiv:2106.06162), whose recipe and axial attention
-block this file follows.
+"""iGPT: generative pretraining from pixels (Chen et al., ICML 2020; no arXiv version), as the generative baseline of
+GCRL (Kim, Kim, Lee 2021, arXiv:2106.06162), whose recipe and axial attention block this file follows.
 
 What is implemented (SPEC sections 1.2-1.4 and 4):
-  * a 512-color palette (iGPT): k-means on training pixels at startup, fitted once on rank 0 and broadcast to every
-    rank (so all ranks quantize with the same palette, whatever the GPU's k-means arithmetic does) and cached as
-    <run>/palette.npy, which a later run in the same folder reuses; or --palette PATH, a (K, 3) .npy in [-1, 1] such as
-    iGPT's released kmeans_centers.npy (GCRL 3.2 uses that codebook). Images -> K-color tokens in raster order
-    (common.ColorQuantizer, nearest center in RGB scaled by x / 127.5 - 1): a 32x32 image is a sequence of 1024;
+  * a 512-color palette (iGPT): k-means (k-means++, 20 iterations on 250k random training pixels, as minGPT's demo) on
+    rank 0, broadcast, cached in <run>/palette.npy; or --palette PATH, (K, 3) in [-1, 1] such as iGPT's released
+    kmeans_centers.npy (GCRL 3.2's). Raster-order tokens: nearest center to x / 127.5 - 1 (common.ColorQuantizer);
   * the token transformer: token embedding + learned SOS + learned 2D (row + column) positions (common.PixelEmbedding,
     GCRL 3.2), pre-LN blocks (GCRL eq. 4, common.Block) with dense causal attention or GCRL's axial attention (Appendix
     Algorithm 1, common.AxialAttention; one set of attention weights used three times), final LayerNorm, untied head;
-  * the autoregressive objective over ALL n tokens: input [SOS, t_0 .. t_{n-2}], targets t_0 .. t_{n-1}, loss = mean
-    negative log-likelihood per token (iGPT ref code); or --objective bert: 15% of the tokens masked (their embeddings
-    zeroed, no SOS shift, no causal mask), loss on the masked tokens only (iGPT ref code);
-  * bits per palette token = mean NLL / ln 2 on the training (un-augmented) and test images: eval/train_bits_per_token,
-    eval/test_bits_per_token. This is GCRL's "bpd on the color-quantized space" (SPEC 1.4, GCRL footnote 2): bits per
-    token over the 9-bit palette, NOT comparable to the 8-bit bits/dim of PixelCNN-style papers. A uniform model
-    scores log2(512) = 9 bits; the untrained model is exactly that (zero-initialized head, iGPT ref code);
-  * samples: autoregressive sampling with a softmax temperature (GCRL Figs 6-8: 1.0, 0.99, 0.98), decoded through the
-    palette into a PNG grid at every evaluation, or from a checkpoint with --sample-only --ckpt PATH;
-  * features(model, images, layer) for eval_probe.py: average-pooled, layer-normalized activations of any block;
-    log_likelihood(model, images) for eval_probe.py's unsupervised OOD score (GCRL Table 6).
+  * the autoregressive objective over ALL n tokens: input [SOS, t_0 .. t_{n-2}], targets t_0 .. t_{n-1}, mean NLL
+    per token; or --objective bert: 15% of the tokens masked (embeddings zeroed, no SOS shift, no causal mask), loss
+    on the masked tokens only (both as the iGPT ref code);
+  * eval/{train,test}_bits_per_token = mean NLL / ln 2 on un-augmented images: GCRL's "bpd on the color-quantized
+    space" (SPEC 1.4, footnote 2), NOT comparable to 8-bit bits/dim; uniform = untrained (zero-init head) = 9 bits;
+  * samples at a softmax temperature (GCRL Figs 6-8: 1.0, 0.99, 0.98), decoded through the palette into a PNG grid at
+    every evaluation, or from a checkpoint with --sample-only --ckpt PATH;
+  * for eval_probe.py: features (pooled, layer-normalized activations of any block), log_likelihood (GCRL Table 6).
 
 Launch:
     python igpt.py --preset tiny --epochs 1                        # CPU smoke run (synthetic shapes at 8x8)
     python igpt.py                                                 # CIFAR-10, iGPT 10M axial (GCRL Table 3)
     python igpt.py --attention dense                               # the dense baseline of GCRL Table 11
-    python igpt.py --palette kmeans_centers.npy                    # iGPT's released palette (as GCRL did)
     torchrun --nproc_per_node 8 igpt.py --preset imagenet32        # ImageNet32 (GCRL Table 3), data/imagenet32
     torchrun --nproc_per_node 8 igpt.py --preset imagenet32_76m    # iGPT 76M (24 x 512) on ImageNet32
     python igpt.py --sample-only --ckpt runs/<run>/checkpoint.pt --temperature 0.99 --num-samples 64
 
-Two architectures share the file. --arch igpt_10m / igpt_76m (default): GCRL's model and recipe (row + column
-positions, biases, axial or dense attention, AdamW betas (0.9, 0.999), wd 1e-4, dropout 0.1). --arch igpt_s / igpt_m /
-igpt_l: iGPT's (dense causal attention, one learned position per token, no biases in attention and MLP, Adam betas
-(0.9, 0.95), no weight decay, no dropout); what still differs from openai/image-gpt is listed below.
+Two architectures: --arch igpt_10m / igpt_76m (default): GCRL's model and recipe (row + column positions, biases,
+axial or dense attention, AdamW betas (0.9, 0.999), wd 1e-4, dropout 0.1). --arch igpt_s / igpt_m / igpt_l: iGPT's
+(dense causal attention, one position per token, no biases in attention and MLP, Adam (0.9, 0.95), no wd, no dropout)
+with GCRL Table 3's lr, 5 warmup epochs and epochs (a deviation: iGPT swept the lr per model).
 
 Deviations from the paper / reference code (openai/image-gpt), and why:
-  * LayerNorm (GCRL eq. 4) instead of iGPT's RMS-style norm without mean subtraction; exact GELU instead of iGPT's
-    x * sigmoid(1.702 x); qkv and output projections with biases (common.Block, timm layout) unless --no-block-bias
-    (the igpt_s / m / l default); learned row + column positions unless --positions 1d (ditto).
-  * dropout 0.1 (GCRL 4.1: "before every residual connection"): common.Block also applies it inside the MLP after
-    the GELU (timm's Mlp uses one dropout rate for both places); its attention-probability dropout is switched off
-    here, since GCRL does not state one. iGPT itself trains without dropout (0 for igpt_s / m / l).
-  * igpt_s / m / l keep GCRL Table 3's lr, 5 warmup epochs and epochs (iGPT swept the lr per model).
-  * initialization: GPT-2 / minGPT style (Linear N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 * depth)),
-    zero biases); iGPT's ref code uses per-tensor scales instead. Its zero-initialized output head is kept.
-  * weight decay 1e-4 skips LayerNorm parameters and the embeddings (GCRL 4.1: "layer normalization and token
-    embeddings"; here also the SOS vector and the learned positions) and every bias (common.param_groups).
-  * AdamW betas: GCRL does not state them; PyTorch's defaults (0.9, 0.999), which its PyTorch 1.6 AdamW had.
-  * the palette is fitted on this run's training pixels unless --palette is given (GCRL used iGPT's released one);
-    k-means++ init, 20 iterations on 250k random training pixels (minGPT's CIFAR demo: 5 pixels per image).
-  * sampling runs the whole model once per token (n forward passes for n tokens, no key/value cache: the column pass
-    of the axial block would need a per-column cache). For 64 CIFAR-size samples of the 10M model that is 1024 passes
-    of about 2.2 TFLOPs each (a third of the 101 GFLOPs per training image, x 64): an estimated 10-30 s on one
-    H100-class GPU, not measured here; on a CPU it is slow at 32x32, so --num-samples 0 turns the sample grids off.
-    Under torchrun the other ranks wait at a barrier while rank 0 samples: for igpt_m / igpt_l a 64-image grid may
-    outlast the process group's timeout (10 minutes by default), so train those with --num-samples 0 and sample
-    afterwards with --sample-only.
+  * LayerNorm (GCRL eq. 4), not iGPT's RMS-style norm; exact GELU, not x * sigmoid(1.702 x); biased qkv / output
+    projections (timm layout) unless --no-block-bias; row + column positions unless --positions 1d (both igpt_s/m/l).
+  * dropout 0.1 (GCRL 4.1: "before every residual connection") also after the MLP's GELU (common.Block, as timm's
+    Mlp); no attention-probability dropout (GCRL states none).
+  * init: GPT-2 / minGPT (N(0, 0.02), residual projections / sqrt(2 * depth), zero biases), not iGPT's; zero head kept.
+  * weight decay 1e-4 skips LayerNorms, embeddings (GCRL 4.1), the SOS vector, the positions and every bias; AdamW
+    betas: GCRL states none, so PyTorch's defaults (0.9, 0.999), as its PyTorch 1.6 AdamW had.
+  * sampling: one full forward per token (no key/value cache: the axial column pass would need one per column); 64
+    CIFAR samples of igpt_10m: 1024 passes of ~2.2 TFLOPs, est. 10-30 s on an H100 (not measured), slow on a CPU
+    (--num-samples 0: no grids). Other ranks wait at a barrier: igpt_m / l grids may outlast torchrun's 10-minute
+    timeout (train with --num-samples 0, then --sample-only).
   * evaluation uses bf16 autocast like training (--no-amp for fp32 numbers); the cross-entropy is always fp32.
-  * under --objective bert, eval/*_bits_per_token is the masked-token loss in bits (a fixed 15% mask), not a
-    likelihood of the image, and there is no sampling. The unused SOS vector is frozen (DDP needs every trainable
-    parameter to get a gradient).
-  * the tiny preset (CPU tests only) is a 64-wide, 2-block model on 8x8 images; not a configuration from a paper.
-
-Measured with this file on the 2-core CPU of the development machine (AMD EPYC, 2 threads, fp32; shared cores, so
-about +-10%), training images/s at 32x32 = 1024 tokens, same width/depth for both attentions (GCRL Table 11's
-comparison, which GCRL measured as inference throughput on a V100: axial 1.26x (MNIST) / 1.75x (CIFAR) faster):
-    python igpt.py --preset tiny --image-size 32 --batch-size 16 --steps 12 --log-every 4 --num-samples 0 \
-        --eval-images 16 --attention dense|axial          # igpt_tiny, 64 x 2 blocks: dense ~21, axial ~28 img/s
-    python igpt.py --preset tiny --arch igpt_10m --image-size 32 --batch-size 4 --steps 6 --log-every 2 \
-        --num-samples 0 --eval-images 4 --attention dense|axial       # iGPT 10M, 256 x 12: dense 0.99, axial 0.96
-  Axial wins at width 64 (its three passes cost less than 1024-long attention rows), not at width 256, where the
-  three qkv/out projections of each axial block (20 d^2 per token vs 12 d^2) cancel the shorter attention: on a CPU
-  fused attention already keeps the dense (1024 x 1024) scores out of memory (FLOP counter: 97 vs 101 GFLOPs per
-  image for dense vs axial). GCRL's V100 measurement ran the dense model at a smaller batch (24 vs 64 on CIFAR).
-Bits per palette token after 80 steps (about 8 s) of the tiny model on Fashion-MNIST at 8x8 (64 tokens), test split:
-    python igpt.py --preset tiny --dataset fashion_mnist --augment none --steps 80 --eval-images 256
-  -> 5.42 (train 5.43), vs 6.24 for the best-smoothed per-position unigram histogram (10k training images, computed
-     in tests/test_igpt.py) and 9 for the uniform distribution.
+  * --objective bert: eval/*_bits_per_token is the masked-token loss in bits (fixed 15% mask), not a likelihood; no
+    sampling; the unused SOS vector is frozen (DDP needs a gradient for every trainable parameter).
+Measured on the CPU (throughput dense vs axial, bits per token): README, "Results measured with this repository".
 """
 
 from __future__ import annotations
@@ -98,8 +64,7 @@ import common
 
 METHOD = "igpt"
 
-# (width, depth, heads) of the token transformer.
-IGPT_ARCHS = {
+IGPT_ARCHS = {  # (width, depth, heads) of the token transformer
     "igpt_tiny": (64, 2, 4),  # CPU tests and smoke runs (not from a paper)
     "igpt_10m": (256, 12, 8),  # GCRL Table 1 (10M, 12 blocks), 3.2 (width 256, 8 heads)
     "igpt_s": (512, 24, 8),  # iGPT-S, openai/image-gpt run.py defaults: n_embd 512, n_layer 24, n_head 8 (76M)
@@ -115,14 +80,12 @@ class Args:
     10M (batch 512, 200 epochs, peak lr 1.6e-3, AdamW wd 1e-4, 5 warmup epochs + cosine, clip 1.0, dropout 0.1)."""
 
     # --- experiment
-    run_name: str = common.arg("", "run folder name under --output-dir (default: igpt_<dataset>_<arch>_s<seed>)")
+    run_name: str = common.arg("", f"run folder under --output-dir (default: {METHOD}_<dataset>_<arch>_s<seed>)")
     output_dir: str = common.arg("runs", "where run folders are written")
     seed: int = common.arg(0, "random seed (each rank adds its rank); also seeds the palette fit and the samples")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
     resume: str = common.arg("auto", "auto = continue <run>/checkpoint.pt when present; a path; '' = start fresh")
-    steps: int = common.arg(
-        0, "stop after this many optimizer steps (0 = all epochs; the LR schedule spans the epochs)"
-    )
+    steps: int = common.arg(0, "stop after this many optimizer steps (0 = all epochs; the schedule spans all epochs)")
     # --- data
     dataset: str = common.arg("cifar10", f"an in-memory dataset of <= 64 px: one of {', '.join(common.DATASET_NAMES)}")
     data_root: str = common.arg("data", "dataset root folder")
@@ -132,34 +95,25 @@ class Args:
     augment: str = common.arg("weak", "weak = reflect-pad 4 + crop + flip (GCRL 4.1) | none", ["weak", "none"])
     num_workers: int = common.arg(8, "DataLoader workers per rank for datasets not kept on the device")
     # --- model
-    preset: str = common.arg(
-        "cifar", "a named group of defaults (see PRESETS)", ["cifar", "imagenet32", "imagenet32_76m", "tiny"]
-    )
-    arch: str = common.arg(
-        "igpt_10m",
-        "token transformer, width x depth / heads: "
-        + ", ".join(f"{k} {w}x{d}/{h}" for k, (w, d, h) in IGPT_ARCHS.items()),
-        list(IGPT_ARCHS),
-    )
-    attention: str = common.arg(
-        "axial", "dense (causal over the sequence) | axial (GCRL App. Alg. 1)", ["dense", "axial"]
-    )
+    preset: str = common.arg("cifar", "a named group of defaults (see PRESETS)",
+                             ["cifar", "imagenet32", "imagenet32_76m", "tiny"])  # fmt: skip
+    arch: str = common.arg("igpt_10m", "token transformer, width x depth / heads: " + ", ".join(
+        f"{k} {w}x{d}/{h}" for k, (w, d, h) in IGPT_ARCHS.items()), list(IGPT_ARCHS))  # fmt: skip
+    attention: str = common.arg("axial", "dense (causal over the sequence) | axial (GCRL App. Alg. 1)",
+                                ["dense", "axial"])  # fmt: skip
     positions: str = common.arg("rowcol", "learned positions: rowcol = row + column (GCRL 3.2) | 1d = one per token "
                                 "(iGPT ref code wpe; set by --arch igpt_s/m/l)", ["rowcol", "1d"])  # fmt: skip
     block_bias: bool = common.arg(True, "biases in the blocks' attention and MLP layers (--no-block-bias: iGPT ref "
                                   "code, set by --arch igpt_s/m/l)")  # fmt: skip
     dropout: float = common.arg(0.1, "dropout before every residual connection (GCRL 4.1: 0.1)")
-    num_colors: int = common.arg(
-        512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette is given"
-    )
-    palette: str = common.arg(
-        "", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at start"
-    )
+    num_colors: int = common.arg(512, "palette size K = vocabulary (iGPT: 512); set from the file when --palette "
+                                 "is given")  # fmt: skip
+    palette: str = common.arg("", "palette .npy (K, 3) in [-1, 1] (iGPT's kmeans_centers.npy); '' = fit k-means at "
+                              "start")  # fmt: skip
     palette_pixels: int = common.arg(250_000, "random training pixels the k-means palette is fitted on (minGPT: 250k)")
     kmeans_iters: int = common.arg(20, "k-means iterations of the palette fit")
-    objective: str = common.arg(
-        "ar", "ar = next-token prediction in raster order | bert = masked tokens", ["ar", "bert"]
-    )
+    objective: str = common.arg("ar", "ar = next-token prediction in raster order | bert = masked tokens",
+                                ["ar", "bert"])  # fmt: skip
     bert_mask_prob: float = common.arg(0.15, "fraction of tokens masked under --objective bert (iGPT: 0.15)")
     # --- optimization
     epochs: int = common.arg(200, "training epochs (GCRL Table 3, CIFAR 10M: 200)")
@@ -175,18 +129,16 @@ class Args:
     compile: bool = common.arg(False, "torch.compile the model")
     # --- logging
     log_every: int = common.arg(50, "log every N steps")
-    eval_every: int = common.arg(
-        5000, "bits per token on train / test images and a sample grid every N steps (and at end)"
-    )
+    eval_every: int = common.arg(5000, "bits per token on train / test images and a sample grid every N steps (and "
+                                 "at end)")  # fmt: skip
     ckpt_every: int = common.arg(1000, "checkpoint every N steps (and at the end)")
     keep_every: int = common.arg(0, "also keep a snapshot checkpoint-epNNNN.pt every N epochs (0 = none; MAE: 20)")
     eval_images: int = common.arg(0, "images of each split scored for bits per token (0 = the whole test split)")
     # --- sampling
     temperature: float = common.arg(1.0, "softmax temperature of the samples (GCRL Figs 6-8: 1.0, 0.99, 0.98)")
     num_samples: int = common.arg(64, "images in each sample grid (0 = no samples during training)")
-    sample_only: bool = common.arg(
-        False, "do not train: sample --num-samples images from --ckpt and write a PNG beside it"
-    )
+    sample_only: bool = common.arg(False, "do not train: sample --num-samples images from --ckpt and write a PNG "
+                                   "beside it")  # fmt: skip
     ckpt: str = common.arg("", "checkpoint to sample from with --sample-only")
 
 

@@ -4,11 +4,11 @@ baseline of CAN (arXiv:2210.16870). Reference code: facebookresearch/mae models_
 What is implemented:
   * one view per image: RandomResizedCrop(scale (0.2, 1), bicubic) + horizontal flip (MAE main_pretrain.py; Table 1e:
     color jitter hurts), then ImageNet mean / std standardization;
-  * encoder (MAE.forward_encoder): patch embedding + fixed 2D sin-cos positions -> random_masking (per image, argsort
-    of uniform draws: exactly floor(L * (1 - r)) patches stay, r = 0.75, Fig 5) -> cls token -> ViT blocks -> LayerNorm,
-    on the visible patches only; timm's parameter names (`encoder.*` loads into timm's VisionTransformer);
+  * encoder (forward_encoder; r = 0.75, MAE Fig 5): patch embedding + fixed 2D sin-cos positions -> random_masking
+    (per image, argsort of uniform draws: exactly floor(L * (1 - r)) patches stay) -> cls token -> ViT blocks ->
+    LayerNorm, on the visible patches only; timm's parameter names (`encoder.*` loads into timm's VisionTransformer);
   * decoder (common.MaskedDecoder): Linear to 512, one learned mask token per removed patch, unshuffle, sin-cos
-    positions, 8 blocks of width 512 / 16 heads (Table 1a/1b), Linear to p*p*3 values per patch;
+    positions, 8 blocks of width 512 / 16 heads (MAE Table 1a/1b), Linear to p*p*3 values per patch;
   * loss (ref forward_loss): per-patch mean squared error, averaged over the REMOVED patches only; with norm_pix_loss
     (on, Table 1c) each target patch is standardized by its own mean and unbiased variance;
   * monitors: held-out loss on fixed images with fixed masks (eval/test_loss) and a PNG of originals / masked inputs /
@@ -24,10 +24,9 @@ Deviations from the paper / the reference code, and why:
   * defaults follow MAE (App. A.1 Table 8); CAN Table 8 lists SimCLR's jitter / grayscale / blur for its MAE baseline
     although it says it follows He et al.: --view simclr gives CAN Table 8 as printed.
   * norm_pix_loss is ON by default (MAE README recipe, Table 1c); the reference argparse default is off.
-  * --accum-iter K (MAE main_pretrain.py --accum_iter) splits each rank's share of the GLOBAL --batch-size into K
-    micro-batches, each backward on loss / K, one update per K: --batch-size stays the effective batch of the recipe
-    (MAE's batch_size x accum_iter x GPUs) and so does the lr. Every image keeps the same number of patches, so the
-    mean of the K micro-batch losses is the loss of the whole batch (tests/test_mae.py: equal gradients).
+  * --accum-iter K (MAE's --accum_iter) splits each rank's share of the GLOBAL --batch-size into K micro-batches, one
+    update per K: --batch-size and the lr stay the recipe's (MAE's batch_size x accum_iter x GPUs). Every image keeps
+    as many patches, so the mean of the K losses is the whole batch's (tests/test_mae.py: equal gradients).
   * bf16 autocast instead of fp16 + GradScaler; the loss is computed in fp32.
   * the kept count floor(L * (1 - r)) is exact (common.keep_count); the ref code's int(L * (1 - r)) loses a patch to
     float error at e.g. L = 100, r = 0.9 (9 instead of 10). Same count at every setting of the paper.
@@ -56,7 +55,7 @@ class Args:
     """MAE: masked autoencoders are scalable vision learners (arXiv:2111.06377)."""
 
     # --- experiment
-    run_name: str = common.arg("", "run folder under --output-dir (default: mae_<dataset>_<arch>_s<seed>)")
+    run_name: str = common.arg("", f"run folder under --output-dir (default: {METHOD}_<dataset>_<arch>_s<seed>)")
     output_dir: str = common.arg("runs", "where run folders are written")
     seed: int = common.arg(0, "random seed (each rank adds its rank)")
     device: str = common.arg("auto", "auto (CUDA when available) | cuda | cpu")
@@ -68,7 +67,7 @@ class Args:
     data_root: str = common.arg("data/imagenet", "dataset root (imagefolder: <root>/train/<class>/*, <root>/val/...)")
     download: bool = common.arg(False, "download the dataset when torchvision can")
     synthetic_size: int = common.arg(0, "images per split of the synthetic dataset (0 = common.py's default)")
-    image_size: int = common.arg(224, "training resolution (MAE: 224)")
+    image_size: int = common.arg(224, "training resolution (paper: 224)")
     num_workers: int = common.arg(10, "DataLoader workers per rank for datasets not kept on the device (MAE: 10)")
     view: str = common.arg("mae", "mae = crop + flip (MAE) | simclr = + jitter 1.0, gray, blur (CAN Table 8)",
                            ["mae", "simclr"])  # fmt: skip
@@ -76,7 +75,7 @@ class Args:
     # --- model
     preset: str = common.arg("none", "a named group of defaults (see PRESETS)", ["none", "cifar", "tiny"])
     arch: str = common.arg("vit_l", "ViT encoder (MAE main_pretrain.py: ViT-L)", common.VIT_CHOICES)
-    patch_size: int = common.arg(16, "patch size (MAE: 16 for ViT-B/L, 14 for ViT-H, set by --arch vit_h)")
+    patch_size: int = common.arg(16, "patch size (16 at 224 px; ViT-H: 14 (MAE), set by --arch vit_h)")
     decoder_dim: int = common.arg(512, "decoder width (MAE Table 1b: 512)")
     decoder_depth: int = common.arg(8, "decoder blocks (MAE Table 1a: 8)")
     decoder_heads: int = common.arg(16, "decoder heads (MAE ref code / CAN App. C: 16)")
@@ -91,8 +90,8 @@ class Args:
     warmup_epochs: int = common.arg(40, "linear warmup epochs (MAE Table 8: 40)")
     weight_decay: float = common.arg(0.05, "AdamW weight decay (MAE Table 8: 0.05)")
     betas: tuple[float, float] = common.arg((0.9, 0.95), "AdamW betas (MAE Table 8)")
-    clip_grad: float = common.arg(0.0, "max gradient norm, 0 = off (MAE pretraining: no clipping)")
-    amp: bool = common.arg(True, "bf16 autocast where the hardware runs it natively (the loss stays fp32)")
+    clip_grad: float = common.arg(0.0, "max gradient norm, 0 = off (MAE / CAN official pretraining: no clipping)")
+    amp: bool = common.arg(True, "bf16 autocast where the hardware runs it natively (the losses stay fp32)")
     compile: bool = common.arg(False, "torch.compile the model")
     # --- logging
     log_every: int = common.arg(20, "log every N steps")
@@ -183,7 +182,8 @@ def mae_losses(model: nn.Module, images: torch.Tensor, args: Args, mask_draws: t
 
 
 def training_step_flops(args: Args) -> float:
-    """FLOPs per image of one forward + backward step (common.count_step_flops: meta device, no memory or RNG)."""
+    """FLOPs per image of one forward + backward step (common.count_step_flops: meta device, no memory or RNG). Model
+    FLOPs: gradient checkpointing's recomputation is not counted."""
     args, S = dataclasses.replace(args, amp=False, grad_checkpointing=False), args.image_size
     return common.count_step_flops(
         lambda: build_model(args), lambda m: mae_losses(m, torch.rand(2, 3, S, S), args)[0]["total"]
@@ -234,8 +234,9 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, args: Args, pat
     grey = common.patchify(common.normalize(torch.full_like(images, 0.5)), p)
     masked, reconstructed = target * (1 - mask) + grey * mask, pred * mask + target * (1 - mask)
     rows = [x, common.unpatchify(masked, p), common.unpatchify(reconstructed, p)]
-    images = torch.cat([common.denormalize(r).clamp(0, 1) for r in rows])
-    common.save_image_grid(images, path, nrow=n, labels=["original", "masked", "reconstruction"])
+    rows = [common.denormalize(r).clamp(0, 1) for r in rows]
+    labels = ["original", "masked", "reconstruction"]
+    common.save_image_grid(torch.cat(rows), path, nrow=n, labels=labels)
 
 
 def monitors(model: nn.Module, held: dict, args: Args, step: int, run_dir: str) -> dict:
@@ -290,26 +291,15 @@ def accumulated_backward(model: nn.Module, group: list, args: Args, check) -> di
     return terms
 
 
-def accumulation_groups(micro_batches, k: int):
-    """Consecutive groups of k micro-batches, one optimizer step each (--accum-iter); an incomplete last group is
-    dropped, as drop_last drops an incomplete batch."""
-    group = []
-    for item in micro_batches:
-        group.append(item)
-        if len(group) == k:
-            yield group
-            group = []
-
-
 # ======================================================================================================================
 # Presets and the training loop
 # ======================================================================================================================
 
 # Values a named group sets unless given on the command line (printed at startup, saved in args.json). --preset
-# wins over --arch's entry. MAE uses one recipe for every size (README: blr 1.5e-4, wd 0.05).
+# wins over --arch's entry.
 PRESETS = {
     "preset": {
-        # CIFAR-size MAE (not in the paper): 32 px, patch 4 -> 64 patches, ViT-Tiny, a 256-wide 4-block decoder
+        # CIFAR-size model (not in the paper): 32 px, patch 4 -> 64 patches, ViT-Tiny, a 256-wide 4-block decoder
         # (MAE Table 1a/1b: depth 4 / width 256 lose <= 0.1 points), batch 512, 10 warmup epochs; the shapes of
         # can.py's cifar preset.
         "cifar": dict(
@@ -350,7 +340,8 @@ PRESETS = {
             num_workers=0,
         ),
     },
-    "arch": {a: dict(patch_size=14) for a in ("vit_h", "vit_huge")},  # ViT-H/14 (MAE models_mae.py)
+    # MAE uses one recipe for every size (README: blr 1.5e-4, wd 0.05); ViT-H/14 as MAE models_mae.py.
+    "arch": {a: dict(patch_size=14) for a in ("vit_h", "vit_huge")},
 }
 
 
@@ -400,11 +391,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     final = {k.replace("eval/", "init/"): v for k, v in evaluate(0).items()} if step == 0 else {}
 
-    # --- the training loop (THE PART TO READ is MAE and mae_losses above)
+    # --- the training loop (THE PART TO READ is the model and the loss above)
     model.train()
     epoch = step // steps_per_epoch
     while step < stop_step:
-        for group in accumulation_groups(batches.epoch(epoch, start_step=(step % steps_per_epoch) * accum), accum):
+        micro_batches = iter(batches.epoch(epoch, start_step=(step % steps_per_epoch) * accum))
+        for group in zip(*[micro_batches] * accum):  # groups of accum; an incomplete last group is dropped (drop_last)
             common.set_lr(optimizer, lr := common.cosine_lr(step, total_steps, warmup_steps, peak_lr, args.min_lr))
             optimizer.zero_grad(set_to_none=True)
             # --accum-iter K: K micro-batches, loss / K each, one update; a non-finite loss stops the run before it
