@@ -1272,7 +1272,8 @@ def color_jitter_batch(images, factors, order, apply, enabled=(True, True, True,
     (turns); order (B, 4): order[b, k] = the op applied k-th (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
     sort, runs = jitter_plan(order, apply)
     sort = sort.to(images.device, non_blocking=True)
-    x = jitter_runs_(images.index_select(0, sort), factors.to(sort.device).index_select(0, sort), runs, enabled)
+    factors = factors.to(images.device, non_blocking=True).index_select(0, sort)
+    x = jitter_runs_(images.index_select(0, sort), factors, runs, enabled)
     return torch.empty_like(x).index_copy_(0, sort, x)
 
 
