@@ -5,6 +5,7 @@ warm-up) so that a noisy, shared machine slows both alike, and reports the media
 min and max of the per-repetition speed-up ratio `ref / ours` (> 1: this repository is faster).
 
     python bench/bench.py aug --sizes 32 64 96 224            # BatchedAugment vs the per-image torchvision v2 pipeline
+    python bench/bench.py aug --kind mae --sizes 32 64 96     # the same for the MAE view (crop, bicubic, flip)
     python bench/bench.py attention --widths 64 128 256       # igpt dense vs axial blocks, 32x32 tokens, fwd + bwd
     python bench/bench.py mae --official-mae /tmp/mae/models_mae.py   # mae.py step vs the official models_mae.py
     python bench/bench.py tokenloss                           # cross-entropy on flat rows vs a transposed view
@@ -82,9 +83,9 @@ def report(label: str, times: dict[str, list[float]], ours: str, ref: str, unit:
 
 
 def bench_aug(a) -> None:
-    """The SimCLR strong view of a (B, 3, S, S) uint8 batch stored at the view size (CIFAR 32, ImageNet64, STL-10 96,
-    ImageNet 224): one BatchedAugment call vs the per-image v2 pipeline over the B images (what a DataLoader worker
-    runs, here in the main process with the same thread count)."""
+    """The view `--kind` (SimCLR's strong view by default) of a (B, 3, S, S) uint8 batch stored at the view size
+    (CIFAR 32, ImageNet64, STL-10 96, ImageNet 224): one BatchedAugment call vs the per-image v2 pipeline over the
+    B images (what a DataLoader worker runs, here in the main process with the same thread count)."""
     for S in a.sizes:
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (a.batch, 3, S, S), dtype=torch.uint8, generator=g)

@@ -24,6 +24,7 @@ from common import (
     gaussian_blur_batch,
     hsv_to_rgb,
     per_image_transform,
+    resized_crop_antialiased,
     resized_crop_batch,
     rgb_to_hsv,
 )
@@ -57,14 +58,16 @@ def assert_rate(hits, p: float, name: str):
     assert abs(hits.mean() - p) < Z * se, f"{name}: rate {hits.mean():.4f}, expected {p} (se {se:.4f})"
 
 
-def views(kind: str, size: int, image: torch.Tensor, n: int, seed: int = 0, **kw):
-    """n views of one (C, H, W) image from each implementation: (per_image (n, 3, S, S), batched (n, 3, S, S))."""
+def views(kind: str, size: int, image: torch.Tensor, n: int, seed: int = 0, per_crop_devices=("cpu",), **kw):
+    """n views of one (C, H, W) image from each implementation: (per_image (n, 3, S, S), batched (n, 3, S, S)).
+    per_crop_devices=() runs the batched mae view's GPU path (one grid_sample) on the CPU."""
     transform = per_image_transform(kind, size, **kw)
     torch.manual_seed(seed)
     per_image = torch.stack([transform(image) for _ in range(n)])
     generator = torch.Generator().manual_seed(seed + 1)
-    batched = BatchedAugment(kind, size, **kw)(image.expand(n, *image.shape), generator=generator)
-    return per_image, batched
+    batched = BatchedAugment(kind, size, **kw)
+    batched.per_crop_devices = per_crop_devices
+    return per_image, batched(image.expand(n, *image.shape), generator=generator)
 
 
 def coordinate_image(height: int, width: int) -> torch.Tensor:
@@ -110,14 +113,17 @@ NO_COLOR = {"jitter_p": 0.0, "gray_p": 0.0, "blur": False}
     "kind,hw,kw",
     [
         ("simclr", (32, 32), NO_COLOR),  # GCRL Table 2 crop (scale 0.2)
-        ("mae", (32, 32), {}),  # bicubic
+        ("mae", (32, 32), {}),  # bicubic, crop by crop with torchvision's kernel (the CPU path)
+        ("mae", (32, 32), {"per_crop_devices": ()}),  # bicubic, one grid_sample (the GPU path)
         # a 16x64 image with scale (0.3, 1): most draws overflow the height, ~60% of crops take the 10-attempt fallback
         ("simclr", (16, 64), {**NO_COLOR, "scale": (0.3, 1.0)}),
     ],
 )
 def test_crop_and_flip_distribution_matches(kind, hw, kw):
     n = 4000  # enough to tell a uniform aspect ratio from the log-uniform one (KS ~0.07 vs threshold 0.044)
-    per_image, batched = views(kind, 32, coordinate_image(*hw), n, **kw)
+    kw = dict(kw)
+    devices = kw.pop("per_crop_devices", ("cpu",))
+    per_image, batched = views(kind, 32, coordinate_image(*hw), n, per_crop_devices=devices, **kw)
     m1, m2 = measure_crops(per_image, *hw), measure_crops(batched, *hw)
     for key in ("area", "log_aspect", "center_x", "center_y"):
         assert_same_distribution(m1[key], m2[key], f"{kind} {hw} {key}")
@@ -263,6 +269,32 @@ def test_color_jitter_matches_torchvision_in_given_order():
         for op in order[i].tolist() if apply[i] else []:
             expect = ops[op](expect, factors[i, op].item())
         torch.testing.assert_close(out[i], expect, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_mae_view_equals_torchvision_resized_crop_and_flip(dtype, channels):
+    """On the CPU the batched mae view is, bit for bit, what the per-image pipeline computes for the same box and flip:
+    v2's resized_crop (bicubic, antialiased; on uint8 its uint8 kernel) + horizontal_flip + ToDtype (+ clamp). Boxes
+    that enlarge, shrink (the 120 px image into 48 px) and keep the whole image (no resampling at all)."""
+    torch.manual_seed(0)
+    n, S = 12, 48
+    images = torch.randint(0, 256, (n, channels, 100, 120), dtype=torch.uint8)
+    images = images if dtype == torch.uint8 else images.float() / 255
+    aug = BatchedAugment("mae", S)
+    params = aug.sample_params(n, 100, 120, "cpu", torch.Generator().manual_seed(2))
+    params["crop"][:3] = torch.tensor([[0, 0, 100, 120], [5, 7, 13, 9], [50, 60, 48, 48]])
+    params["flip"][:3] = torch.tensor([True, False, True])
+    assert 0 < int(params["flip"].sum()) < n
+    out = aug.apply(images, params)
+    for i in range(n):
+        rgb = images[i].expand(3, 100, 120)
+        expect = TF.resized_crop(rgb, *params["crop"][i].tolist(), [S, S], interpolation=TF.InterpolationMode.BICUBIC)
+        expect = TF.horizontal_flip(expect) if params["flip"][i] else expect
+        expect = TF.to_dtype(expect, torch.float32, scale=True).clamp(0, 1)  # the pipeline's ToDtype and clamp
+        assert torch.equal(out[i], expect), f"image {i}"
+    assert out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(resized_crop_antialiased(images, params["crop"], S, params["flip"]), out, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
