@@ -1158,14 +1158,22 @@ def resized_crop_batch(images, boxes, size, flip=None, interpolation="bilinear")
     return out.clamp_(0, 1) if interpolation == "bicubic" else out  # bicubic overshoots at edges
 
 
+# The kernels F.interpolate(..., antialias=True) calls, in their out= form (private torch names: None if they go away).
+_RESAMPLE_INTO = {m: getattr(torch._C._nn, f"_upsample_{m}2d_aa", None) for m in ("bicubic", "bilinear")}
+
+
 def resized_crop_antialiased(images, boxes, size, flip, interpolation="bicubic") -> torch.Tensor:
     """torchvision v2's resized_crop (antialiased) + horizontal_flip + ToDtype, bit for bit, on the CPU: images uint8
     or float (B, C, H, W); boxes (B, 4), flip (B,) on the host -> float32 (B, 3, size, size). The same kernel as
     torchvision's (uint8 for uint8) on views of the batch, without its per-image Python (most of its time <= 96 px)."""
-    aa = torch._C._nn._upsample_bicubic2d_aa if interpolation == "bicubic" else torch._C._nn._upsample_bilinear2d_aa
+    aa = _RESAMPLE_INTO.get(interpolation)
     out = images.new_empty(len(images), images.shape[1], size, size)
     for image, (top, left, h, w), mirror, o in zip(images.split(1), boxes.tolist(), flip.tolist(), out.split(1)):
-        aa(image[:, :, top : top + h, left : left + w], (size, size), False, None, None, out=o)
+        crop = image[:, :, top : top + h, left : left + w]
+        if aa is not None:  # straight into the output
+            aa(crop, (size, size), False, None, None, out=o)
+        else:  # a torch without the private out= kernels: the same kernel through F.interpolate, one copy more
+            o.copy_(F.interpolate(crop, size=(size, size), mode=interpolation, align_corners=False, antialias=True))
         if mirror:  # per image: faster than a batched index_select / index_copy_ of uint8 rows
             o.copy_(o.flip(-1))
     out = out.float().mul_(1.0 / 255) if images.dtype == torch.uint8 else out.float().clamp_(0, 1)  # as v2.ToDtype

@@ -297,6 +297,21 @@ def test_mae_view_equals_torchvision_resized_crop_and_flip(dtype, channels):
     torch.testing.assert_close(resized_crop_antialiased(images, params["crop"], S, params["flip"]), out, atol=0, rtol=0)
 
 
+def test_mae_view_without_torchs_private_out_kernels_is_the_same(monkeypatch):
+    """The per-crop path writes through torch's private out= resampling kernels; a torch without them falls back to
+    F.interpolate (one copy more per crop) with the same result."""
+    import common
+
+    images = torch.randint(0, 256, (6, 3, 40, 44), dtype=torch.uint8)
+    boxes, flip = (
+        torch.tensor([[0, 0, 40, 44], [3, 5, 11, 9], [10, 2, 30, 40]] * 2),
+        torch.tensor([1, 0, 1, 0, 0, 1]).bool(),
+    )
+    fast = resized_crop_antialiased(images, boxes, 32, flip)
+    monkeypatch.setattr(common, "_RESAMPLE_INTO", {})
+    assert torch.equal(resized_crop_antialiased(images, boxes, 32, flip), fast)
+
+
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_resized_crop_matches_torchvision(interpolation):
     """Against torchvision's resized_crop without antialiasing (= F.interpolate on the cropped tensor). Bicubic taps
