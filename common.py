@@ -2365,15 +2365,6 @@ def _stack_terms(terms: dict, device=None) -> torch.Tensor:
     return torch.stack(values)
 
 
-def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:
-    """FloatingPointError naming the step and every term when a loss term is not finite (one host sync for all the
-    terms). Training loops call RunLogger.check_finite, which adds what to do about it and syncs less often."""
-    vals = dict(zip(terms, _stack_terms(terms).tolist()))
-    if not all(math.isfinite(v) for v in vals.values()):
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-        raise FloatingPointError(f"non-finite loss at step {step}: {shown}")
-
-
 def get_rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -274,8 +274,6 @@ def test_checkpoint_errors(tmp_path):
         common.load_training_state(
             str(tmp_path / "checkpoint.pt"), "mae", wider, torch.optim.SGD(wider.parameters(), lr=0.1), info
         )
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 7: loss/total=nan"):
-        common.check_finite(7, {"loss/total": torch.tensor(float("nan")), "loss/rec": 1.0})
 
 
 # ---------------------------------------------------------------- arguments and logging
