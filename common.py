@@ -64,39 +64,28 @@ VIT_ARCHS = {
     "vit_huge": (1280, 32, 16),
 }
 VIT_ALIASES = dict(vit_t="vit_tiny", vit_s="vit_small", vit_b="vit_base", vit_l="vit_large", vit_h="vit_huge")
+VIT_CHOICES = list(VIT_ARCHS) + list(VIT_ALIASES)  # the --arch choices of the ViT methods
 
 
 def vit_arch(name: str) -> tuple[int, int, int]:
     """(embed_dim, depth, num_heads) of a ViT preset; accepts short aliases such as vit_b / vit_l."""
     key = VIT_ALIASES.get(name, name)
     if key not in VIT_ARCHS:
-        valid = ", ".join(list(VIT_ARCHS) + list(VIT_ALIASES))
-        raise ValueError(f"unknown ViT arch '{name}'; choose one of: {valid}")
+        raise ValueError(f"unknown ViT arch '{name}'; choose one of: {', '.join(VIT_CHOICES)}")
     return VIT_ARCHS[key]
 
 
-VIT_CHOICES = list(VIT_ARCHS) + list(VIT_ALIASES)  # the --arch choices of the ViT methods
-
-
-def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """1D sin-cos embedding (MAE layout): (M,) positions -> (M, dim) = [sin(pos*w_t) | cos(pos*w_t)],
-    w_t = 1 / 10000^(t / (dim/2)), t = 0 .. dim/2-1. Computed in float64 like the reference numpy code."""
-    if dim % 2:
-        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    out = pos.to(torch.float64).reshape(-1)[:, None] * omega[None, :]
-    return torch.cat([out.sin(), out.cos()], dim=1)
-
-
 def sincos_2d(dim: int, grid_size: int, cls_token: bool = False) -> torch.Tensor:
-    """Fixed 2D sin-cos positions of a g x g patch grid (MAE ref code): token k = i*g + j (row-major);
-    dims [:dim/2] encode the column j, dims [dim/2:] the row i. Returns (g*g [+1], dim) float32, a zero row
-    first for the cls token when `cls_token`."""
+    """Fixed 2D sin-cos positions of a g x g patch grid (MAE ref code) -> (g*g, dim) float32, plus a zero row first
+    for the cls token when `cls_token`. Token k = i*g + j (row-major) gets [sin(j w) | cos(j w) | sin(i w) | cos(i w)],
+    w_t = 1 / 10000^(t / (dim/4)), t = 0 .. dim/4 - 1, computed in float64 like the reference numpy code."""
     if dim % 4:
         raise ValueError(f"2D sin-cos embedding needs a dimension divisible by 4, got {dim}")
-    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # i of token k
-    cols = torch.arange(grid_size).repeat(grid_size)  # j of token k
-    emb = torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    steps = torch.arange(grid_size, dtype=torch.float64)
+    col = steps.repeat(grid_size)[:, None] * omega  # j of token k
+    row = steps.repeat_interleave(grid_size)[:, None] * omega  # i of token k
+    emb = torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1).float()
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
     return emb
@@ -112,8 +101,7 @@ class PatchEmbed(nn.Module):
                 f"image size {img_size} is not divisible by patch size {patch_size}; "
                 f"pick --image-size as a multiple of --patch-size"
             )
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = img_size // patch_size
+        self.img_size, self.grid_size = img_size, img_size // patch_size
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -124,26 +112,31 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient
-    kernels on GPU). qkv with bias, output `proj` (timm names). x: (B, N, D) -> (B, N, D)."""
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
+    `qkv` (with bias) and `proj` as timm names them. x: (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def attend(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
-        """The bare MSA (qkv -> softmax(qk^T/sqrt(d)) v -> proj) over the second axis of x (B, N, D)."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def attend(self, x: torch.Tensor, is_causal: bool, batch: int | None = None) -> torch.Tensor:
+        """The bare MSA (qkv -> softmax(qk^T/sqrt(d)) v -> proj) over the middle axis of x (B, N, D) -> (B, N, D).
+        With `batch` (AxialAttention: x is (batch*A, N, D), A sequences of N tokens per image) the heads are merged
+        straight into the transposed layout (batch*N, A, D): the one copy that merging the heads makes anyway also
+        turns rows into columns (and back), so the axial passes need no copies of their own."""
+        BA, N, D = x.shape
+        q, k, v = self.qkv(x).view(BA, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)  # (BA, heads, N, hd)
+        if batch is None:
+            return self.proj(out.transpose(1, 2).reshape(BA, N, D))
+        return self.proj(rearrange(out, "(b a) n l e -> (b l) a (n e)", b=batch))
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         return self.proj_drop(self.attend(x, is_causal))
@@ -162,34 +155,25 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block (SPEC 1.1): x = x + drop(attn(norm1(x))); x = x + drop(mlp(norm2(x))).
-    LayerNorm eps 1e-6, MLP ratio 4, GELU. `attention="axial"|"axial_dense"` uses AxialAttention on an
-    (H, W) = `grid` token layout; "dense" is plain attention (optionally causal)."""
+    """Pre-LN transformer block (SPEC 1.1): x = x + drop(attn(norm1(x))); x = x + drop(mlp(norm2(x))), LayerNorm eps
+    1e-6, GELU. attention: "dense" (plain, optionally causal) or "axial" / "axial_dense" (AxialAttention in mode
+    "axial" / "dense" on an (H, W) = `grid` token layout)."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        drop: float = 0.0,
-        attention: str = "dense",
-        grid: tuple[int, int] | None = None,
-        norm_eps: float = 1e-6,
-    ):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio=4.0, drop=0.0, attention="dense", grid=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if attention == "dense":
             self.attn = Attention(dim, num_heads, attn_drop=drop, proj_drop=drop)
         elif attention in ("axial", "axial_dense"):
             if grid is None:
                 raise ValueError("axial attention needs grid=(height, width)")
             mode = "axial" if attention == "axial" else "dense"
-            self.attn = AxialAttention(dim, num_heads, grid[0], grid[1], mode=mode, attn_drop=drop, proj_drop=drop)
+            self.attn = AxialAttention(dim, num_heads, *grid, mode=mode, attn_drop=drop, proj_drop=drop)
         else:
             raise ValueError(f"unknown attention '{attention}'; use dense, axial or axial_dense")
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.grad_checkpointing = False  # set_grad_checkpointing: recompute activations in backward
+        self.grad_checkpointing = False  # see set_grad_checkpointing
 
     def _forward(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), is_causal=is_causal)
@@ -202,9 +186,8 @@ class Block(nn.Module):
 
 
 def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
-    """The one gradient-checkpointing switch: every transformer Block inside `model` recomputes its activations in
-    the backward pass (torch.utils.checkpoint): same parameters, names and math, about a third more compute, far
-    less activation memory (ViT-L with 2 x 512 views per GPU)."""
+    """The one gradient-checkpointing switch: every Block in `model` recomputes its activations in the backward pass
+    (torch.utils.checkpoint): same math, ~1/3 more compute, far less memory (ViT-L with 2 x 512 views per GPU)."""
     for m in model.modules():
         if isinstance(m, Block):
             m.grad_checkpointing = enable
@@ -224,33 +207,19 @@ def init_vit_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) so
-    its state_dict loads into timm.models.vision_transformer.VisionTransformer(num_classes=0) of the same
-    size. Positions are the fixed 2D sin-cos table (MAE), stored as a frozen parameter like MAE/timm.
+    """ViT encoder with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm): its
+    state_dict loads into timm's VisionTransformer(num_classes=0) of the same size. Positions: the fixed 2D sin-cos
+    table (MAE), a frozen parameter as in MAE / timm. forward(x) -> tokens (B, 1 + L, D) after the final norm, cls
+    first. MAE's and CAN's masked encoders use the pieces: embed_patches -> random_masking -> with_cls -> blocks."""
 
-    forward(x) -> tokens (B, 1 + L, D) of the whole image after the final norm, cls first. The masked encoders of
-    MAE and CAN are written in their own files from the pieces: embed_patches -> random_masking -> with_cls ->
-    blocks -> norm."""
-
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop: float = 0.0,
-    ):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12):
         super().__init__()
-        self.embed_dim, self.patch_size = embed_dim, patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         pos = sincos_2d(embed_dim, self.patch_embed.grid_size, cls_token=True)[None]
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed (MAE); a parameter so timm loads it
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, drop) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_vit_weights(self)
         w = self.patch_embed.proj.weight.data
@@ -266,10 +235,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.with_cls(self.embed_patches(x))
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.block_tokens(x, len(self.blocks) - 1))
 
     def block_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """All tokens (B, 1 + L, D), cls first, output by block `layer` (0-based) of the unmasked image, before the
@@ -318,12 +284,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float, draws: torch.Tensor | Non
         draws = torch.rand(N, L, device=x.device)
     ids_shuffle = torch.argsort(draws, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_kept = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))
+    x_kept = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
     mask = torch.ones(N, L, device=x.device, dtype=x.dtype)
     mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return x_kept, mask, ids_restore
+    return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
 
 def fixed_draws(count: int, num_patches: int, seed: int = 0) -> torch.Tensor:
@@ -333,8 +297,8 @@ def fixed_draws(count: int, num_patches: int, seed: int = 0) -> torch.Tensor:
 
 
 def normalized_target(target: torch.Tensor) -> torch.Tensor:
-    """norm_pix_loss target (MAE Table 1c): each patch t (N, L, p*p*3) -> (t - mean(t)) / sqrt(var(t) + 1e-6), mean
-    and UNBIASED variance (torch.var default, as the ref code) over the p*p*3 values of the patch. fp32."""
+    """norm_pix_loss target (MAE Table 1c), fp32: each patch t (N, L, p*p*3) -> (t - mean(t)) / sqrt(var(t) + 1e-6),
+    over the p*p*3 values of the patch, the variance UNBIASED (torch.var default, as the ref code)."""
     target = target.float()
     mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
     return (target - mean) / (var + 1e-6) ** 0.5
@@ -361,27 +325,24 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
     """Inverse of patchify for a square grid: (N, L, p*p*C) -> (N, C, H, W)."""
-    L = x.shape[1]
-    g = int(round(math.sqrt(L)))
-    if g * g != L:
-        raise ValueError(f"unpatchify expects a square grid, got {L} patches")
+    g = math.isqrt(x.shape[1])
+    if g * g != x.shape[1]:
+        raise ValueError(f"unpatchify expects a square grid, got {x.shape[1]} patches")
     return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=g, p=p, q=p, c=channels)
 
 
 class MaskedDecoder(nn.Module):
-    """MAE decoder (ref code, 512 wide / 8 blocks / 16 heads by default): project the visible encoder tokens,
-    append one learned mask token per removed patch, unshuffle with ids_restore, add fixed sin-cos positions,
-    run the blocks, predict p*p*C values per patch. `token_bias` (N, decoder_dim) is added to every token
-    after the positions (CAN's noise-level embedding). Returns (N, L, out_dim) without the cls slot."""
+    """MAE decoder (ref code, 512 wide / 8 blocks / 16 heads by default): project the visible encoder tokens, append
+    one learned mask token per removed patch, unshuffle with ids_restore, add fixed sin-cos positions, run the blocks,
+    predict out_dim = p*p*C values per patch. `token_bias` (N, dim) is added to every token after the positions
+    (CAN's noise-level embedding). Returns (N, L, out_dim) without the cls slot."""
 
-    def __init__(
-        self, num_patches: int, embed_dim: int, out_dim: int, dim: int = 512, depth: int = 8, num_heads: int = 16
-    ):
+    def __init__(self, num_patches: int, embed_dim: int, out_dim: int, dim=512, depth=8, num_heads=16):
         super().__init__()
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        grid = int(round(math.sqrt(num_patches)))
-        self.pos_embed = nn.Parameter(sincos_2d(dim, grid, cls_token=True)[None], requires_grad=False)
+        pos = sincos_2d(dim, math.isqrt(num_patches), cls_token=True)[None]
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
@@ -391,8 +352,7 @@ class MaskedDecoder(nn.Module):
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, token_bias: torch.Tensor | None = None):
         x = self.embed(x)  # (N, 1 + L_keep, dim), cls first
         N, L = ids_restore.shape
-        fill = self.mask_token.expand(N, L + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], fill], dim=1)
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(N, L + 1 - x.shape[1], -1)], dim=1)
         patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
         if token_bias is not None:
@@ -408,19 +368,18 @@ class MaskedDecoder(nn.Module):
 
 
 class AxialAttention(Attention):
-    """Causal axial attention of GCRL (Appendix Algorithm 1): ONE multi-head attention (one qkv/proj)
-    applied three times to the token grid h = x.view(B, H, W, D):
+    """Causal axial attention of GCRL (Appendix Algorithm 1): ONE multi-head attention (one qkv/proj) applied three
+    times to the token grid h = x.view(B, H, W, D):
 
         h_a = MSA(rows of h, causal=False)        # each row attends within itself
         h_a = MSA(columns of h_a, causal=True)    # each position attends up its column
         h_a = shift_down(h_a)                     # row r now only carries rows < r (zeros on top)
         out = MSA(rows of (h + h_a), causal=True) # causal along the row, plus everything above
 
-    Output (r, c) depends on inputs at raster positions <= r*W + c only; with the SOS shift of the input
-    sequence (PixelEmbedding) the model is autoregressive in raster order. Cost O(HW(H+W)) instead of
-    O((HW)^2). `mode="dense"` uses plain causal attention over the H*W sequence with the same weights
-    (GCRL Table 11 compares both). With is_causal=False (BERT objective) the three passes are unmasked
-    and there is no shift. x: (B, H*W, D) -> (B, H*W, D)."""
+    Output (r, c) depends on inputs at raster positions <= r*W + c only; with the SOS shift of the input sequence
+    (PixelEmbedding) the model is autoregressive in raster order. Cost O(HW(H+W)) instead of O((HW)^2).
+    mode="dense": plain causal attention over the H*W sequence with the same weights (GCRL Table 11 compares both).
+    is_causal=False (BERT objective): the three passes unmasked, no shift. x: (B, H*W, D) -> (B, H*W, D)."""
 
     def __init__(self, dim: int, num_heads: int, height: int, width: int, mode: str = "axial", **kw):
         super().__init__(dim, num_heads, **kw)
@@ -435,40 +394,21 @@ class AxialAttention(Attention):
         H, W = self.height, self.width
         if L != H * W:
             raise ValueError(f"axial attention built for a {H}x{W} grid got a sequence of {L} tokens")
-        rows = x.reshape(B * H, W, D)  # a view: each row of the grid is one sequence
-        a = self.msa(rows, B, is_causal=False, transpose=True)  # each row attends within itself -> (B*W, H, D)
-        a = self.msa(a, B, is_causal=is_causal, transpose=True)  # up each column -> (B*H, W, D) rows again
+        a = self.attend(x.reshape(B * H, W, D), False, batch=B)  # each row within itself -> columns (B*W, H, D)
+        a = self.attend(a, is_causal, batch=B).view(B, H, W, D)  # up each column -> rows again
+        h = x.view(B, H, W, D)
         if is_causal:  # shift down by one row: row r gets rows < r only, the top row nothing
-            a = a.view(B, H, W, D)
-            h = torch.cat([x.view(B, H, W, D)[:, :1], x.view(B, H, W, D)[:, 1:] + a[:, :-1]], dim=1)
+            h = torch.cat([h[:, :1], h[:, 1:] + a[:, :-1]], dim=1)
         else:
-            h = x.view(B, H, W, D) + a.view(B, H, W, D)
-        out = self.msa(h.view(B * H, W, D), B, is_causal=is_causal, transpose=False)
-        return self.proj_drop(out.view(B, L, D))
-
-    def msa(self, x: torch.Tensor, batch: int, is_causal: bool, transpose: bool) -> torch.Tensor:
-        """The shared MSA over the middle axis of x (batch*A, N, D) (A sequences of N tokens per image). With
-        `transpose` the heads are merged straight into the other axis' layout, (batch*N, A, D): the one copy that
-        merging the heads makes anyway also turns rows into columns (and back), so the passes need no copies of their
-        own; SDPA reads q, k, v as strided views of the qkv output."""
-        BA, N, D = x.shape
-        q, k, v = self.qkv(x).view(BA, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)  # (BA, heads, N, hd)
-        if transpose:
-            out = rearrange(out, "(b a) n l e -> (b l) a (n e)", b=batch)
-        else:
-            out = rearrange(out, "ba n l e -> ba l (n e)")
-        return self.proj(out)
+            h = h + a
+        return self.proj_drop(self.attend(h.view(B * H, W, D), is_causal).view(B, L, D))
 
 
 class PixelEmbedding(nn.Module):
-    """Input embedding of the pixel-token transformers (iGPT, GCRL 3.2): token embedding (K -> D), learned SOS
-    vector, learned 2D positions (row + column table) added after the tokens.
-
-    forward(tokens (B, H*W) raster order) -> (B, H*W, D). shift=True (autoregressive): the sequence is
-    [SOS, t_0 .. t_{n-2}] so position p only sees tokens < p. keep (B, H*W) bool (BERT objective): embeddings of
-    removed tokens are zeroed (iGPT ref code) and there is no shift."""
+    """Input embedding of the pixel-token transformers (iGPT, GCRL 3.2): token embedding (K -> D), learned SOS vector,
+    learned 2D positions (row + column table) added after the tokens. tokens (B, H*W) in raster order -> (B, H*W, D).
+    shift=True (autoregressive): the sequence is [SOS, t_0 .. t_{n-2}], so position p only sees tokens < p. keep
+    (B, H*W) bool (BERT objective): embeddings of removed tokens are zeroed (iGPT ref code), no shift."""
 
     def __init__(self, vocab_size: int, dim: int, height: int, width: int):
         super().__init__()
@@ -512,10 +452,6 @@ class ColorQuantizer(nn.Module):
             raise ValueError(f"a palette must have shape (K, 3), got {tuple(centers.shape)}")
         self.register_buffer("centers", centers)
 
-    @property
-    def num_colors(self) -> int:
-        return self.centers.shape[0]
-
     @staticmethod
     def to_unit(images: torch.Tensor) -> torch.Tensor:
         """uint8 in [0, 255] or float in [0, 1] -> float in [-1, 1]."""
@@ -542,8 +478,7 @@ class ColorQuantizer(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) uint8 or float [0, 1] -> tokens (B, H*W) int64 in raster order."""
         B, C, H, W = images.shape
-        pixels = self.to_unit(images).permute(0, 2, 3, 1).reshape(-1, 3)
-        return self.nearest(pixels).view(B, H * W)
+        return self.nearest(self.to_unit(images).permute(0, 2, 3, 1).reshape(-1, 3)).view(B, H * W)
 
     def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """tokens (B, H*W) -> uint8 images (B, 3, H, W)."""
@@ -552,9 +487,7 @@ class ColorQuantizer(nn.Module):
         return rgb.view(-1, height, width, 3).permute(0, 3, 1, 2).contiguous()
 
     @classmethod
-    def fit(
-        cls, pixels: torch.Tensor, num_colors: int = 512, iters: int = 20, seed: int = 0, init: str = "kmeans++"
-    ) -> ColorQuantizer:
+    def fit(cls, pixels: torch.Tensor, num_colors=512, iters=20, seed=0, init="kmeans++") -> ColorQuantizer:
         """k-means on pixels (M, 3) (uint8 or float [0, 1]; on the GPU if they are there). Init: k-means++ or
         random data points; empty clusters are re-seeded with random data points each iteration."""
         x = cls.to_unit(pixels.reshape(-1, 3))
@@ -607,16 +540,11 @@ class ColorQuantizer(nn.Module):
         return cls(centers)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Pixel-token models (iGPT, GCRL): palette fit / cache, quantize, token NLL, bits per token, sampling
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-# Shared by igpt.py and gcrl.py. A pixel-token model has: `quantizer` (ColorQuantizer buffer), `embed`
-# (PixelEmbedding), `causal` (bool), `height`, `width`, `hidden_states(tokens)` (the last block's output, no norm),
-# `norm` + `head` (final LayerNorm, Linear D -> K) and `forward(tokens, keep=None) -> logits (B, L, K)`, where
-# logits[:, p] predicts token p from tokens < p (SOS shift; `keep` only for iGPT's BERT objective).
-# `args` below is the method's Args (duck-typed: the fields each function reads are named in its docstring).
+# A pixel-token model (igpt.py, gcrl.py) has: `quantizer` (ColorQuantizer), `embed` (PixelEmbedding), `causal`
+# (bool), `height`, `width`, `hidden_states(tokens)` (the last block's output, no norm), `norm` + `head` (final
+# LayerNorm, Linear D -> K) and `forward(tokens, keep=None) -> logits (B, L, K)`, where logits[:, p] predicts token p
+# from tokens < p (SOS shift; `keep` only for iGPT's BERT objective). `args` below is the method's Args, duck-typed:
+# each docstring names the fields it reads.
 
 
 def grid_palette(num_colors: int) -> np.ndarray:
@@ -629,31 +557,22 @@ def grid_palette(num_colors: int) -> np.ndarray:
     return grid[:num_colors].copy()  # numpy, so that build_model also works under torch.device("meta")
 
 
-def sample_pixels(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """`count` pixels drawn uniformly (with replacement) from all positions of all images: uint8 (N, 3, H, W) ->
-    uint8 (count, 3). Indexes per pixel, so a large dataset is never copied whole."""
-    N, C, H, W = images.shape
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(N * H * W, (count,), generator=g)
-    return images.flatten(2)[idx // (H * W), :, idx % (H * W)]
-
-
 def fit_palette(images: torch.Tensor, args, device) -> torch.Tensor:
-    """k-means palette (iGPT) of args.num_colors centers in [-1, 1], fitted on args.palette_pixels random training
-    pixels (ColorQuantizer.fit: k-means++ init, empty clusters re-seeded, args.kmeans_iters iterations, args.seed).
-    -> (K, 3) float32 CPU."""
-    pixels = sample_pixels(images, args.palette_pixels, args.seed).to(device)
-    quant = ColorQuantizer.fit(pixels, args.num_colors, iters=args.kmeans_iters, seed=args.seed)
-    return quant.centers.cpu()
+    """k-means palette (iGPT) of args.num_colors centers, fitted (ColorQuantizer.fit, args.kmeans_iters iterations)
+    on args.palette_pixels pixels of uint8 images (N, 3, H, W) drawn uniformly with replacement (seed args.seed;
+    indexed per pixel, so a large dataset is never copied whole) -> (K, 3) float32 CPU."""
+    N, C, H, W = images.shape
+    idx = torch.randint(N * H * W, (args.palette_pixels,), generator=torch.Generator().manual_seed(args.seed))
+    pixels = images.flatten(2)[idx // (H * W), :, idx % (H * W)].to(device)
+    return ColorQuantizer.fit(pixels, args.num_colors, iters=args.kmeans_iters, seed=args.seed).centers.cpu()
 
 
 def shared_palette(args, train_images: torch.Tensor, run_dir: str, info: DistInfo, method: str) -> torch.Tensor:
-    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: the palette of the checkpoint being resumed,
-    else --palette PATH if given, else the cached <run_dir>/palette.npy if present (a re-run in the same folder), else
-    a fresh k-means fit; whichever it is is saved to that cache. Rank 0 then broadcasts it (and any error, so every
-    rank stops with the same message instead of hanging): one palette everywhere without relying on deterministic
-    k-means or a shared file system. args: the method's Args (resume, palette, num_colors and the fit fields);
-    method: the checkpoint's method name ("igpt", "gcrl")."""
+    """The palette every rank uses, (K, 3) float32 CPU. Rank 0 decides: the resumed checkpoint's palette, else
+    --palette PATH, else the cached <run_dir>/palette.npy (a re-run in the same folder), else a fresh k-means fit, and
+    saves it to that cache. It then broadcasts it, or its error so that every rank stops with the same message
+    instead of hanging: one palette everywhere without deterministic k-means or a shared file system. args: resume,
+    palette, num_colors and fit_palette's fields; method: the checkpoint's method name ("igpt", "gcrl")."""
     payload: list = [None]
     if info.is_main:
         try:
@@ -687,23 +606,18 @@ def shared_palette(args, train_images: torch.Tensor, run_dir: str, info: DistInf
     return payload[0].float().cpu()
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] -> uint8, so that augmented views quantize exactly like stored pixels (x / 127.5 - 1)."""
-    return images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255).to(torch.uint8)
-
-
 def quantize(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """images (B, 3, H, W) uint8 or float [0, 1] -> tokens (B, H*W) int64, raster order, with the model's palette
-    (`model.quantizer`). The nearest-center search always runs in fp32: under bf16 autocast its matmul would pick
-    wrong centers."""
-    with torch.autocast(images.device.type, enabled=False):
-        return unwrap(model).quantizer.encode(to_uint8(images))
+    (`model.quantizer`; the nearest-center search is fp32, see ColorQuantizer.nearest). Float images are rounded to
+    uint8 first, so that augmented views quantize exactly like stored pixels (x / 127.5 - 1)."""
+    if images.dtype != torch.uint8:
+        images = (images * 255).round().clamp(0, 255).to(torch.uint8)
+    return unwrap(model).quantizer.encode(images)
 
 
 def bert_keep_mask(tokens: torch.Tensor, mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """iGPT ref code: keep = U[0, 1) > mask_prob per token (True = visible, False = masked and predicted)."""
-    u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
-    return u >= mask_prob
+    """iGPT ref code: keep = U[0, 1) >= mask_prob per token (True = visible, False = masked and predicted)."""
+    return torch.rand(tokens.shape, device=tokens.device, generator=generator) >= mask_prob
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -714,21 +628,17 @@ def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().reshape(B * L, K), tokens.reshape(B * L), reduction="none").view(B, L)
 
 
-def token_nll(
-    model: nn.Module, tokens: torch.Tensor, args, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model: nn.Module, tokens: torch.Tensor, args, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood (nats) and which tokens count: tokens (B, L) -> (nll (B, L) fp32,
     scored (B, L) bool). ar: nll[:, p] = -log p(t_p | t_<p) (with SOS for p = 0), every token scored. bert: a fresh
     mask (global RNG, or `generator`), nll of the masked tokens given the visible ones, only those scored. The
     network runs under bf16 autocast when args.amp; the log-softmax is fp32. args: amp, objective ("ar" when the
     Args has none), bert_mask_prob."""
-    objective = getattr(args, "objective", "ar")  # gcrl.py is autoregressive only
-    keep = None if objective == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
+    keep = None if getattr(args, "objective", "ar") == "ar" else bert_keep_mask(tokens, args.bert_mask_prob, generator)
     with autocast(tokens.device, args.amp):
         logits = model(tokens, keep)
-    nll = token_cross_entropy(logits, tokens)
     scored = torch.ones_like(tokens, dtype=torch.bool) if keep is None else ~keep
-    return nll, scored
+    return token_cross_entropy(logits, tokens), scored
 
 
 @torch.no_grad()
@@ -736,19 +646,15 @@ def bits_per_token(model: nn.Module, images: torch.Tensor, args, device, batch_s
     """Mean NLL in BITS per palette token (nats / ln 2; SPEC 1.4: not 8-bit bits/dim) over uint8 images (N, 3, H, W),
     in eval mode, split over the ranks (each takes every world-th image; sums are all-reduced). For bert: the
     masked-token loss with a fixed-seed mask, not a likelihood. args: as token_nll."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
     rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     g = torch.Generator(device=device).manual_seed(0)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of nll, number of scored tokens]
-    for batch in images[rank::world].split(batch_size):
-        tokens = quantize(net, batch.to(device))
-        nll, scored = token_nll(net, tokens, args, generator=g)
-        total += torch.stack([(nll.double() * scored).sum(), scored.sum().double()])
+    with eval_mode(model) as net:
+        for batch in images[rank::world].split(batch_size):
+            nll, scored = token_nll(net, quantize(net, batch.to(device)), args, generator=g)
+            total += torch.stack([(nll.double() * scored).sum(), scored.sum().double()])
     if world > 1:
         dist.all_reduce(total)
-    net.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item() / math.log(2)
 
 
@@ -757,23 +663,20 @@ def sample(model: nn.Module, num: int, temperature: float = 1.0, seed: int = 0, 
     """Autoregressive sampling in raster order: for p = 0 .. L-1, t_p ~ softmax(logits[:, p] / temperature), where
     logits[:, p] sees only the tokens < p already drawn (causal + SOS shift). Draws from a private generator (seed),
     so sampling never moves the training RNG. -> tokens (num, L) int64 in [0, K)."""
-    net = unwrap(model)
-    if not net.causal:
+    if not unwrap(model).causal:
         raise ValueError("sampling needs an autoregressive (--objective ar) model")
     if temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {temperature}")
-    device = net.head.weight.device
-    was_training = net.training
-    net.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.zeros(num, net.height * net.width, dtype=torch.long, device=device)
-    for p in range(tokens.shape[1]):
-        with autocast(device, amp):
-            h = net.hidden_states(tokens)[:, p]  # positions > p see the zero placeholders; position p does not
-            logits = net.head(net.norm(h))
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        tokens[:, p] = torch.multinomial(probs, 1, generator=g)[:, 0]
-    net.train(was_training)
+    with eval_mode(model) as net:
+        device = net.head.weight.device
+        g = torch.Generator(device=device).manual_seed(seed)
+        tokens = torch.zeros(num, net.height * net.width, dtype=torch.long, device=device)
+        for p in range(tokens.shape[1]):
+            with autocast(device, amp):
+                h = net.hidden_states(tokens)[:, p]  # positions > p see the zero placeholders; position p does not
+                logits = net.head(net.norm(h))
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            tokens[:, p] = torch.multinomial(probs, 1, generator=g)[:, 0]
     return tokens
 
 
@@ -797,16 +700,13 @@ def log_likelihood(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
         leaf["emb"] = output.detach().requires_grad_()
         return leaf["emb"]
 
-    was_training = net.training
-    net.eval()  # no dropout: log p(x) is a function of x, and images do not interact
     handle = net.embed.tok_embed.register_forward_hook(swap)
     try:
-        logits = net(tokens)
+        with eval_mode(net):  # no dropout: log p(x) is a function of x, and images do not interact
+            logits = net(tokens)
     finally:
         handle.remove()
-        net.train(was_training)
-    nll = token_cross_entropy(logits, tokens)  # (B, L)
-    return -nll.sum(dim=1), leaf["emb"]
+    return -token_cross_entropy(logits, tokens).sum(dim=1), leaf["emb"]
 
 
 # ======================================================================================
@@ -830,27 +730,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 that keeps gradients: (n, ...) -> (n * world, ...) ordered by rank; backward
-    returns to each rank the sum over ranks of the upstream gradient of its own slice. (Plain dist.all_gather
-    returns tensors without grad_fn, which silently drops the negatives' gradients.) Identity when not
-    distributed. Every rank must pass the same n."""
+    """All-gather along dim 0 that keeps gradients: (n, ...) -> (n * world, ...) ordered by rank; backward returns to
+    each rank the sum over ranks of the upstream gradient of its own slice. (Plain dist.all_gather returns tensors
+    without grad_fn, which silently drops the negatives' gradients.) Identity when not distributed; same n per rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent / InfoNCE of SimCLR (= GCRL eq. 3 = CAN 3.2) over 2N views, negatives from every rank.
-
-    z1, z2: (n, d) local projections of the two views (not yet normalized). With z = normalize([z1; z2]) and
-    the candidates Z = all ranks' z gathered WITH gradient, each local anchor i has
-        loss_i = -log( exp(z_i.z_pos / t) / sum_{k != i} exp(z_i.Z_k / t) ),
-    the positive being the other view of the same image; the result is the mean over the 2n local anchors.
-    Averaged over ranks (as DDP does with gradients) it equals the loss of one process on the concatenated
-    batch. The TF reference reports 2x this value (mean of each direction, summed). Always fp32, also when called
-    under autocast (bf16 logits at t = 0.1 lose about two digits): autocast is switched off here."""
-    with fp32_only(z1):
-        return _nt_xent(z1, z2, temperature)
 
 
 def fp32_only(x: torch.Tensor):
@@ -858,16 +743,28 @@ def fp32_only(x: torch.Tensor):
     return torch.autocast(device_type="cuda" if x.is_cuda else "cpu", enabled=False)
 
 
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent / InfoNCE of SimCLR (= GCRL eq. 3 = CAN 3.2) over 2N views, negatives from every rank. z1, z2: (n, d)
+    local projections of the two views (not yet normalized). With z = normalize([z1; z2]) and the candidates Z = all
+    ranks' z gathered WITH gradient, each local anchor i has
+        loss_i = -log( exp(z_i.z_pos / t) / sum_{k != i} exp(z_i.Z_k / t) ),
+    z_pos the other view of the same image; the result is the mean over the 2n local anchors. Averaged over ranks (as
+    DDP does with gradients) it equals one process's loss on the concatenated batch. The TF reference reports 2x this
+    (mean of each direction, summed). Always fp32, also under autocast, which is switched off here (bf16 logits at
+    t = 0.1 lose about two digits)."""
+    with fp32_only(z1):
+        return _nt_xent(z1, z2, temperature)
+
+
 def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    candidates = gather_with_grad(z)
-    logits = z @ candidates.T / temperature  # (2n, 2n * world)
+    logits = z @ gather_with_grad(z).T / temperature  # (2n, 2n * world)
     idx = torch.arange(2 * n, device=z.device)
     self_col = rank * 2 * n + idx
     logits = logits.masked_fill(F.one_hot(self_col, logits.shape[1]).bool(), float("-inf"))
-    positive = rank * 2 * n + (idx + n) % (2 * n)
+    positive = rank * 2 * n + (idx + n) % (2 * n)  # the other view of the same image
     return F.cross_entropy(logits, positive)
 
 
@@ -880,19 +777,15 @@ class ProjectionHead(nn.Module):
         super().__init__()
         if kind not in ("bn", "ln"):
             raise ValueError(f"unknown projection head '{kind}'; use bn (SimCLR v2 / CAN) or ln (GCRL)")
-        layers: list[nn.Module] = []
-        dim = in_dim
+        bn, dim, layers = kind == "bn", in_dim, []
         for _ in range(num_layers - 1):
-            if kind == "bn":
-                layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-            else:
-                layers += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(inplace=True)]
+            norm = nn.BatchNorm1d(hidden_dim) if bn else nn.LayerNorm(hidden_dim)
+            layers += [nn.Linear(dim, hidden_dim, bias=not bn), norm, nn.ReLU(inplace=True)]
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=kind != "bn"))
-        if kind == "bn":
-            last_bn = nn.BatchNorm1d(out_dim)
-            last_bn.bias.requires_grad_(False)  # scale but no shift (SimCLR v2 center=False); bias stays 0
-            layers.append(last_bn)
+        layers.append(nn.Linear(dim, out_dim, bias=not bn))
+        if bn:
+            layers.append(nn.BatchNorm1d(out_dim))
+            layers[-1].bias.requires_grad_(False)  # scale but no shift (SimCLR v2 center=False); bias stays 0
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -907,18 +800,10 @@ class LARS(torch.optim.Optimizer):
       classic=True  (SimCLR tf2/lars_optimizer.py classic_momentum, lr INSIDE): mu = momentum * mu + lr * d; p -= mu
     The two agree while lr is constant and differ when it changes: during a linear warmup the MoCo form steps by
     lr_t * sum_s m^(t-s) d_s, the classic form by sum_s m^(t-s) lr_s d_s (1.66x vs classic at step 10 of a warmup with
-    m = 0.9 and constant d). All parameters of a group are updated with torch._foreach_* ops (a few kernels for the
-    whole model instead of a Python loop of small ones); the trust ratios stay on the device (no host sync)."""
+    m = 0.9 and constant d). Each group is updated with torch._foreach_* ops (a few kernels for the whole model, not a
+    Python loop of small ones); the trust ratios stay on the device (no host sync)."""
 
-    def __init__(
-        self,
-        params,
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        trust: float = 0.001,
-        classic: bool = False,
-    ):
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001, classic=False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust, classic=classic)
         super().__init__(params, defaults)
 
@@ -954,17 +839,9 @@ class LARS(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def knn_predict(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> torch.Tensor:
+def knn_predict(train_feats, train_labels, test_feats, num_classes: int, k=200, temperature=0.07, chunk=1024):
     """Weighted kNN on cosine similarity (Wu et al. 2018, as in DINO / SimCLR monitors): each of the k nearest
-    training features votes for its class with weight exp(sim / t). Returns class scores (N_test, C)."""
+    training features (N, D) votes for its class with weight exp(sim / t). -> class scores (N_test, C)."""
     train = F.normalize(train_feats.float(), dim=1)
     k = min(k, train.shape[0])
     scores = []
@@ -991,11 +868,11 @@ def embed_heldout(embed, held: dict, args, device) -> dict:
     (--knn-bank 0) are left out."""
     out = {}
     for name in ("bank", "queries"):
-        if name not in held or len(held[name]) == 0:
+        if len(held.get(name, ())) == 0:
             continue
-        feats, labels, total = [], [], -(-len(held[name]) // 256)
+        feats, labels = [], []
         batches = eval_batches(held[name], args.image_size, 256, device, num_workers=min(args.num_workers, 4))
-        for x, y in progress(batches, f"embedding the held-out {name}", total):
+        for x, y in progress(batches, f"embedding the held-out {name}", -(-len(held[name]) // 256)):
             with autocast(x.device, args.amp):
                 feats.append(embed(x).float())
             labels.append(y)
