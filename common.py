@@ -2112,9 +2112,8 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
     presets = presets or {}
     levels = [(key, value, table) for key in presets for value, table in presets[key].items()]
     hints = typing.get_type_hints(cls)
-    module = cls.__module__
     parser = _ArgumentParser(
-        prog=os.path.basename(sys.argv[0]) if module == "__main__" else f"{module.rpartition('.')[2]}.py",
+        prog=os.path.basename(sys.argv[0]) if cls.__module__ == "__main__" else f"{cls.__module__.split('.')[-1]}.py",
         description=(cls.__doc__ or "").strip(),
         formatter_class=_HelpFormatter,
         epilog="\n".join(
@@ -2123,10 +2122,6 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
         )
         or None,
     )
-    set_by = {}  # field -> ["preset tiny: 16", ...]
-    for key, value, table in levels:
-        for name, v in table.items():
-            set_by.setdefault(name, []).append(f"{key} {value}: {v}")
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         optional = type(None) in typing.get_args(tp)
@@ -2136,8 +2131,9 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
         helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name in presets:
             helptext += f" (presets: {', '.join(presets[f.name])})"
-        if f.name in set_by:
-            helptext += f" [{'; '.join(set_by[f.name])}]".replace("%", "%%")
+        set_by = [f"{key} {value}: {table[f.name]}" for key, value, table in levels if f.name in table]
+        if set_by:  # e.g. [preset tiny: 16; arch vit_l: 64]
+            helptext += f" [{'; '.join(set_by)}]".replace("%", "%%")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(default=default, help=helptext, dest=f.name)
         if tp is bool:
@@ -2146,9 +2142,7 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
             base = (targs[0] if targs else str) if origin in (list, tuple) else tp
             if base in (int, float):
                 base = _interval_type(base, f.metadata.get("interval") or FLAG_INTERVALS.get(f.name))
-            kw.update(
-                type=base, choices=f.metadata.get("choices") or None, nargs="+" if origin in (list, tuple) else None
-            )
+            kw.update(type=base, choices=f.metadata.get("choices"), nargs="+" if origin in (list, tuple) else None)
             if optional:
                 kw["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
                 kw["type"].__name__ = getattr(base, "__name__", "value")
@@ -2195,9 +2189,8 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
     if os.environ.get("RANK", "0") == "0":
         for level, table in args.presets_applied.items():
             key, value = level.split("=", 1)
-            print(
-                f"--{key.replace('_', '-')}={value} sets " + ", ".join(f"{n}={v}" for n, v in table.items()), flush=True
-            )
+            shown = ", ".join(f"{n}={v}" for n, v in table.items())
+            print(f"--{key.replace('_', '-')}={value} sets {shown}", flush=True)
         if kept:
             print("explicit flags win over presets: " + ", ".join(f"{n}={v}" for n, v in kept.items()), flush=True)
     return args
@@ -2250,10 +2243,8 @@ def bf16_is_fast(device) -> bool:
         except TypeError:
             return torch.cuda.is_bf16_supported()
     if dev.type == "cpu":
-        try:
+        with contextlib.suppress(AttributeError, RuntimeError):  # a torch that cannot tell: False
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
     return False
 
 
@@ -2430,8 +2421,7 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
     if not resume:
         return None
     if resume == "auto":
-        found = [p for p in (os.path.join(run_dir, n) for n in (CHECKPOINT, PREVIOUS)) if os.path.exists(p)]
-        return found[0] if found else None
+        return next((p for p in (os.path.join(run_dir, n) for n in (CHECKPOINT, PREVIOUS)) if os.path.exists(p)), None)
     if not os.path.exists(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint (use --resume auto to pick up the run folder)")
     return resume
@@ -2442,8 +2432,7 @@ def unwritable(folder: str) -> str | None:
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         return e.strerror or str(e)
@@ -2590,9 +2579,6 @@ def save_training_state(
         dist.barrier()
 
 
-_SHAPE_ARGS = ("arch", "image_size", "patch_size", "decoder_dim", "decoder_depth", "num_colors", "attention", "loss")
-
-
 def load_training_state(path: str, method: str, model: nn.Module, optimizer, info: DistInfo) -> dict:
     """Restore model, optimizer and this rank's RNG states from `path`; returns the checkpoint (step, epoch...)."""
     ckpt = load_checkpoint(path, method)
@@ -2603,7 +2589,8 @@ def load_training_state(path: str, method: str, model: nn.Module, optimizer, inf
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])[:200]  # the first mismatch
         old = ckpt.get("args", {})
-        shape = ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in _SHAPE_ARGS if k in old)
+        names = ("arch", "image_size", "patch_size", "decoder_dim", "decoder_depth", "num_colors", "attention", "loss")
+        shape = ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in names if k in old)
         raise ValueError(
             f"{path} does not fit this model ({detail}): it was written with other architecture settings ({shape}); "
             f"resume with those, or start a fresh run with --resume '' or another --run-name"
@@ -2622,13 +2609,9 @@ def load_training_state(path: str, method: str, model: nn.Module, optimizer, inf
     return ckpt
 
 
-# Long phases (feature extraction, probe training, the final kNN monitor) print a progress line this often (seconds).
-PROGRESS_EVERY_S = 10.0
-
-
 def progress(items, label: str, total: int | None = None, unit: str = "batches"):
-    """Yield from `items`, printing `label: n/N unit (p%), elapsed, ETA` (rank 0) every PROGRESS_EVERY_S seconds and
-    a last line at the end; phases shorter than that stay quiet."""
+    """Yield from `items`, printing `label: n/N unit (p%), elapsed, ETA` (rank 0) every 10 seconds and a last line
+    at the end; phases shorter than that stay quiet (long phases: feature extraction, probe training, kNN monitor)."""
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
     t0 = last = time.perf_counter()
     n = 0
@@ -2636,7 +2619,7 @@ def progress(items, label: str, total: int | None = None, unit: str = "batches")
         yield item
         n += 1
         now = time.perf_counter()
-        if now - last >= PROGRESS_EVERY_S or (n == total and last != t0):
+        if now - last >= 10.0 or (n == total and last != t0):
             last = now
             elapsed = now - t0
             done = f"{n}/{total} {unit} ({n / total:.0%})" if total else f"{n} {unit}"
@@ -2757,8 +2740,7 @@ class RunLogger:
         )
 
     def checkpoint(self, step: int, last: bool, model: nn.Module, optimizer, epoch: int) -> None:
-        """Collective: save_training_state when checkpoint_due (every --ckpt-every steps, the last step, the
-        --keep-every snapshots)."""
+        """Collective: save_training_state when checkpoint_due."""
         if checkpoint_due(step, last, self.args, self.steps_per_epoch):
             save_training_state(self.run_dir, self.method, self.args, model, optimizer, step, epoch, self.info,
                                 self.steps_per_epoch)  # fmt: skip
