@@ -2272,13 +2272,10 @@ class ExitError(SystemExit):
     input, argparse's convention; 1 for a run that had to stop). str() is the line, so tests can match it."""
 
     def __init__(self, line: str, code: int = 2):
-        super().__init__(code)
-        self.line = line
+        super().__init__(line)
+        self.code = code  # what the interpreter exits with (it prints nothing for an int)
         if os.environ.get("RANK", "0") == "0":
             print(line, file=sys.stderr, flush=True)
-
-    def __str__(self) -> str:
-        return self.line
 
 
 @contextlib.contextmanager
@@ -2699,9 +2696,8 @@ class RunLogger:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         after = step + 1  # the step this update makes: read on its logging, checkpoint or last step
-        last = after >= self.stop_step
         if not (self.sync_every_step or after % self.args.log_every == 0):
-            if not checkpoint_due(after, last, self.args, self.steps_per_epoch):
+            if not checkpoint_due(after, after >= self.stop_step, self.args, self.steps_per_epoch):
                 return
         first = self.first_bad.clone()
         if self.info.world_size > 1:
