@@ -1924,38 +1924,33 @@ def heldout_images(dataset, count: int, image_size: int, device, num_workers: in
 
 
 def arg(default, help: str, choices: list | None = None, interval: str | None = None):
-    """A dataclass field with its help text (shown by --help); mutable defaults are copied per instance. `interval`
-    ("[0, 1)", "(0, inf)", ...) is the range the flag accepts, checked at parse time; without it the shared table
-    FLAG_INTERVALS applies, and any other float flag must be finite and >= 0."""
+    """A dataclass field with its --help text; mutable defaults are copied per instance. `interval` ("[0, 1)",
+    "(0, inf)", ...) is the range the flag accepts, checked at parse time; without it FLAG_INTERVALS applies, and any
+    other float flag must be finite and >= 0."""
     meta = {"help": help, "choices": choices, "interval": interval}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-# The range of the flags several scripts share (a field's own `interval` wins). Floats not listed: finite, >= 0.
-FLAG_INTERVALS = {
-    **dict.fromkeys(["lr", "base_lr", "gen_lr", "gen_base_lr", "temperature", "tau", "knn_t"], "(0, inf)"),
-    **dict.fromkeys(["decoupled_temperature", "lars_trust", "epochs"], "(0, inf)"),
-    **dict.fromkeys(["mask_ratio", "momentum", "dropout"], "[0, 1)"),
-    "crop_min_scale": "(0, 1]",
-    **dict.fromkeys(["gray_p", "blur_p", "bert_mask_prob"], "[0, 1]"),
-    **dict.fromkeys(["batch_size", "extract_batch_size", "image_size", "patch_size", "knn_k", "k"], "[1, inf)"),
-    **dict.fromkeys(["log_every", "eval_every", "ckpt_every", "num_colors"], "[1, inf)"),
-    **dict.fromkeys(["num_workers", "warmup_epochs", "keep_every", "num_samples", "test_images"], "[0, inf)"),
-    **dict.fromkeys(["synthetic_size"], "[0, inf)"),  # 0 = common.py's default size
-    "betas": "[0, 1)",
-    **dict.fromkeys(["contrastive_weight", "rec_weight"], "[0, 1]"),  # CAN: l_c and 1 - l_c, lam and 1 - lam
-    **dict.fromkeys(["knn_bank", "knn_queries", "eval_images", "palette_pixels", "kmeans_iters"], "[0, inf)"),
+# The range of the flags several scripts share (a field's own `interval` wins). CAN's contrastive_weight and
+# rec_weight are l_c and lam (1 - each weighs the other term); synthetic_size 0 is common.py's default size.
+_FLAGS_BY_INTERVAL = {
+    "(0, inf)": "lr base_lr gen_lr gen_base_lr temperature tau knn_t decoupled_temperature lars_trust epochs",
+    "[0, 1)": "mask_ratio momentum dropout betas",
+    "(0, 1]": "crop_min_scale",
+    "[0, 1]": "gray_p blur_p bert_mask_prob contrastive_weight rec_weight",
+    "[1, inf)": "batch_size extract_batch_size image_size patch_size knn_k k log_every eval_every ckpt_every "
+    "num_colors",
+    "[0, inf)": "num_workers warmup_epochs keep_every num_samples test_images synthetic_size knn_bank knn_queries "
+    "eval_images palette_pixels kmeans_iters",
 }
+FLAG_INTERVALS = {flag: interval for interval, flags in _FLAGS_BY_INTERVAL.items() for flag in flags.split()}
 
 
 def _interval_type(base, interval: str | None):
     """argparse type: parse with `base`, then check finiteness and the interval (an error names the flag)."""
-    lo_open, lo, hi, hi_open = None, None, None, None
-    if interval:
-        left, right = (s.strip() for s in interval.strip()[1:-1].split(","))
-        lo_open, lo, hi, hi_open = interval.strip()[0] == "(", float(left), float(right), interval.strip()[-1] == ")"
+    lo, hi = (float(s) for s in interval[1:-1].split(",")) if interval else (None, None)
 
     def parse(text: str):
         value = base(text)
@@ -1964,8 +1959,7 @@ def _interval_type(base, interval: str | None):
         if interval is None:
             if base is float and value < 0:
                 raise argparse.ArgumentTypeError(f"{text} is negative")
-            return value
-        if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+        elif not (lo < value < hi or (value == lo and interval[0] == "[") or (value == hi and interval[-1] == "]")):
             raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
         return value
 
@@ -1993,82 +1987,72 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
     default (methods list "preset" before "arch"; a preset may pick the arch). What each level set is printed (rank
     0) and kept in args.presets_applied (args.json). Values are range-checked; bad input exits 2 with one line."""
     presets = presets or {}
+    levels = [(key, value, table) for key in presets for value, table in presets[key].items()]
     hints = typing.get_type_hints(cls)
-    module = cls.__module__
     parser = _ArgumentParser(
-        prog=os.path.basename(sys.argv[0]) if module == "__main__" else f"{module.rpartition('.')[2]}.py",
+        prog=os.path.basename(sys.argv[0]) if cls.__module__ == "__main__" else f"{cls.__module__.split('.')[-1]}.py",
         description=(cls.__doc__ or "").strip(),
         formatter_class=_HelpFormatter,
         epilog="\n".join(
             f"--{key.replace('_', '-')} {value}: " + (", ".join(f"{n}={v}" for n, v in table.items()) or "-")
-            for key in presets
-            for value, table in presets[key].items()
+            for key, value, table in levels
         )
         or None,
     )
-    set_by = {}  # field -> ["preset tiny: 16", ...]
-    for key in presets:
-        for value, table in presets[key].items():
-            for name, v in table.items():
-                set_by.setdefault(name, []).append(f"{key} {value}: {v}")
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        origin, targs = typing.get_origin(tp), typing.get_args(tp)
-        optional = type(None) in targs
+        optional = type(None) in typing.get_args(tp)
         if optional:
-            tp = next(a for a in targs if a is not type(None))
-            origin, targs = typing.get_origin(tp), typing.get_args(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin, targs = typing.get_origin(tp), typing.get_args(tp)
         helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name in presets:
             helptext += f" (presets: {', '.join(presets[f.name])})"
-        if f.name in set_by:
-            helptext += f" [{'; '.join(set_by[f.name])}]".replace("%", "%%")
+        set_by = [f"{key} {value}: {table[f.name]}" for key, value, table in levels if f.name in table]
+        if set_by:  # e.g. [preset tiny: 16; arch vit_l: 64]
+            helptext += f" [{'; '.join(set_by)}]".replace("%", "%%")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(default=default, help=helptext, dest=f.name)
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        name = "--" + f.name.replace("_", "-")
         if tp is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if origin in (list, tuple):
-            elem = targs[0] if targs else str
-            kw["nargs"] = "+"
-            kw["type"] = elem
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = tp
-        if kw["type"] in (int, float):
-            kw["type"] = _interval_type(kw["type"], f.metadata.get("interval") or FLAG_INTERVALS.get(f.name))
-        if optional:
-            base = kw["type"]
-            kw["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
-            kw["type"].__name__ = getattr(base, "__name__", "value")
-        parser.add_argument(name, **kw)
+            base = (targs[0] if targs else str) if origin in (list, tuple) else tp
+            if base in (int, float):
+                base = _interval_type(base, f.metadata.get("interval") or FLAG_INTERVALS.get(f.name))
+            kw.update(type=base, choices=f.metadata.get("choices"), nargs="+" if origin in (list, tuple) else None)
+            if optional:
+                kw["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
+                kw["type"].__name__ = getattr(base, "__name__", "value")
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+    def apply_presets(values: dict, explicit) -> tuple[dict, dict]:
+        """Set `values` from the presets (not the `explicit` fields): each level's choice first (a preset may choose
+        the arch), then the tables, later levels first so the first level's values win. -> (applied, explicit kept)"""
+        for key in presets:
+            for name, value in presets[key].get(values[key], {}).items():
+                if name in presets and name not in explicit:
+                    values[name] = value
+        applied, kept = {}, {}
+        for key in reversed(list(presets)):
+            table = presets[key].get(values[key], {})
+            applied[f"{key}={values[key]}"] = {n: v for n, v in table.items() if n not in explicit}
+            kept.update({n: values[n] for n in table if n in explicit})
+            values.update(applied[f"{key}={values[key]}"])
+        return applied, kept
+
     cli = sys.argv[1:] if argv is None else list(argv)
-    if presets and ("-h" in cli or "--help" in cli):  # --preset tiny --help: list the values the preset gives
+    if presets and ("-h" in cli or "--help" in cli):  # --preset tiny --help: show the values the presets give
         chooser = argparse.ArgumentParser(add_help=False)
         for key in presets:
-            chooser.add_argument("--" + key.replace("_", "-"), dest=key)
+            chooser.add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS)
         chosen = vars(chooser.parse_known_args(cli)[0])
-        for key in presets:
-            value = chosen[key] if chosen[key] is not None else parser.get_default(key)
-            parser.set_defaults(**{n: v for n, v in presets[key].get(value, {}).items() if chosen.get(n) is None})
-    ns = parser.parse_args(argv)
-    # which fields were given explicitly: parse again with every default suppressed
-    for action in parser._actions:
+        values = {key: parser.get_default(key) for key in presets} | chosen
+        apply_presets(values, chosen)
+        parser.set_defaults(**{n: v for n, v in values.items() if n not in chosen})
+    values = vars(parser.parse_args(argv))
+    for action in parser._actions:  # which fields were given explicitly: parse again with every default suppressed
         action.default = argparse.SUPPRESS
-    explicit = vars(parser.parse_args(argv))
-    values = vars(ns)
-    for key in presets:  # pass 1: resolve each level's choice (a preset may choose the arch)
-        for name, value in presets[key].get(values[key], {}).items():
-            if name in presets and name not in explicit:
-                values[name] = value
-    applied, kept = {}, {}
-    for key in reversed(list(presets)):  # pass 2: later levels first, so the first level's values win
-        table = presets[key].get(values[key], {})
-        applied[f"{key}={values[key]}"] = {n: v for n, v in table.items() if n not in explicit}
-        kept.update({n: values[n] for n in table if n in explicit})
-        values.update(applied[f"{key}={values[key]}"])
+    applied, kept = apply_presets(values, vars(parser.parse_args(argv)))
     for f in dataclasses.fields(cls):
         if f.name in values and isinstance(values[f.name], list) and typing.get_origin(hints[f.name]) is tuple:
             values[f.name] = tuple(values[f.name])
@@ -2082,9 +2066,8 @@ def parse_args(cls, argv: list[str] | None = None, presets: dict[str, dict[str, 
     if os.environ.get("RANK", "0") == "0":
         for level, table in args.presets_applied.items():
             key, value = level.split("=", 1)
-            print(
-                f"--{key.replace('_', '-')}={value} sets " + ", ".join(f"{n}={v}" for n, v in table.items()), flush=True
-            )
+            shown = ", ".join(f"{n}={v}" for n, v in table.items())
+            print(f"--{key.replace('_', '-')}={value} sets {shown}", flush=True)
         if kept:
             print("explicit flags win over presets: " + ", ".join(f"{n}={v}" for n, v in kept.items()), flush=True)
     return args
@@ -2114,12 +2097,9 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: tuple[str, ...
     of `no_decay` (e.g. token / position embeddings for GCRL); frozen parameters are left out (MAE / timm)."""
     decay, skip = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in no_decay):
-            skip.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            exempt = p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in no_decay)
+            (skip if exempt else decay).append(p)
     return [{"params": skip, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -2132,26 +2112,21 @@ def make_adamw(params, lr: float, betas=(0.9, 0.95), device: torch.device | None
 def bf16_is_fast(device) -> bool:
     """Whether bf16 matmuls run natively on `device`: CUDA GPUs with bf16 (Ampere and later), CPUs with AVX512 /
     AMX (oneDNN bf16). On an AVX2-only CPU bf16 is emulated: a 256x256 bf16 matmul measured 66x slower than fp32 on
-    the 2-core development machine of this repository."""
+    the 2-core development machine of this repository. Other devices (meta: FLOP counting): False."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return False
+    if dev.type == "cuda" and torch.cuda.is_available():
         try:  # torch >= 2.3: without counting the slow emulation of pre-Ampere GPUs
             return torch.cuda.is_bf16_supported(including_emulation=False)
         except TypeError:
             return torch.cuda.is_bf16_supported()
     if dev.type == "cpu":
-        try:
+        with contextlib.suppress(AttributeError, RuntimeError):  # a torch that cannot tell: False
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False  # meta (FLOP counting) and other devices: no autocast
+    return False
 
 
 def autocast(device, enabled: bool = True):
-    """bf16 autocast on the given device; no GradScaler is needed for bf16. `--amp` means "bf16 where the hardware
-    runs it natively" (bf16_is_fast): elsewhere (a CPU without native bf16, the meta device) this is a no-op and the
+    """bf16 autocast (no GradScaler needed) where the hardware runs bf16 natively (bf16_is_fast), else a no-op: the
     step runs in fp32. Code that must exercise the bf16 path on any CPU (tests) calls torch.autocast directly."""
     dev = torch.device(device)
     if not (enabled and bf16_is_fast(dev)):
@@ -2170,17 +2145,14 @@ def batch_per_rank(batch_size: int, world_size: int) -> int:
 
 
 class ExitError(SystemExit):
-    """A one-line error that ends the script: printed to stderr when raised, exit status `code` (2 for bad input,
-    argparse's convention; 1 for a run that had to stop). str() is the line, so tests can match it."""
+    """A one-line error that ends the script: printed to stderr (rank 0) when raised, exit status `code` (2 for bad
+    input, argparse's convention; 1 for a run that had to stop). str() is the line, so tests can match it."""
 
     def __init__(self, line: str, code: int = 2):
-        super().__init__(code)
-        self.line = line
+        super().__init__(line)
+        self.code = code  # what the interpreter exits with (it prints nothing for an int)
         if os.environ.get("RANK", "0") == "0":
             print(line, file=sys.stderr, flush=True)
-
-    def __str__(self) -> str:
-        return self.line
 
 
 @contextlib.contextmanager
@@ -2192,18 +2164,17 @@ def usage_errors(script: str):
     try:
         yield
     except (ValueError, OSError) as e:
-        text = str(e) if isinstance(e, (ValueError, FileNotFoundError)) or not e.strerror else _os_error(e)
+        if isinstance(e, (ValueError, FileNotFoundError)) or not e.strerror:
+            text = str(e)
+        else:  # "[Errno 13] Permission denied: 'x'" -> "Permission denied: x"
+            text = f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror)
         message = "; ".join(line.strip() for line in text.splitlines() if line.strip())  # e.g. the paths tried
         raise ExitError(f"{script}: error: {message}") from None
 
 
-def _os_error(e: OSError) -> str:
-    return f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror)
-
-
 def check_common_args(args) -> None:
-    """The checks every training script shares (a ValueError names the flag); the ranges of single flags are
-    checked by parse_args (FLAG_INTERVALS)."""
+    """The checks every training script shares (a ValueError names the flag); parse_args checks the range of each
+    flag, but not the values presets set."""
     if min(args.batch_size, args.log_every, args.eval_every, args.ckpt_every) < 1:
         raise ValueError("--batch-size, --log-every, --eval-every and --ckpt-every must be >= 1")
 
@@ -2240,21 +2211,6 @@ def _stack_terms(terms: dict, device=None) -> torch.Tensor:
     device = device or next((v.device for v in terms.values() if torch.is_tensor(v)), "cpu")
     values = [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in terms.values()]
     return torch.stack(values)
-
-
-def get_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # A run folder holds the newest checkpoint and the one before it, so a checkpoint that later proves bad (its weights
@@ -2302,41 +2258,20 @@ def save_checkpoint(path: str, state: dict, previous: str | None = None, script:
     if previous and os.path.exists(path):
         os.replace(path, previous)
     os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
+    dir_fd = os.open(folder, os.O_RDONLY)  # fsync the folder: the renames survive a power loss
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def remove_stale_temp_files(folder: str) -> int:
-    """Delete the temp files of checkpoint writes whose process is gone (a kill during a write); returns bytes freed."""
-    freed = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        pid = name.rpartition(".tmp")[2]
-        if not (name.startswith(".") and ".pt.tmp" in name and pid.isdigit()):
-            continue
-        try:
-            if int(pid) != os.getpid():
-                os.kill(int(pid), 0)
-                continue  # a live process (another run writing this folder): leave it
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        with contextlib.suppress(OSError):
-            freed += os.path.getsize(os.path.join(folder, name))
-            os.remove(os.path.join(folder, name))
-    return freed
-
-
-def load_checkpoint(path: str, method: str | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint dict; clear errors for a missing, empty or truncated file, a file that is not one of ours,
-    or a checkpoint written by another method's script."""
+def load_checkpoint(path: str, method: str | None = None) -> dict:
+    """Load a checkpoint dict (on the CPU); clear errors for a missing, empty or truncated file, a file that is not
+    one of ours, or a checkpoint written by another method's script."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (EOFError, RuntimeError, pickle.UnpicklingError, OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ValueError(
@@ -2360,8 +2295,7 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
     if not resume:
         return None
     if resume == "auto":
-        found = [p for p in (os.path.join(run_dir, n) for n in (CHECKPOINT, PREVIOUS)) if os.path.exists(p)]
-        return found[0] if found else None
+        return next((p for p in (os.path.join(run_dir, n) for n in (CHECKPOINT, PREVIOUS)) if os.path.exists(p)), None)
     if not os.path.exists(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint (use --resume auto to pick up the run folder)")
     return resume
@@ -2372,8 +2306,7 @@ def unwritable(folder: str) -> str | None:
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         return e.strerror or str(e)
@@ -2382,14 +2315,29 @@ def unwritable(folder: str) -> str | None:
 
 def prepare_run_dir(run_dir: str, info: DistInfo) -> None:
     """Rank 0: create the run folder, prove it writable (a ValueError naming --output-dir otherwise) and delete the
-    temp files that killed checkpoint writes left there."""
+    temp files that killed checkpoint writes left there (those of a live process stay)."""
     if not info.is_main:
         return
     if reason := unwritable(run_dir):
         raise ValueError(
             f"--output-dir: cannot write the run folder {run_dir} ({reason}): pick a writable --output-dir"
         )
-    freed = remove_stale_temp_files(run_dir)
+    freed = 0
+    for name in os.listdir(run_dir):
+        pid = name.rpartition(".tmp")[2]
+        if not (name.startswith(".") and ".pt.tmp" in name and pid.isdigit()):
+            continue
+        try:
+            if int(pid) != os.getpid():
+                os.kill(int(pid), 0)  # signal 0 only checks that the process exists
+                continue  # a live process (another run writing this folder): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # it exists, under another user
+            continue
+        with contextlib.suppress(OSError):
+            freed += os.path.getsize(os.path.join(run_dir, name))
+            os.remove(os.path.join(run_dir, name))
     if freed:
         print0(f"removed {freed / 2**20:.1f} MiB of temp files left by interrupted checkpoint writes in {run_dir}")
 
@@ -2435,14 +2383,6 @@ def run_monitors(step: int, monitors, logger, info: DistInfo, all_ranks: bool = 
     return metrics
 
 
-def _gather_objects(obj, info: DistInfo) -> list:
-    if info.world_size == 1:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def checkpoint_due(step: int, last: bool, args, steps_per_epoch: int) -> bool:
     """Every --ckpt-every steps, at the last step, and at each --keep-every epochs snapshot."""
     return last or step % args.ckpt_every == 0 or _snapshot_epoch(step, args, steps_per_epoch) is not None
@@ -2457,13 +2397,18 @@ def _snapshot_epoch(step: int, args, steps_per_epoch: int) -> int | None:
 
 def save_training_state(
     run_dir: str, method: str, args, model: nn.Module, optimizer, step: int, epoch: int, info: DistInfo,
-    steps_per_epoch: int = 0, **extra,
+    steps_per_epoch: int = 0,
 ) -> None:  # fmt: skip
     """Collective: rank 0 writes checkpoint.pt = {method, args, model, optimizer, rng (every rank's), step, epoch,
-    param_norm, **extra} (the old one -> checkpoint.prev.pt; a checkpoint-epNNNN.pt link every --keep-every epochs).
+    param_norm} (the old one -> checkpoint.prev.pt; a checkpoint-epNNNN.pt link every --keep-every epochs).
     Weights that are not finite or whose norm grew > DIVERGENCE_GROWTH x since the last checkpoint are never written:
     the run stops with one line naming the checkpoint kept (every rank decides alike: DDP weights are equal)."""
-    rngs = _gather_objects(get_rng_state(), info)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rngs = [rng] * info.world_size
+    if info.world_size > 1:
+        dist.all_gather_object(rngs, rng)
     norm, largest, where = weights_report(model)
     key = os.path.abspath(run_dir)
     last = _SAVED.get(key)
@@ -2491,7 +2436,6 @@ def save_training_state(
             "step": step,
             "epoch": epoch,
             "param_norm": norm,
-            **extra,
         }
         path = os.path.join(run_dir, CHECKPOINT)
         save_checkpoint(path, state, previous=os.path.join(run_dir, PREVIOUS), script=f"{method}.py")
@@ -2509,9 +2453,6 @@ def save_training_state(
         dist.barrier()
 
 
-_SHAPE_ARGS = ("arch", "image_size", "patch_size", "decoder_dim", "decoder_depth", "num_colors", "attention", "loss")
-
-
 def load_training_state(path: str, method: str, model: nn.Module, optimizer, info: DistInfo) -> dict:
     """Restore model, optimizer and this rank's RNG states from `path`; returns the checkpoint (step, epoch...)."""
     ckpt = load_checkpoint(path, method)
@@ -2522,27 +2463,29 @@ def load_training_state(path: str, method: str, model: nn.Module, optimizer, inf
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])[:200]  # the first mismatch
         old = ckpt.get("args", {})
-        shape = ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in _SHAPE_ARGS if k in old)
+        names = ("arch", "image_size", "patch_size", "decoder_dim", "decoder_depth", "num_colors", "attention", "loss")
+        shape = ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in names if k in old)
         raise ValueError(
             f"{path} does not fit this model ({detail}): it was written with other architecture settings ({shape}); "
             f"resume with those, or start a fresh run with --resume '' or another --run-name"
         ) from None
     rngs = ckpt.get("rng", [])
     if len(rngs) == info.world_size:
-        set_rng_state(rngs[info.rank])
+        rng = rngs[info.rank]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     else:  # a different world size cannot replay the same streams; derive fresh ones deterministically
         print0(f"resuming on {info.world_size} ranks from a {len(rngs)}-rank checkpoint: RNG streams re-seeded")
         seed_everything(ckpt["step"] * 1000 + info.rank)
     return ckpt
 
 
-# Long phases (feature extraction, probe training, the final kNN monitor) print a progress line this often (seconds).
-PROGRESS_EVERY_S = 10.0
-
-
 def progress(items, label: str, total: int | None = None, unit: str = "batches"):
-    """Yield from `items`, printing `label: n/N unit (p%), elapsed, ETA` (rank 0) every PROGRESS_EVERY_S seconds and
-    a last line at the end; phases shorter than that stay quiet."""
+    """Yield from `items`, printing `label: n/N unit (p%), elapsed, ETA` (rank 0) every 10 seconds and a last line
+    at the end; phases shorter than that stay quiet (long phases: feature extraction, probe training, kNN monitor)."""
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
     t0 = last = time.perf_counter()
     n = 0
@@ -2550,7 +2493,7 @@ def progress(items, label: str, total: int | None = None, unit: str = "batches")
         yield item
         n += 1
         now = time.perf_counter()
-        if now - last >= PROGRESS_EVERY_S or (n == total and last != t0):
+        if now - last >= 10.0 or (n == total and last != t0):
             last = now
             elapsed = now - t0
             done = f"{n}/{total} {unit} ({n / total:.0%})" if total else f"{n} {unit}"
@@ -2561,37 +2504,6 @@ def progress(items, label: str, total: int | None = None, unit: str = "batches")
 def default_run_name(method: str, args) -> str:
     parts = [method, getattr(args, "dataset", ""), getattr(args, "arch", ""), f"s{getattr(args, 'seed', 0)}"]
     return "_".join(p for p in parts if p)
-
-
-class Throughput:
-    """Global images/s over the training time only, and the ETA. `add(images)` after each step, `rate(step)` on a
-    logging step (images and time since the previous call, then starts over); time spent inside `paused()`
-    (evaluation, checkpoints) counts neither in the rate nor against the ETA."""
-
-    def __init__(self, total_steps: int, start_step: int = 0):
-        self.total, self.last_step, self.t0, self.images = total_steps, start_step, time.perf_counter(), 0
-        self.paused_s, self.depth = 0.0, 0
-
-    def add(self, images: int) -> None:
-        self.images += images
-
-    @contextlib.contextmanager
-    def paused(self):
-        t, self.depth = time.perf_counter(), self.depth + 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if self.depth == 0:  # nested pauses count once
-                self.paused_s += time.perf_counter() - t
-
-    def rate(self, step: int) -> tuple[float, str]:
-        now = time.perf_counter()
-        dt = max(now - self.t0 - self.paused_s, 1e-9)
-        ips = self.images / dt
-        eta = (self.total - step) * dt / max(step - self.last_step, 1)
-        self.t0, self.last_step, self.images, self.paused_s = now, step, 0, 0.0
-        return ips, str(datetime.timedelta(seconds=int(eta)))
 
 
 def _row_step(line: str) -> float:
@@ -2607,17 +2519,18 @@ class RunLogger:
     metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard events if tensorboard is installed;
     the finiteness check, checkpoints, and the progress line. step(step, terms, lr, epoch, images) after every
     update; on logging steps (collective) it averages the terms over ranks, computes images/s and MFU, writes the
-    row and prints `step s/S ep e | terms | lr | img/s | mfu | eta`. `paused()` wraps evaluations and checkpoints."""
+    row and prints `step s/S ep e | terms | lr | img/s | mfu | eta`. Time inside `paused()` (evaluations,
+    checkpoints) counts neither in images/s nor against the ETA."""
 
     def __init__(self, run_dir: str, args, info: DistInfo, flops_per_image: float, stop_step: int, start_step: int,
                  notes: dict | None = None, method: str = "", steps_per_epoch: int = 0):  # fmt: skip
         self.run_dir, self.args, self.info, self.tb = run_dir, args, info, None
-        self.flops_per_image, self.stop_step, self.enabled = flops_per_image, stop_step, info.is_main
+        self.flops_per_image, self.stop_step, self.steps_per_epoch = flops_per_image, stop_step, steps_per_epoch
         self.method, self.script, self.lr, self.first_bad = method, f"{method or 'train'}.py", None, None
         self.sync_every_step = info.device.type == "cpu"  # a host read costs nothing there
-        self.steps_per_epoch = steps_per_epoch  # --keep-every snapshots are checkpoint steps too
-        self.meter = Throughput(stop_step, start_step)
-        if not self.enabled:
+        # images/s since the last logging step: images, start, paused seconds, open (nested) pauses
+        self.last_step, self.images, self.t0, self.paused_s, self.pauses = start_step, 0, time.perf_counter(), 0.0, 0
+        if not info.is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
         saved = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
@@ -2631,18 +2544,24 @@ class RunLogger:
         if start_step > 0 and os.path.exists(metrics):  # rows after the checkpoint were logged by the killed run
             with open(metrics) as f:
                 kept = [line for line in f if _row_step(line) <= start_step]  # a torn last line goes too
-        with open(metrics, "w") as f:
-            f.writelines(kept)
-        self.file = open(metrics, "a")
+        self.file = open(metrics, "w")
+        self.file.writelines(kept)
+        self.file.flush()
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard is optional
-            self.tb = None
+            return
+        self.tb = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
 
+    @contextlib.contextmanager
     def paused(self):
-        return self.meter.paused()
+        start, self.pauses = time.perf_counter(), self.pauses + 1
+        try:
+            yield
+        finally:
+            self.pauses -= 1
+            if self.pauses == 0:  # nested pauses count once
+                self.paused_s += time.perf_counter() - start
 
     def check_finite(self, step: int, terms: dict) -> None:
         """Call before the update. GPU steps only record the first bad step on the device; logging, checkpoint and
@@ -2653,9 +2572,9 @@ class RunLogger:
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
-        after = step + 1
-        if not (self.sync_every_step or after % self.args.log_every == 0 or after >= self.stop_step):
-            if not checkpoint_due(after, False, self.args, self.steps_per_epoch):
+        after = step + 1  # the step this update makes: read on its logging, checkpoint or last step
+        if not (self.sync_every_step or after % self.args.log_every == 0):
+            if not checkpoint_due(after, after >= self.stop_step, self.args, self.steps_per_epoch):
                 return
         first = self.first_bad.clone()
         if self.info.world_size > 1:
@@ -2694,33 +2613,35 @@ class RunLogger:
         )
 
     def checkpoint(self, step: int, last: bool, model: nn.Module, optimizer, epoch: int) -> None:
-        """Collective: save_training_state when checkpoint_due (every --ckpt-every steps, the last step, the
-        --keep-every snapshots)."""
+        """Collective: save_training_state when checkpoint_due."""
         if checkpoint_due(step, last, self.args, self.steps_per_epoch):
             save_training_state(self.run_dir, self.method, self.args, model, optimizer, step, epoch, self.info,
                                 self.steps_per_epoch)  # fmt: skip
 
     def step(self, step: int, terms: dict, lr: float, epoch: float, images: int, **extra) -> dict:
-        self.meter.add(images)
+        self.images += images
         self.lr = lr
         if step % self.args.log_every and step < self.stop_step:
             return {}
-        names = list(terms)
         means = all_reduce_mean(_stack_terms(terms, self.info.device)).tolist()
-        ips, eta = self.meter.rate(step)
-        row = {f"loss/{n}": v for n, v in zip(names, means)}
+        now = time.perf_counter()
+        seconds = max(now - self.t0 - self.paused_s, 1e-9)  # training time since the last logging step
+        ips = self.images / seconds
+        eta = datetime.timedelta(seconds=int((self.stop_step - step) * seconds / max(step - self.last_step, 1)))
+        self.last_step, self.images, self.t0, self.paused_s = step, 0, now, 0.0
+        row = {f"loss/{n}": v for n, v in zip(terms, means)}
         row.update({"lr": lr, "epoch": epoch, **extra, "perf/images_per_s": ips})
         util = mfu(self.flops_per_image, ips / self.info.world_size, self.info.device)
         if util is not None:
             row["perf/mfu"] = util
         self.log(step, row)
-        loss = "".join(f"{k} {v} | " for k, v in extra.items()) + " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        loss = "".join(f"{k} {v} | " for k, v in extra.items()) + " ".join(f"{n} {v:.4f}" for n, v in zip(terms, means))
         print0(f"step {step}/{self.stop_step} ep {epoch:.2f} | {loss} | lr {lr:.3g} | {ips:.1f} img/s"
                + (f" | mfu {util:.1%}" if util is not None else "") + f" | eta {eta}")  # fmt: skip
         return row
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
+        if not self.info.is_main:
             return
         row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
@@ -2731,7 +2652,7 @@ class RunLogger:
                     self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.info.is_main:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
@@ -2771,16 +2692,11 @@ def gpu_peak_flops(device=None, name: str | None = None) -> float | None:
     return next(matches, None)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run the unwrapped model in eval mode (BatchNorm running statistics, no dropout), then restore its mode."""
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+def mfu(flops_per_image: float, images_per_s_per_gpu: float, device) -> float | None:
+    """Achieved / peak FLOP/s of this GPU (None when the peak is unknown). count_step_flops counts causal attention
+    as full T^2 (PaLM's convention; the kernel skips about half), so igpt / gcrl's MFU counts it so too."""
+    peak = gpu_peak_flops(device)
+    return None if peak is None else flops_per_image * images_per_s_per_gpu / peak
 
 
 def count_step_flops(build, loss_of, batch: int = 2) -> float:
@@ -2801,23 +2717,27 @@ def count_flops(fn, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
-def mfu(flops_per_image: float, images_per_s_per_gpu: float, device) -> float | None:
-    """Achieved / peak FLOP/s of this GPU (None when the peak is unknown). count_step_flops counts causal attention
-    as full T^2 (PaLM's convention; the kernel skips about half), so igpt / gcrl's MFU counts it so too."""
-    peak = gpu_peak_flops(device)
-    return None if peak is None else flops_per_image * images_per_s_per_gpu / peak
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the unwrapped model in eval mode (BatchNorm running statistics, no dropout), then restore its mode."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, labels: list[str] | None = None,
-                    min_side: int = 64) -> None:  # fmt: skip
-    """images (B, 3, H, W) uint8 or float in [0, 1] -> PNG grid (rows of nrow). Images smaller than min_side px are
-    upscaled by an integer factor (nearest: pixels stay pixels) so a person can see them; `labels` captions each
-    row on the left (e.g. original / masked / reconstruction)."""
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, labels: list[str] | None = None) -> None:
+    """images (B, 3, H, W) uint8 or float in [0, 1] -> PNG grid (rows of nrow). Images under 64 px are upscaled by
+    an integer factor (nearest: pixels stay pixels) so a person can see them; `labels` captions each row on the
+    left (e.g. original / masked / reconstruction)."""
     from PIL import Image, ImageDraw  # PIL ships with torchvision
 
     if images.dtype != torch.uint8:
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    factor = max(1, -(-min_side // images.shape[-1]))
+    factor = max(1, -(-64 // images.shape[-1]))
     images = images.cpu().repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255)
     picture = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
