@@ -448,6 +448,16 @@ def test_presets_explicit_beats_preset_beats_arch_and_every_value_is_printed(cap
     assert "presets_applied" not in dataclasses.asdict(a)  # checkpoints hold the fields only
 
 
+def test_preset_help_shows_the_values_the_run_would_use(capsys):
+    """--preset cifar --help lists the defaults that run would get: the preset's lr (0.5) wins over its arch's (0.1),
+    exactly as in the run, and the arch entry's optimizer shows too."""
+    with pytest.raises(SystemExit):
+        common.parse_args(PresetArgs, ["--preset", "cifar", "--help"], PRESET_TABLE)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR lr [preset cifar: 0.5; arch big: 0.1] (default: 0.5)" in text
+    assert "(default: adamw)" in text and "(default: 512)" in text
+
+
 def test_batch_per_rank_splits_the_global_batch_or_says_how_to_fix_it():
     assert common.batch_per_rank(512, 8) == 64
     with pytest.raises(ValueError, match=r"--batch-size 10 \(global\) is not divisible by the 4 processes"):
