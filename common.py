@@ -1040,9 +1040,10 @@ _RESAMPLE_INTO = {m: getattr(torch._C._nn, f"_upsample_{m}2d_aa", None) for m in
 
 
 def resized_crop_antialiased(images, boxes, size, flip, interpolation="bicubic") -> torch.Tensor:
-    """torchvision v2's resized_crop (antialiased) + horizontal_flip + ToDtype, bit for bit, on the CPU: images uint8
+    """torchvision v2's resized_crop (antialiased) + horizontal_flip + ToDtype on the CPU, bit for bit: images uint8
     or float (B, C, H, W); boxes (B, 4), flip (B,) on the host -> float32 (B, 3, size, size). The same kernel as
-    torchvision's (uint8 for uint8) on views of the batch, without its per-image Python (most of its time <= 96 px)."""
+    torchvision's (uint8 for uint8) on views of the batch, without its per-image Python (most of its time <= 96 px).
+    One exception: bilinear on a CPU without AVX2, where torchvision resamples uint8 in float (+-1 apart)."""
     aa = _RESAMPLE_INTO.get(interpolation)
     out = images.new_empty(len(images), images.shape[1], size, size)
     for image, (top, left, h, w), mirror, o in zip(images.split(1), boxes.tolist(), flip.tolist(), out.split(1)):
@@ -1457,6 +1458,9 @@ def _imagenet_arrays(name: str, root: str, split: str):
     for path in paths:
         with open(path, "rb") as f:  # latin1: numpy arrays inside Python 2 pickles load too
             batch = np.load(f) if path.endswith(".npz") else pickle.load(f, encoding="latin1")
+            batch = {k.decode() if isinstance(k, bytes) else k: batch[k] for k in batch}  # b"data" in some copies
+            if not {"data", "labels"} <= batch.keys():
+                raise ValueError(f"{path}: expected 'data' and 'labels' entries, found {sorted(batch)}")
             data, y = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"], dtype=np.int64).ravel()
         if data.shape != (len(y), 3 * size * size) or y.min() < 1 or y.max() > 1000:
             raise ValueError(f"{path}: expected rows of 3*{size}*{size} bytes and a label in 1..1000 for each")

@@ -310,7 +310,7 @@ def test_idx_rejects_a_file_that_is_not_idx(tmp_path):
 # ---------------------------------------------------------------------------------------------- Downsampled ImageNet
 
 
-@pytest.mark.parametrize("fmt", ["npz", "pickle"])
+@pytest.mark.parametrize("fmt", ["npz", "pickle", "pickle_bytes_keys"])
 def test_imagenet32_npz_and_pickle_batches(tmp_path, fmt):
     folder = tmp_path / "imagenet32"
     os.makedirs(folder)
@@ -318,8 +318,10 @@ def test_imagenet32_npz_and_pickle_batches(tmp_path, fmt):
     def write(stem, rows, labels):
         if fmt == "npz":
             np.savez(folder / f"{stem}.npz", data=rows, labels=np.array(labels), mean=np.zeros(3072))
-        else:  # the official pickles: a dict with str keys and a list of labels
+        elif fmt == "pickle":  # the official pickles: a dict with str keys and a list of labels
             write_pickle(str(folder / stem), {"data": rows, "labels": labels, "mean": np.zeros(3072)})
+        else:  # copies re-pickled from Python 2 byte strings
+            write_pickle(str(folder / stem), {b"data": rows, b"labels": labels, b"mean": np.zeros(3072)})
 
     for b in range(1, 11):
         write(f"train_data_batch_{b}", planes_rows({(0, b % 3, b, 2 * b): b}, 1, 32), [b * 100])
@@ -333,6 +335,10 @@ def test_imagenet32_npz_and_pickle_batches(tmp_path, fmt):
     val = build_dataset("imagenet32", root=str(tmp_path), train=False)  # default held-out split: val
     assert val.labels.tolist() == [0, 999] and val.images[1, :, 31, 31].tolist() == [0, 0, 255]
     assert fits_on_device(val)
+    if fmt != "npz":  # a pickle without the expected entries: one line naming what it found
+        write_pickle(str(folder / "val_data"), {"images": planes_rows({}, 1, 32)})
+        with pytest.raises(ValueError, match=r"val_data: expected 'data' and 'labels' entries, found \['images'\]"):
+            build_dataset("imagenet32", root=str(tmp_path), train=False)
 
 
 def test_imagenet64_val(tmp_path):
